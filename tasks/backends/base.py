@@ -1,0 +1,124 @@
+"""The seam between the pipeline and where it runs.
+
+The flow and its tasks talk only to a :class:`Backend`. ``local`` (subprocess jobs, MLflow on SQLite, the
+loopback endpoint server in ``deployments/``) and ``azureml`` (command jobs, managed online endpoints)
+implement it; tests drive the flow code through both.
+
+All methods are synchronous and raise :class:`BackendError` subclasses with a sentence a person can act on.
+:class:`TransientBackendError` marks faults worth retrying (connection refused, HTTP 429/5xx, throttling);
+everything else is final.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+
+class BackendError(RuntimeError):
+    """A failure with a message meant for a person (what failed, why, what to do)."""
+
+
+class TransientBackendError(BackendError):
+    """A fault that may pass on its own: retry with backoff."""
+
+
+class JobFailedError(BackendError):
+    """A training job ended in failure. Never retried."""
+
+
+class DeploymentFailedError(BackendError):
+    """A deployment could not be created or never became ready."""
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+@dataclass(frozen=True)
+class TrainingJobSpec:
+    """What a training job needs. The command line is the same on every backend."""
+
+    recipe: Path  # the YAML recipe, inside training/
+    train_file: Path  # or a datastore URI on azureml
+    eval_file: Path
+    manifest_sha256: str  # the dataset manifest hash: lineage and cache key
+    overrides: dict[str, Any] = field(default_factory=dict)  # extra --flag value pairs for the script
+    experiment: str = "finetune-phi"
+    tracking_uri: str | None = None  # MLflow tracking URI the job logs to
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    status: JobStatus
+    exit_code: int | None = None
+    error: str | None = None  # on failure: the reason and the log tail
+    url: str | None = None  # Azure ML studio URL, or the local log path
+    output_dir: Path | None = None  # local: where the model and metrics.json are
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered model version."""
+
+    name: str
+    version: str
+    source_job_id: str
+    uri: str  # models:/name/version, or azureml:name:version
+    local_path: Path | None = None  # a folder with the Hugging Face model, where one is at hand
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    name: str
+    model_version: str | None
+    state: str  # "creating", "ready", "failed", "deleting"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    name: str
+    scoring_uri: str  # POST /score
+    openai_base_url: str  # .../v1 for OpenAI clients
+    traffic: dict[str, int]
+    deployments: list[DeploymentInfo]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+
+    # Training jobs
+    def submit_training(self, spec: TrainingJobSpec) -> JobInfo: ...
+    def get_job(self, job_id: str) -> JobInfo: ...
+    def cancel_job(self, job_id: str) -> None: ...
+    def job_log_tail(self, job_id: str, lines: int = 50) -> list[str]: ...
+    def job_metrics(self, job_id: str) -> dict[str, Any]: ...  # the job's metrics.json
+
+    # Registry (aliases "candidate" and "champion")
+    def register_model(self, job_id: str, tags: dict[str, str]) -> ModelVersion: ...
+    def get_model_by_alias(self, alias: str) -> ModelVersion | None: ...
+    def set_alias(self, alias: str, version: ModelVersion) -> None: ...
+    def model_folder(self, version: ModelVersion) -> Path: ...  # a local folder to evaluate (downloaded if needed)
+
+    # Online endpoint
+    def ensure_endpoint(self) -> EndpointInfo: ...
+    def get_endpoint(self) -> EndpointInfo | None: ...
+    def create_deployment(self, name: str, version: ModelVersion) -> DeploymentInfo: ...
+    def wait_deployment_ready(self, name: str, timeout_s: float) -> DeploymentInfo: ...
+    def delete_deployment(self, name: str) -> None: ...
+    def set_traffic(self, traffic: dict[str, int]) -> dict[str, int]: ...
+    def scoring_key(self) -> str: ...  # the endpoint's primary key; never log it

@@ -1,0 +1,325 @@
+"""Typed run configuration: one YAML file per use (``configs/local.yaml``, ``configs/azureml.yaml``).
+
+Precedence, lowest first: the YAML file, environment variables ``FINETUNE_PHI__<SECTION>__<FIELD>``
+(double underscores between levels, e.g. ``FINETUNE_PHI__ENDPOINT__PORT=9000``), then explicit overrides
+(``{"endpoint.port": 9000}`` or ``["endpoint.port=9000"]``). An unknown key, a wrong type or a missing value
+raises :class:`ConfigError` naming the field and the file, before any work starts.
+
+Secrets are never fields: keys and tokens come from the environment, a Prefect Secret block or the state
+folder (see :mod:`tasks.secrets`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "FINETUNE_PHI__"
+# Field names that would tempt someone to put a secret in a file. Refused at load time.
+_SECRET_WORDS = ("key", "secret", "password", "token")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the file and the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HubSource(_Section):
+    """A Hugging Face hub dataset, as in the sample."""
+
+    id: str = "HuggingFaceH4/ultrachat_200k"
+    config: str | None = "default"
+    split: str = "train_sft[:1%]"
+    revision: str | None = None
+
+
+class DataConfig(_Section):
+    """Dataset preparation. Exactly one of ``path`` (local JSONL/JSON/Parquet file or folder) or ``hub``."""
+
+    path: Path | None = None
+    hub: HubSource | None = None
+    test_share: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    min_valid_share: float = Field(0.9, ge=0.0, le=1.0)
+    max_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("set exactly one of 'path' (local file or folder) or 'hub' (a hub dataset)")
+        return self
+
+
+class TrainingConfig(_Section):
+    """Which recipe to run and how long to wait for it. Hyper-parameters live in the recipe, not here."""
+
+    recipe: Path = Path("training/recipes/tiny_full_cpu.yaml")
+    timeout_s: float = Field(1800, gt=0)
+    poll_interval_s: float = Field(2.0, gt=0)
+    # Extra `--flag value` overrides passed to the training script (e.g. {"max_steps": 20}).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluationConfig(_Section):
+    num_prompts: int = Field(8, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    latency_budget_s: float = Field(30.0, gt=0)
+
+
+class GateConfig(_Section):
+    """Promote when the candidate is no worse than the champion on ``metric`` (lower is better) within tolerance."""
+
+    metric: Literal["eval_loss", "perplexity"] = "eval_loss"
+    tolerance: float = Field(0.02, ge=0.0)  # relative: 0.02 lets the candidate be at most 2% worse
+    min_ended_share: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class RegistryConfig(_Section):
+    model_name: str = "finetune-phi"
+    # None: a SQLite store in the state folder. Any MLflow tracking URI otherwise (a server, azureml://...).
+    tracking_uri: str | None = None
+
+
+class EndpointConfig(_Section):
+    name: str = "finetune-phi"
+    host: str = "127.0.0.1"
+    port: int = Field(8765, gt=0, lt=65536)
+    # The sample's deployment settings are the defaults.
+    max_concurrent_requests: int = Field(3, gt=0)
+    request_timeout_ms: int = Field(180_000, gt=0)
+    max_queue_wait_ms: int = Field(120_000, ge=0)
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    max_new_tokens_cap: int = Field(512, gt=0)
+    max_batch_size: int = Field(16, gt=0)
+    startup_timeout_s: float = Field(120.0, gt=0)
+
+
+class RolloutConfig(_Section):
+    traffic_steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
+    requests_per_step: int = Field(6, ge=1)
+    max_error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    keep_previous: int = Field(1, ge=0)  # old deployments kept (at 0 traffic) after a successful rollout
+    ready_timeout_s: float = Field(600.0, gt=0)
+    require_approval: bool = False  # pause the flow run for a human before traffic moves
+
+    @field_validator("traffic_steps")
+    @classmethod
+    def _steps_increase_to_100(cls, steps: list[int]) -> list[int]:
+        if not steps or steps[-1] != 100 or any(not 0 < s <= 100 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError("must be strictly increasing percentages in (0, 100] ending at 100, e.g. [10, 50, 100]")
+        return steps
+
+
+class SmokeConfig(_Section):
+    prompts: list[str] = Field(
+        default_factory=lambda: ["What is a Prefect flow?", "Hello! Who are you?"], min_length=1
+    )
+    max_new_tokens: int = Field(64, gt=0)
+    latency_budget_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class RetryConfig(_Section):
+    """Backoff for transient faults (connection errors, HTTP 429 and 5xx): delay = base * 2**n, +/- jitter."""
+
+    attempts: int = Field(4, ge=1)
+    base_delay_s: float = Field(1.0, ge=0)
+    max_delay_s: float = Field(30.0, ge=0)
+    jitter: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class AzureComputeConfig(_Section):
+    name: str = "gpu-cluster"
+    size: str = "Standard_NC24ads_A100_v4"
+    min_instances: int = Field(0, ge=0)
+    max_instances: int = Field(1, ge=1)
+    tier: Literal["dedicated", "low_priority"] = "dedicated"
+    idle_time_before_scale_down_s: int = Field(1800, ge=0)
+
+
+class AzureEnvironmentConfig(_Section):
+    name: str = "finetune-phi-train"
+    image: str = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
+    conda_file: Path = Path("training/conda.yml")
+
+
+class AzureProbeConfig(_Section):
+    initial_delay: int = Field(500, ge=0)
+    period: int = Field(100, gt=0)
+    timeout: int = Field(2, gt=0)
+    failure_threshold: int = Field(30, gt=0)
+    success_threshold: int = Field(1, gt=0)
+
+
+class AzureDeploymentConfig(_Section):
+    instance_type: str = "Standard_E4s_v3"
+    instance_count: int = Field(1, ge=1)
+    max_concurrent_requests_per_instance: int = Field(3, ge=1)
+    request_timeout_ms: int = Field(180_000, gt=0, le=180_000)
+    liveness_probe: AzureProbeConfig = Field(default_factory=AzureProbeConfig)
+    readiness_probe: AzureProbeConfig = Field(default_factory=AzureProbeConfig)
+    environment_image: str = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+
+
+class AzureMLConfig(_Section):
+    subscription_id: str
+    resource_group: str
+    workspace: str
+    credential: Literal["default", "azure_cli", "managed_identity"] = "default"
+    managed_identity_client_id: str | None = None
+    user_assigned_identity_id: str | None = None  # ARM id of the endpoint's identity
+    auth_mode: Literal["key", "aml_token"] = "key"
+    compute: AzureComputeConfig = Field(default_factory=AzureComputeConfig)
+    environment: AzureEnvironmentConfig = Field(default_factory=AzureEnvironmentConfig)
+    deployment: AzureDeploymentConfig = Field(default_factory=AzureDeploymentConfig)
+    instance_count: int = Field(1, ge=1)  # training nodes
+    processes_per_node: int = Field(1, ge=1)  # GPUs per node, for PyTorchDistribution
+    mirror_traffic_percent: int = Field(0, ge=0, le=50)
+    experiment_name: str = "finetune-phi"
+
+
+class Settings(_Section):
+    """The whole run configuration."""
+
+    backend: Literal["local", "azureml"] = "local"
+    state_dir: Path = Path(".finetune-phi")
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    endpoint: EndpointConfig = Field(default_factory=EndpointConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    azureml: AzureMLConfig | None = None
+    # Where this config came from, for messages and relative paths. Not a YAML field.
+    source_file: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _backend_section(self) -> Settings:
+        if self.backend == "azureml" and self.azureml is None:
+            raise ValueError("backend 'azureml' needs an 'azureml:' section (subscription_id, resource_group, workspace)")
+        return self
+
+
+def _check_no_secret_fields(data: Any, where: str = "") -> None:
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            name = f"{where}.{key}" if where else str(key)
+            lowered = str(key).lower()
+            if any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith(("_id", "_ids")):
+                raise ConfigError(
+                    f"field '{name}' looks like a secret; secrets never go in config files. "
+                    "Set it in the environment or a Prefect Secret block instead."
+                )
+            _check_no_secret_fields(value, name)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_value(raw: str) -> Any:
+    """Environment and CLI values are YAML scalars/lists: '9000' -> 9000, '[10, 100]' -> [10, 100]."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Collect ``FINETUNE_PHI__SECTION__FIELD=value`` variables as dotted overrides."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            dotted = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+            found[dotted] = _parse_value(raw)
+    return found
+
+
+def normalise_overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    """Accept ``{"a.b": 1}`` or ``["a.b=1"]`` (the CLI form)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, Mapping):
+        return dict(overrides)
+    result: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        result[key.strip()] = _parse_value(raw)
+    return result
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see configs/local.yaml for the known fields)"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        got = item.get("input")
+        suffix = f" (got {got!r})" if item["type"] not in ("missing", "extra_forbidden") and got is not None else ""
+        lines.append(f"  - field '{field}': {message}{suffix}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load, merge and validate a run configuration. Raises :class:`ConfigError` with a readable message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (try configs/local.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data:, training:, ...), not {type(data).__name__}")
+    _check_no_secret_fields(data)
+    merged: dict[str, Any] = data
+    extra = {**env_overrides(environ), **normalise_overrides(overrides)}
+    _check_no_secret_fields({k.replace(".", "_"): v for k, v in extra.items()})
+    for dotted, value in extra.items():
+        _set_dotted(merged, dotted, value)
+    # A local path switches the source off the hub and back (an override of one must clear the other).
+    data_section = merged.get("data")
+    if isinstance(data_section, dict):
+        if "data.path" in extra and extra["data.path"] is not None:
+            data_section.pop("hub", None)
+        elif any(k.startswith("data.hub") for k in extra):
+            data_section.pop("path", None)
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        source = str(path) + (" (with overrides)" if extra else "")
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    settings.source_file = path
+    return settings
+
+
+__all__ = ["ConfigError", "Settings", "env_overrides", "load_config", "normalise_overrides"]
