@@ -1,0 +1,135 @@
+"""Retries for transient faults only, with exponential backoff and jitter that we compute ourselves.
+
+Prefect's own ``retry_jitter_factor`` has been reported as ignored (PrefectHQ/prefect PR #22203), and jitter
+matters against Azure's throttling (many clients retrying in lock-step). So:
+
+- :func:`is_transient` decides what is worth retrying: connection errors, timeouts, HTTP 429 and 5xx, and
+  :class:`~tasks.backends.base.TransientBackendError`. A failed training job or a bad request is final.
+- :func:`backoff_delay` is ``min(max_delay, base * 2**attempt)`` scaled by a uniform factor in
+  ``[1 - jitter, 1 + jitter]``.
+- :func:`call_with_retry` is the loop every backend call in the flow goes through.
+- :func:`retry_condition_fn` lets a Prefect task retry on the same rule (``@task(retry_condition_fn=...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from tasks.backends.base import TransientBackendError
+from tasks.config import RetryConfig
+
+T = TypeVar("T")
+_LOG = logging.getLogger("finetune_phi.retry")
+
+# Status codes worth another try: throttling and server-side faults (Azure ML answers 429 when too many
+# requests are pending, 503 while a deployment starts).
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status of an httpx/requests/azure error, if it carries one."""
+    response = getattr(exc, "response", None)
+    for holder in (response, exc):
+        code = getattr(holder, "status_code", None)
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for faults that may pass on their own: retry these, nothing else."""
+    if isinstance(exc, TransientBackendError):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import httpx
+
+        if isinstance(exc, (httpx.TransportError, httpx.TimeoutException)):
+            return True
+    except ImportError:  # pragma: no cover - httpx is a dependency
+        pass
+    try:
+        import requests
+
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    code = _status_code(exc)
+    return code is not None and (code in TRANSIENT_STATUS or code >= 500)
+
+
+def backoff_delay(attempt: int, policy: RetryConfig, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): exponential, capped, with jitter."""
+    rng = rng or random
+    base = min(policy.max_delay_s, policy.base_delay_s * (2**attempt))
+    factor = rng.uniform(1.0 - policy.jitter, 1.0 + policy.jitter)
+    return max(0.0, base * factor)
+
+
+def jitter_bounds(attempt: int, policy: RetryConfig) -> tuple[float, float]:
+    """The interval :func:`backoff_delay` draws from, for tests and documentation."""
+    base = min(policy.max_delay_s, policy.base_delay_s * (2**attempt))
+    return base * (1.0 - policy.jitter), base * (1.0 + policy.jitter)
+
+
+def call_with_retry(
+    fn: Callable[..., T],
+    *args: Any,
+    policy: RetryConfig,
+    what: str = "call",
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call ``fn`` and retry transient faults up to ``policy.attempts`` times in all; re-raise anything else."""
+    log = logger or _LOG
+    for attempt in range(policy.attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc) or attempt + 1 >= policy.attempts:
+                raise
+            delay = backoff_delay(attempt, policy, rng)
+            log.warning(
+                "%s failed with a transient fault (%s: %s); retry %d/%d in %.2f s",
+                what,
+                type(exc).__name__,
+                exc,
+                attempt + 1,
+                policy.attempts - 1,
+                delay,
+            )
+            sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def retry_condition_fn(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when it failed with a transient fault."""
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+def prefect_delays(policy: RetryConfig, rng: random.Random | None = None) -> list[float]:
+    """Jittered delays for ``@task(retry_delay_seconds=...)``, drawn when the task is configured."""
+    return [backoff_delay(n, policy, rng) for n in range(max(policy.attempts - 1, 0))]
+
+
+__all__ = [
+    "TRANSIENT_STATUS",
+    "backoff_delay",
+    "call_with_retry",
+    "is_transient",
+    "jitter_bounds",
+    "prefect_delays",
+    "retry_condition_fn",
+]

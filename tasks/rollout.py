@@ -1,0 +1,408 @@
+"""Blue/green rollout with rollback, on any :class:`~tasks.backends.base.Backend`.
+
+Deployment names are ``model-v<registry version>`` (e.g. ``model-v3``): the name says which model a deployment
+serves, so a re-run can tell "already live" from "unfinished", and keeping the N previous deployments needs no
+bookkeeping. (Plain ``blue``/``green`` slots cannot keep more than one previous deployment; ``v3`` alone is too
+short for Azure ML, whose deployment names need 3 to 32 characters.)
+
+The order of a rollout, each step a Prefect task inside one transaction:
+
+1. reconcile: bring the endpoint back to what the ``champion`` alias says (a crash mid-rollout leaves traffic
+   split and a deployment nobody owns; the alias only moves after a rollout completed);
+2. create the new deployment next to the live one (traffic 0) and wait until it is ready;
+3. smoke-test it pinned with the ``azureml-model-deployment`` header: no traffic moves to a deployment that
+   failed this;
+4. shift traffic in steps (``rollout.traffic_steps``, default 10/50/100), each followed by a pinned smoke test
+   and an error-rate check of unpinned requests (what users get at that split);
+5. move the ``champion`` alias; after the transaction commits, retire older deployments beyond
+   ``rollout.keep_previous``.
+
+Any failure once the new deployment exists rolls the transaction back: the ``on_rollback`` hooks restore the
+previous traffic weights and delete the new deployment; the alias stays; the flow run fails with the reason.
+The endpoint itself is never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.transactions import Transaction, get_transaction, transaction
+
+from tasks.backends.base import Backend, BackendError, DeploymentFailedError, EndpointInfo, ModelVersion
+from tasks.config import Settings, SmokeConfig
+from tasks.retry import call_with_retry
+from tasks.smoke import SmokeReport, smoke_test
+
+DEPLOYMENT_PREFIX = "model-v"
+CHAMPION = "champion"
+_LOG = logging.getLogger("finetune_phi.rollout")
+
+
+class RolloutFailed(BackendError):
+    """The new deployment failed a check; traffic and alias were restored."""
+
+
+def deployment_name(version: str) -> str:
+    return f"{DEPLOYMENT_PREFIX}{version}"
+
+
+def version_of(name: str) -> int | None:
+    """The registry version a deployment name stands for, or None for a name we did not make."""
+    suffix = name[len(DEPLOYMENT_PREFIX) :] if name.startswith(DEPLOYMENT_PREFIX) else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
+def live_traffic(endpoint: EndpointInfo | None) -> dict[str, int]:
+    """Traffic weights without the zero entries."""
+    return {} if endpoint is None else {k: int(v) for k, v in endpoint.traffic.items() if int(v) > 0}
+
+
+def is_live(endpoint: EndpointInfo | None, version: str) -> bool:
+    """True when this model version already takes all traffic on a ready deployment."""
+    if endpoint is None:
+        return False
+    name = deployment_name(version)
+    ready = {d.name for d in endpoint.deployments if d.state == "ready"}
+    return live_traffic(endpoint) == {name: 100} and name in ready
+
+
+def split_traffic(previous: dict[str, int], new: str, percent: int) -> dict[str, int]:
+    """Give ``new`` ``percent`` and share the rest among the previous deployments in proportion (sums to 100)."""
+    previous = {k: v for k, v in previous.items() if v > 0 and k != new}
+    if not previous or percent >= 100:
+        return {new: 100}
+    rest = 100 - percent
+    total = sum(previous.values())
+    exact = {k: rest * v / total for k, v in previous.items()}
+    shares = {k: int(x) for k, x in exact.items()}
+    # Largest remainder, so the integer weights still sum to 100.
+    for k in sorted(exact, key=lambda k: exact[k] - shares[k], reverse=True)[: rest - sum(shares.values())]:
+        shares[k] += 1
+    return {**{k: v for k, v in shares.items() if v > 0}, new: percent}
+
+
+def full_traffic(endpoint: EndpointInfo | None, weights: dict[str, int]) -> dict[str, int]:
+    """Weights for every existing deployment (zeros included), so replace and merge semantics agree."""
+    names = [d.name for d in endpoint.deployments] if endpoint else []
+    return {**dict.fromkeys(names, 0), **weights}
+
+
+@dataclass
+class ReconcileReport:
+    actions: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+
+def reconcile(backend: Backend, champion: ModelVersion | None, settings: Settings) -> ReconcileReport:
+    """Make the endpoint agree with the ``champion`` alias after a crash; a no-op on a consistent endpoint.
+
+    Consistent means: all traffic on the champion's ready deployment, and no deployment newer than the champion
+    (those are unfinished rollouts) or in a failed state.
+    """
+    policy = settings.retry
+    report = ReconcileReport()
+    endpoint = call_with_retry(backend.get_endpoint, policy=policy, what="get endpoint")
+    if endpoint is None:
+        return report
+    states = {d.name: d.state for d in endpoint.deployments}
+    champion_name = deployment_name(champion.version) if champion else None
+    champion_version = int(champion.version) if champion and champion.version.isdigit() else None
+
+    if champion_name and states.get(champion_name) == "ready":
+        if live_traffic(endpoint) != {champion_name: 100}:
+            call_with_retry(
+                backend.set_traffic, full_traffic(endpoint, {champion_name: 100}), policy=policy, what="set traffic"
+            )
+            report.actions.append(f"traffic {live_traffic(endpoint)} -> {{{champion_name}: 100}}")
+        for name, state in states.items():
+            version = version_of(name)
+            unfinished = version is not None and champion_version is not None and version > champion_version
+            if name != champion_name and (unfinished or state in ("failed", "creating")):
+                call_with_retry(backend.delete_deployment, name, policy=policy, what=f"delete deployment {name}")
+                report.actions.append(f"deleted {name} ({'unfinished rollout' if unfinished else state})")
+        return report
+
+    if champion is None:
+        # No rollout ever completed: whatever exists is left over from an unfinished first rollout.
+        ours = [name for name in states if version_of(name) is not None]
+        if ours and live_traffic(endpoint):
+            call_with_retry(backend.set_traffic, full_traffic(endpoint, {}), policy=policy, what="clear traffic")
+            report.actions.append("traffic cleared (no champion yet)")
+        for name in ours:
+            call_with_retry(backend.delete_deployment, name, policy=policy, what=f"delete deployment {name}")
+            report.actions.append(f"deleted {name} (unfinished first rollout)")
+        return report
+
+    # The champion's deployment is gone or broken: keep traffic on ready deployments only, and say so.
+    ready = {n for n, s in states.items() if s == "ready"}
+    traffic = live_traffic(endpoint)
+    if any(n not in ready for n in traffic) and ready:
+        keep = max(ready, key=lambda n: version_of(n) or -1)
+        call_with_retry(backend.set_traffic, full_traffic(endpoint, {keep: 100}), policy=policy, what="set traffic")
+        report.actions.append(f"champion deployment {champion_name} missing; traffic -> {{{keep}: 100}}")
+    for name, state in states.items():
+        if state in ("failed", "creating") and name not in live_traffic(backend.get_endpoint()):
+            call_with_retry(backend.delete_deployment, name, policy=policy, what=f"delete deployment {name}")
+            report.actions.append(f"deleted {name} ({state})")
+    return report
+
+
+def retire_old(backend: Backend, live: str, keep: int, settings: Settings) -> list[str]:
+    """Delete our zero-traffic deployments beyond the ``keep`` newest ones (never the live one)."""
+    endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
+    if endpoint is None:
+        return []
+    traffic = live_traffic(endpoint)
+    old = sorted(
+        (d.name for d in endpoint.deployments if d.name != live and d.name not in traffic and version_of(d.name)),
+        key=lambda n: version_of(n) or 0,
+        reverse=True,
+    )
+    retired = old[keep:]
+    for name in retired:
+        call_with_retry(backend.delete_deployment, name, policy=settings.retry, what=f"delete deployment {name}")
+    return retired
+
+
+@dataclass
+class StepResult:
+    percent: int
+    traffic: dict[str, int]
+    pinned: dict[str, Any]
+    endpoint: dict[str, Any]
+    error_rate: float
+    passed: bool
+    reason: str | None = None
+
+
+def default_step_check(
+    backend: Backend, settings: Settings, new: str, percent: int, smoke: SmokeConfig | None = None
+) -> tuple[SmokeReport, SmokeReport]:
+    """The pinned smoke test of the new deployment and ``rollout.requests_per_step`` unpinned requests."""
+    smoke = smoke or settings.smoke
+    endpoint = backend.get_endpoint()
+    if endpoint is None:
+        raise RolloutFailed(f"endpoint {settings.endpoint.name!r} disappeared during the rollout")
+    key = backend.scoring_key()
+    pinned = smoke_test(endpoint.openai_base_url, key, smoke, deployment=new)
+    prompts = [smoke.prompts[i % len(smoke.prompts)] for i in range(settings.rollout.requests_per_step)]
+    unpinned = smoke_test(endpoint.openai_base_url, key, smoke, prompts=prompts)
+    return pinned, unpinned
+
+
+StepCheck = Callable[[Backend, Settings, str, int], tuple[SmokeReport, SmokeReport]]
+
+
+@dataclass
+class RolloutResult:
+    version: str
+    deployment: str
+    skipped: bool
+    traffic_before: dict[str, int]
+    traffic_after: dict[str, int]
+    reconcile: list[str] = field(default_factory=list)
+    pinned_smoke: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
+    previous_champion: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- Prefect tasks and their undo hooks
+# The hooks find the backend and the weights to restore in the enclosing transaction (``txn.get``), set by
+# :func:`run_rollout` before any side effect. A hook never raises: a raising hook would stop Prefect from running
+# the remaining ones; what it cannot undo, the next run's reconcile step repairs.
+
+
+def _hook_logger(txn: Transaction) -> logging.Logger | logging.LoggerAdapter:
+    return txn.logger if txn.logger is not None else _LOG
+
+
+@task(name="reconcile-endpoint", cache_policy=NO_CACHE, persist_result=False)
+def reconcile_task(backend: Backend, champion: ModelVersion | None, settings: Settings) -> list[str]:
+    report = reconcile(backend, champion, settings)
+    if report.changed:
+        get_run_logger().warning("reconciled the endpoint after an unfinished rollout: %s", "; ".join(report.actions))
+    return report.actions
+
+
+@task(name="create-deployment", cache_policy=NO_CACHE, persist_result=False)
+def create_deployment_task(backend: Backend, name: str, version: ModelVersion, settings: Settings) -> str:
+    """Create the new deployment at 0 traffic. A failed create cleans up after itself (via the hook below)."""
+    call_with_retry(backend.ensure_endpoint, policy=settings.retry, what="ensure endpoint")
+    call_with_retry(backend.create_deployment, name, version, policy=settings.retry, what=f"create deployment {name}")
+    return name
+
+
+@create_deployment_task.on_rollback
+def _delete_new_deployment(txn: Transaction) -> None:
+    backend: Backend = txn.get("backend")
+    name: str = txn.get("new_deployment")
+    previous: dict[str, int] = txn.get("previous_traffic")
+    log = _hook_logger(txn)
+    try:
+        endpoint = backend.get_endpoint()
+        if live_traffic(endpoint) != previous:
+            backend.set_traffic(full_traffic(endpoint, previous))
+        if endpoint is not None and any(d.name == name for d in endpoint.deployments):
+            backend.delete_deployment(name)
+        log.warning("rolled back: traffic %s restored, deployment %s deleted", previous, name)
+    except Exception as exc:  # the reconcile step of the next run finishes the job
+        log.error("rollback of deployment %s incomplete (%s); the next run's reconcile step repairs it", name, exc)
+
+
+@task(name="wait-deployment-ready", cache_policy=NO_CACHE, persist_result=False)
+def wait_ready_task(backend: Backend, name: str, timeout_s: float) -> str:
+    info = backend.wait_deployment_ready(name, timeout_s)
+    if info.state != "ready":
+        raise DeploymentFailedError(f"deployment {name} is {info.state}: {info.error or 'no reason given'}")
+    return info.state
+
+
+@task(name="pinned-smoke-test", cache_policy=NO_CACHE, persist_result=False)
+def pinned_smoke_task(backend: Backend, name: str, settings: Settings) -> dict[str, Any]:
+    endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
+    if endpoint is None:
+        raise RolloutFailed(f"endpoint {settings.endpoint.name!r} disappeared during the rollout")
+    report = smoke_test(endpoint.openai_base_url, backend.scoring_key(), settings.smoke, deployment=name)
+    get_run_logger().info(report.summary())
+    if not report.passed:
+        raise RolloutFailed(f"the new deployment failed its pinned smoke test; no traffic moved: {report.summary()}")
+    return report.to_dict()
+
+
+@task(name="shift-traffic", cache_policy=NO_CACHE, persist_result=False)
+def shift_traffic_task(backend: Backend, name: str, percent: int, settings: Settings) -> dict[str, int]:
+    previous: dict[str, int] = get_transaction().get("previous_traffic")
+    endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
+    weights = split_traffic(previous, name, percent)
+    call_with_retry(backend.set_traffic, full_traffic(endpoint, weights), policy=settings.retry, what="set traffic")
+    get_run_logger().info("traffic now %s", weights)
+    return weights
+
+
+@shift_traffic_task.on_rollback
+def _restore_traffic(txn: Transaction) -> None:
+    backend: Backend = txn.get("backend")
+    previous: dict[str, int] = txn.get("previous_traffic")
+    try:
+        endpoint = backend.get_endpoint()
+        if live_traffic(endpoint) != previous:
+            backend.set_traffic(full_traffic(endpoint, previous))
+    except Exception as exc:
+        _hook_logger(txn).error("could not restore traffic %s (%s); the next run's reconcile step will", previous, exc)
+
+
+@task(name="check-traffic-step", cache_policy=NO_CACHE, persist_result=False)
+def check_step_task(
+    backend: Backend, name: str, percent: int, weights: dict[str, int], settings: Settings, check: StepCheck
+) -> dict[str, Any]:
+    pinned, unpinned = check(backend, settings, name, percent)
+    rate = unpinned.error_rate
+    passed = pinned.passed and rate <= settings.rollout.max_error_rate
+    reason = None
+    if not pinned.passed:
+        reason = f"at {percent}% the pinned smoke test failed: {pinned.summary()}"
+    elif not passed:
+        reason = (
+            f"at {percent}% the error rate was {rate:.0%} "
+            f"(rollout.max_error_rate {settings.rollout.max_error_rate:.0%}): {unpinned.summary()}"
+        )
+    step = StepResult(percent, weights, pinned.to_dict(), unpinned.to_dict(), rate, passed, reason)
+    get_run_logger().info("traffic step %d%%: %s", percent, "passed" if passed else reason)
+    if not passed:
+        raise RolloutFailed(reason)
+    return asdict(step)
+
+
+@task(name="promote-champion", cache_policy=NO_CACHE, persist_result=False)
+def promote_task(backend: Backend, version: ModelVersion, settings: Settings) -> str:
+    call_with_retry(backend.set_alias, CHAMPION, version, policy=settings.retry, what="set champion alias")
+    return version.version
+
+
+@promote_task.on_rollback
+def _restore_alias(txn: Transaction) -> None:
+    backend: Backend = txn.get("backend")
+    previous: ModelVersion | None = txn.get("previous_champion")
+    if previous is not None:
+        try:
+            backend.set_alias(CHAMPION, previous)
+        except Exception as exc:
+            _hook_logger(txn).error("could not move the champion alias back to v%s (%s)", previous.version, exc)
+
+
+def run_rollout(
+    backend: Backend, version: ModelVersion, settings: Settings, check: StepCheck = default_step_check
+) -> RolloutResult:
+    """Roll ``version`` out blue/green. Call inside a flow. Raises :class:`RolloutFailed` after rolling back."""
+    logger = get_run_logger()
+    champion = call_with_retry(backend.get_model_by_alias, CHAMPION, policy=settings.retry, what="get champion")
+    actions = reconcile_task(backend, champion, settings)
+    endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
+    before = live_traffic(endpoint)
+    name = deployment_name(version.version)
+    result = RolloutResult(
+        version.version, name, False, before, before, reconcile=actions,
+        previous_champion=champion.version if champion else None,
+    )  # fmt: skip
+    if is_live(endpoint, version.version):
+        logger.info("model v%s is already live on %s with all traffic: nothing to roll out", version.version, name)
+        if champion is None or champion.version != version.version:
+            call_with_retry(backend.set_alias, CHAMPION, version, policy=settings.retry, what="set champion alias")
+        result.skipped = True
+        return result
+
+    # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
+    steps = settings.rollout.traffic_steps if before else [100]
+    try:
+        with transaction() as txn:
+            txn.set("backend", backend)
+            txn.set("new_deployment", name)
+            txn.set("previous_traffic", before)
+            txn.set("previous_champion", champion)
+            create_deployment_task(backend, name, version, settings)
+            wait_ready_task(backend, name, settings.rollout.ready_timeout_s)
+            result.pinned_smoke = pinned_smoke_task(backend, name, settings)
+            for percent in steps:
+                weights = shift_traffic_task(backend, name, percent, settings)
+                result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
+            promote_task(backend, version, settings)
+    except Exception as exc:
+        kept = f"v{champion.version}" if champion else "none"
+        raise RolloutFailed(
+            f"rollout of model v{version.version} rolled back (traffic {before or 'none'} restored, deployment {name} "
+            f"deleted, champion still {kept}): {exc}"
+        ) from exc
+    after = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
+    result.traffic_after = live_traffic(after)
+    try:
+        result.retired = retire_old(backend, name, settings.rollout.keep_previous, settings)
+    except BackendError as exc:  # the rollout succeeded; an old deployment left over is not a failure
+        logger.warning("could not retire old deployments (%s); they stay at 0 traffic", exc)
+    return result
+
+
+__all__ = [
+    "CHAMPION",
+    "RolloutFailed",
+    "RolloutResult",
+    "default_step_check",
+    "deployment_name",
+    "is_live",
+    "reconcile",
+    "retire_old",
+    "run_rollout",
+    "split_traffic",
+    "version_of",
+]
