@@ -12,6 +12,7 @@ folder (see :mod:`tasks.secrets`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -211,12 +212,19 @@ class Settings(_Section):
         return self
 
 
+def _looks_secret(key: str) -> bool:
+    # Whole words, not substrings: 'api_key', 'hfToken', 'apikey' are refused; 'max_new_tokens' is not.
+    words = re.findall(r"[a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower())
+    if words and words[-1] in ("id", "ids"):
+        return False
+    return any(word.endswith(secret) for word in words for secret in _SECRET_WORDS)
+
+
 def _check_no_secret_fields(data: Any, where: str = "") -> None:
     if isinstance(data, Mapping):
         for key, value in data.items():
             name = f"{where}.{key}" if where else str(key)
-            lowered = str(key).lower()
-            if any(word in lowered for word in _SECRET_WORDS) and not lowered.endswith(("_id", "_ids")):
+            if _looks_secret(str(key)):
                 raise ConfigError(
                     f"field '{name}' looks like a secret; secrets never go in config files. "
                     "Set it in the environment or a Prefect Secret block instead."
