@@ -168,6 +168,8 @@ class AzureDeploymentConfig(_Section):
     liveness_probe: AzureProbeConfig = Field(default_factory=AzureProbeConfig)
     readiness_probe: AzureProbeConfig = Field(default_factory=AzureProbeConfig)
     environment_image: str = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+    # Azure ML reserves extra VM quota for upgrades on managed online deployments: checked before creating one.
+    quota_upgrade_reserve: float = Field(0.2, ge=0.0, le=1.0)
 
 
 class AzureMLConfig(_Section):
@@ -185,6 +187,8 @@ class AzureMLConfig(_Section):
     processes_per_node: int = Field(1, ge=1)  # GPUs per node, for PyTorchDistribution
     mirror_traffic_percent: int = Field(0, ge=0, le=50)
     experiment_name: str = "finetune-phi"
+    # How the job's model_output is typed: mlflow_model (registrable and deployable without code) or uri_folder.
+    model_output_type: Literal["mlflow_model", "uri_folder"] = "mlflow_model"
 
 
 class Settings(_Section):
