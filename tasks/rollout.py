@@ -25,6 +25,7 @@ The endpoint itself is never deleted.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,14 +48,33 @@ class RolloutFailed(BackendError):
     """The new deployment failed a check; traffic and alias were restored."""
 
 
-def deployment_name(version: str) -> str:
-    return f"{DEPLOYMENT_PREFIX}{version}"
+def deployment_name(version: str, redeploy: int = 0) -> str:
+    """``model-v3``; a forced redeploy of a version already live gets ``model-v3-1``, ``model-v3-2``..."""
+    return f"{DEPLOYMENT_PREFIX}{version}" + (f"-{redeploy}" if redeploy else "")
+
+
+_NAME = re.compile(rf"^{DEPLOYMENT_PREFIX}(\d+)(?:-(\d+))?$")
 
 
 def version_of(name: str) -> int | None:
     """The registry version a deployment name stands for, or None for a name we did not make."""
-    suffix = name[len(DEPLOYMENT_PREFIX) :] if name.startswith(DEPLOYMENT_PREFIX) else ""
-    return int(suffix) if suffix.isdigit() else None
+    match = _NAME.match(name)
+    return int(match.group(1)) if match else None
+
+
+def fresh_name(endpoint: EndpointInfo | None, version: str) -> str:
+    """A deployment name for ``version`` not taken on the endpoint."""
+    taken = {d.name for d in endpoint.deployments} if endpoint else set()
+    n = 0
+    while deployment_name(version, n) in taken:
+        n += 1
+    return deployment_name(version, n)
+
+
+def _deployments_of(endpoint: EndpointInfo | None, version: str) -> set[str]:
+    if endpoint is None:
+        return set()
+    return {d.name for d in endpoint.deployments if version_of(d.name) == int(version)}
 
 
 def live_traffic(endpoint: EndpointInfo | None) -> dict[str, int]:
@@ -63,12 +83,12 @@ def live_traffic(endpoint: EndpointInfo | None) -> dict[str, int]:
 
 
 def is_live(endpoint: EndpointInfo | None, version: str) -> bool:
-    """True when this model version already takes all traffic on a ready deployment."""
-    if endpoint is None:
+    """True when this model version already takes all traffic on one ready deployment."""
+    if endpoint is None or not version.isdigit():
         return False
-    name = deployment_name(version)
+    traffic = live_traffic(endpoint)
     ready = {d.name for d in endpoint.deployments if d.state == "ready"}
-    return live_traffic(endpoint) == {name: 100} and name in ready
+    return len(traffic) == 1 and next(iter(traffic)) in ready & _deployments_of(endpoint, version)
 
 
 def split_traffic(previous: dict[str, int], new: str, percent: int) -> dict[str, int]:
@@ -113,10 +133,13 @@ def reconcile(backend: Backend, champion: ModelVersion | None, settings: Setting
     if endpoint is None:
         return report
     states = {d.name: d.state for d in endpoint.deployments}
-    champion_name = deployment_name(champion.version) if champion else None
     champion_version = int(champion.version) if champion and champion.version.isdigit() else None
+    traffic_now = live_traffic(endpoint)
+    candidates = [n for n in _deployments_of(endpoint, champion.version) if states[n] == "ready"] if champion else []
+    # Of several deployments of the champion's version (a redeploy cut short), keep the one with most traffic.
+    champion_name = max(candidates, key=lambda n: (traffic_now.get(n, 0), -len(n)), default=None)
 
-    if champion_name and states.get(champion_name) == "ready":
+    if champion_name:
         if live_traffic(endpoint) != {champion_name: 100}:
             call_with_retry(
                 backend.set_traffic, full_traffic(endpoint, {champion_name: 100}), policy=policy, what="set traffic"
@@ -124,7 +147,7 @@ def reconcile(backend: Backend, champion: ModelVersion | None, settings: Setting
             report.actions.append(f"traffic {live_traffic(endpoint)} -> {{{champion_name}: 100}}")
         for name, state in states.items():
             version = version_of(name)
-            unfinished = version is not None and champion_version is not None and version > champion_version
+            unfinished = version is not None and champion_version is not None and version >= champion_version
             if name != champion_name and (unfinished or state in ("failed", "creating")):
                 call_with_retry(backend.delete_deployment, name, policy=policy, what=f"delete deployment {name}")
                 report.actions.append(f"deleted {name} ({'unfinished rollout' if unfinished else state})")
@@ -343,24 +366,34 @@ def _restore_alias(txn: Transaction) -> None:
 
 
 def run_rollout(
-    backend: Backend, version: ModelVersion, settings: Settings, check: StepCheck = default_step_check
+    backend: Backend,
+    version: ModelVersion,
+    settings: Settings,
+    check: StepCheck = default_step_check,
+    force: bool = False,
 ) -> RolloutResult:
-    """Roll ``version`` out blue/green. Call inside a flow. Raises :class:`RolloutFailed` after rolling back."""
+    """Roll ``version`` out blue/green. Call inside a flow. Raises :class:`RolloutFailed` after rolling back.
+
+    When the version is already live with all traffic the rollout is skipped, unless ``force`` (``--refresh
+    deploy``) asks for a fresh deployment of it.
+    """
     logger = get_run_logger()
     champion = call_with_retry(backend.get_model_by_alias, CHAMPION, policy=settings.retry, what="get champion")
     actions = reconcile_task(backend, champion, settings)
     endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
     before = live_traffic(endpoint)
-    name = deployment_name(version.version)
+    name = fresh_name(endpoint, version.version)
     result = RolloutResult(
         version.version, name, False, before, before, reconcile=actions,
         previous_champion=champion.version if champion else None,
     )  # fmt: skip
-    if is_live(endpoint, version.version):
+    if is_live(endpoint, version.version) and not force:
+        name = next(iter(before))
         logger.info("model v%s is already live on %s with all traffic: nothing to roll out", version.version, name)
         if champion is None or champion.version != version.version:
             call_with_retry(backend.set_alias, CHAMPION, version, policy=settings.retry, what="set champion alias")
         result.skipped = True
+        result.deployment = name
         return result
 
     # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.

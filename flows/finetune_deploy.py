@@ -1,0 +1,375 @@
+"""The product: one flow run takes a chat dataset to a live, tested model.
+
+    prepare data -> train (submit + wait) -> register -> evaluate -> gate -> roll out (blue/green) -> smoke test
+    -> summary
+
+Every step is a Prefect task over a plain function in ``tasks/``; every call to jobs, registry and endpoint goes
+through :class:`tasks.backends.base.Backend`, so the same flow drives ``local`` and ``azureml``. The two expensive
+steps are cached on content hashes (:mod:`tasks.caching`): an unchanged re-run skips data, training and, as the
+same model is already live with all traffic, deployment. ``refresh=["data", "training", "deploy"]`` forces a step.
+
+The model is registered (alias ``candidate``) before the gate, so rejected candidates keep their lineage in the
+registry too; only a model that passed the gate and the whole rollout becomes ``champion``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.backends import get_backend
+from tasks.backends.base import Backend, JobFailedError, JobInfo, JobStatus, ModelVersion, TrainingJobSpec
+from tasks.caching import content_key_fn, data_cache_key, evaluation_cache_key, training_cache_key
+from tasks.config import Settings, load_config
+from tasks.evaluate import EvalResult, evaluate_model, recorded_result
+from tasks.gate import gate_task
+from tasks.retry import call_with_retry, retry_condition_fn
+from tasks.rollout import CHAMPION, RolloutFailed, run_rollout
+from tasks.smoke import smoke_test_task
+from tasks.state import configure_environment
+from tasks.summary import how_to_chat, publish_summary_task, render_summary
+
+REFRESHABLE = ("data", "training", "deploy")
+CANDIDATE = "candidate"
+
+
+# ------------------------------------------------------------------------------------------------ data
+def prepare_data(settings: Settings) -> dict[str, Any]:
+    """Run the dataset step and return its manifest as a plain dict (what the cache stores)."""
+    from tasks.data import prepare_dataset
+
+    manifest = prepare_dataset(settings.data, Path(settings.state_dir) / "data")
+    return {
+        "sha256": manifest.sha256,
+        "train_path": str(manifest.train_path),
+        "test_path": str(manifest.test_path),
+        "manifest_path": str(manifest.manifest_path),
+        "counts": dict(manifest.counts),
+        "rejected": dict(manifest.rejected),
+    }
+
+
+@task(name="prepare-data", cache_key_fn=content_key_fn, persist_result=True)
+def prepare_data_task(settings: Settings, content_key: str) -> dict[str, Any]:
+    return prepare_data(settings)
+
+
+# -------------------------------------------------------------------------------------------- training
+def wait_for_job(backend: Backend, job_id: str, settings: Settings) -> JobInfo:
+    """Poll until the job ends or ``training.timeout_s`` passes (then cancel it). Streams new log lines."""
+    logger = get_run_logger()
+    deadline = time.monotonic() + settings.training.timeout_s
+    seen: list[str] = []
+    while True:
+        job = call_with_retry(backend.get_job, job_id, policy=settings.retry, what=f"status of job {job_id}")
+        tail = backend.job_log_tail(job_id, 20)
+        fresh = tail[len(tail) - _new_lines(seen, tail) :] if tail else []
+        for line in fresh:
+            logger.info("[%s] %s", job_id, line)
+        seen = tail
+        if job.status.is_terminal:
+            break
+        if time.monotonic() > deadline:
+            backend.cancel_job(job_id)
+            raise JobFailedError(
+                f"training job {job_id} did not finish within training.timeout_s={settings.training.timeout_s:.0f} s "
+                "and was canceled; raise the timeout or use a smaller recipe"
+            )
+        time.sleep(settings.training.poll_interval_s)
+    if job.status != JobStatus.COMPLETED:
+        raise JobFailedError(f"training job {job_id} ended {job.status.value}: {job.error or 'no reason given'}")
+    return job
+
+
+def _new_lines(seen: list[str], tail: list[str]) -> int:
+    """How many lines at the end of ``tail`` were not in the previous tail ``seen``."""
+    if not seen:
+        return len(tail)
+    for start in range(len(tail)):
+        overlap = tail[: len(tail) - start]
+        if seen[-len(overlap) :] == overlap:
+            return start
+    return len(tail)
+
+
+def train(settings: Settings, dataset: dict[str, Any]) -> dict[str, Any]:
+    """Submit the training job with the dataset's files and wait for it; return its id, folder and metrics."""
+    backend = get_backend(settings)
+    spec = TrainingJobSpec(
+        recipe=Path(settings.training.recipe),
+        train_file=Path(dataset["train_path"]),
+        eval_file=Path(dataset["test_path"]),
+        manifest_sha256=dataset["sha256"],
+        overrides=dict(settings.training.overrides),
+        experiment=settings.registry.model_name,
+        tracking_uri=settings.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+    )
+    job = call_with_retry(backend.submit_training, spec, policy=settings.retry, what="submit training job")
+    get_run_logger().info("training job %s submitted (%s)", job.job_id, job.url or "no URL")
+    job = wait_for_job(backend, job.job_id, settings)
+    metrics = call_with_retry(backend.job_metrics, job.job_id, policy=settings.retry, what="job metrics")
+    return {
+        "job_id": job.job_id,
+        "url": job.url,
+        "output_dir": str(job.output_dir) if job.output_dir else None,
+        "metrics": metrics,
+    }
+
+
+@task(name="train-model", cache_key_fn=content_key_fn, persist_result=True, retry_condition_fn=retry_condition_fn)
+def train_task(settings: Settings, dataset: dict[str, Any], content_key: str) -> dict[str, Any]:
+    return train(settings, dataset)
+
+
+# ------------------------------------------------------------------------------------ register, evaluate
+@task(name="register-model", cache_policy=NO_CACHE, persist_result=False)
+def register_task(settings: Settings, training: dict[str, Any], dataset: dict[str, Any]) -> ModelVersion:
+    """Register the job's model (idempotent on the job) and point the ``candidate`` alias at it."""
+    backend = get_backend(settings)
+    tags = {"manifest_sha256": dataset["sha256"], "recipe": str(settings.training.recipe)}
+    version = call_with_retry(
+        backend.register_model, training["job_id"], tags, policy=settings.retry, what="register model"
+    )
+    call_with_retry(backend.set_alias, CANDIDATE, version, policy=settings.retry, what="set candidate alias")
+    get_run_logger().info("registered %s version %s from job %s", version.name, version.version, training["job_id"])
+    return version
+
+
+@task(name="evaluate-candidate", cache_key_fn=content_key_fn, persist_result=True)
+def evaluate_candidate_task(
+    settings: Settings, version: ModelVersion, dataset: dict[str, Any], content_key: str
+) -> dict[str, Any]:
+    backend = get_backend(settings)
+    folder = backend.model_folder(version)
+    result = evaluate_model(
+        folder,
+        dataset["test_path"],
+        dataset["sha256"],
+        label=f"candidate v{version.version}",
+        num_prompts=settings.evaluation.num_prompts,
+        max_new_tokens=settings.evaluation.max_new_tokens,
+    )
+    return result.to_dict()
+
+
+@task(name="evaluate-champion", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_champion_task(settings: Settings, champion: ModelVersion, dataset: dict[str, Any]) -> dict[str, Any]:
+    """The champion's numbers on this test split: recorded ones if computed on the same manifest, else fresh."""
+    label = f"champion v{champion.version}"
+    recorded = recorded_result(champion.tags, dataset["sha256"], label)
+    if recorded is not None:
+        get_run_logger().info("reusing %s's numbers recorded on the same test split", label)
+        return recorded.to_dict()
+    folder = get_backend(settings).model_folder(champion)
+    result = evaluate_model(
+        folder,
+        dataset["test_path"],
+        dataset["sha256"],
+        label=label,
+        num_prompts=settings.evaluation.num_prompts,
+        max_new_tokens=settings.evaluation.max_new_tokens,
+    )
+    return result.to_dict()
+
+
+@task(name="record-evaluation", cache_policy=NO_CACHE, persist_result=False)
+def record_evaluation_task(settings: Settings, training: dict[str, Any], evaluation: dict[str, Any]) -> ModelVersion:
+    """Write the held-out numbers on the model version, so a later run on the same data can reuse them."""
+    backend = get_backend(settings)
+    tags = EvalResult.from_dict(evaluation).registry_tags()
+    return call_with_retry(backend.register_model, training["job_id"], tags, policy=settings.retry, what="tag model")
+
+
+# ------------------------------------------------------------------------------------------------ flow
+def load_settings(config_path: str, overrides: dict[str, Any] | None) -> Settings:
+    settings = load_config(config_path, overrides)
+    configure_environment(settings.state_dir)
+    return settings
+
+
+def _check_refresh(refresh: list[str] | None) -> set[str]:
+    wanted = set(refresh or [])
+    unknown = wanted - set(REFRESHABLE)
+    if unknown:
+        raise ValueError(f"cannot refresh {sorted(unknown)}: choose from {', '.join(REFRESHABLE)}")
+    return wanted
+
+
+def _cached(state: Any) -> bool:
+    return getattr(state, "name", "") == "Cached"
+
+
+@flow(name="finetune-and-deploy")
+def finetune_and_deploy(
+    config_path: str = "configs/local.yaml",
+    overrides: dict[str, Any] | None = None,
+    refresh: list[str] | None = None,
+) -> dict[str, Any]:
+    """Data to a live, tested model. Returns the run's summary as a dict (also published as artifacts)."""
+    logger = get_run_logger()
+    settings = load_settings(config_path, overrides)
+    wanted = _check_refresh(refresh)
+    backend = get_backend(settings)
+    from tasks.data import source_fingerprint
+
+    # Data: keyed on the source's content fingerprint and the data section.
+    data_key = data_cache_key(settings, source_fingerprint(settings.data))
+    data_state = prepare_data_task.with_options(refresh_cache="data" in wanted)(settings, data_key, return_state=True)
+    dataset = data_state.result()
+
+    # Training: keyed on the manifest hash, the recipe, the training code and the overrides.
+    train_key = training_cache_key(settings, dataset["sha256"])
+    trainer = train_task.with_options(
+        refresh_cache="training" in wanted, timeout_seconds=settings.training.timeout_s + 120
+    )
+    train_state = trainer(settings, dataset, train_key, return_state=True)
+    training = train_state.result()
+    if _cached(train_state) and training.get("output_dir") and not Path(training["output_dir"]).exists():
+        logger.warning("cached training result points at a deleted job folder; training again")
+        train_state = trainer.with_options(refresh_cache=True)(settings, dataset, train_key, return_state=True)
+        training = train_state.result()
+
+    version = register_task(settings, training, dataset)
+    eval_key = evaluation_cache_key(settings, training["job_id"], dataset["sha256"])
+    candidate = evaluate_candidate_task(settings, version, dataset, eval_key)
+    version = record_evaluation_task(settings, training, candidate)
+
+    champion_version = call_with_retry(
+        backend.get_model_by_alias, CHAMPION, policy=settings.retry, what="get champion"
+    )
+    if champion_version is not None and champion_version.version == version.version:
+        champion = None
+        decision = {
+            "promote": True,
+            "reason": f"the candidate v{version.version} is already the champion (same job, same data)",
+            "metric": settings.gate.metric,
+            "candidate_value": candidate["loss"] if settings.gate.metric == "eval_loss" else candidate["perplexity"],
+            "champion_value": None,
+            "tolerance": settings.gate.tolerance,
+        }
+        logger.info("gate: %s", decision["reason"])
+    else:
+        champion = (
+            evaluate_champion_task(settings, champion_version, dataset) if champion_version is not None else None
+        )
+        decision = gate_task(candidate, champion, settings.gate)
+
+    rollout: dict[str, Any] | None = None
+    smoke: dict[str, Any] | None = None
+    chat: str | None = None
+    failure: Exception | None = None
+    if decision["promote"]:
+        try:
+            rollout = run_rollout(backend, version, settings, force="deploy" in wanted).to_dict()
+        except RolloutFailed as exc:
+            failure = exc
+    else:
+        logger.warning("the candidate was not promoted; the champion keeps serving: %s", decision["reason"])
+
+    endpoint = backend.get_endpoint()
+    if failure is None and endpoint is not None and endpoint.traffic:
+        smoke = smoke_test_task(settings, None, "smoke-test")
+        chat = how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri)
+
+    markdown = render_summary(
+        dataset=dataset,
+        training=training,
+        candidate=candidate,
+        champion=champion,
+        gate=decision,
+        version=version.version,
+        rollout=rollout,
+        smoke=smoke,
+        chat=chat,
+        cached={"data": _cached(data_state), "training": _cached(train_state)},
+    )
+    loss_curve = Path(training["output_dir"]) / "loss_curve.png" if training.get("output_dir") else None
+    publish_summary_task(markdown, str(loss_curve) if loss_curve else None)
+    if failure is not None:
+        raise failure
+    return {
+        "dataset": dataset,
+        "training": training,
+        "version": version.version,
+        "candidate": candidate,
+        "champion": champion,
+        "gate": decision,
+        "rollout": rollout,
+        "smoke": smoke,
+        "endpoint": None if endpoint is None else {"scoring_uri": endpoint.scoring_uri, "traffic": endpoint.traffic},
+        "states": {"data": data_state.name, "training": train_state.name},
+    }
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _prefect_ui_line() -> str:
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        ui = api.removesuffix("/api")
+        return f"Prefect UI: {ui} (flow runs, logs, artifacts: run summary, loss curve, smoke table)"
+    return (
+        "Prefect: ran on a temporary local engine (no server). To browse runs and artifacts: `prefect server start`, "
+        "then `export PREFECT_API_URL=http://127.0.0.1:4200/api` and run again"
+    )
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    overrides = dict(item.split("=", 1) for item in args.set) if args.set else None
+    refresh = [r.strip() for r in args.refresh.split(",") if r.strip()] if args.refresh else None
+    settings = load_settings(args.config, args.set)  # fails fast on a bad config, before Prefect starts
+    _check_refresh(refresh)
+    started = time.perf_counter()
+    result = finetune_and_deploy(args.config, _typed(overrides), refresh)
+    took = time.perf_counter() - started
+    print(f"\nfinetune-phi run: done in {took:.1f} s; model version {result['version']}")
+    print(f"gate: {'PROMOTE' if result['gate']['promote'] else 'REJECT'}: {result['gate']['reason']}")
+    print(_prefect_ui_line())
+    endpoint = get_backend(settings).get_endpoint()
+    if endpoint is not None:
+        print(f"Endpoint: {endpoint.scoring_uri} (traffic {endpoint.traffic})")
+        print(f"OpenAI-compatible base URL: {endpoint.openai_base_url}")
+        print(how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri))
+        if settings.backend == "local":
+            print("The local endpoint server keeps running; stop it with `finetune-phi endpoint stop`.")
+    return 0
+
+
+def _typed(overrides: dict[str, str] | None) -> dict[str, Any] | None:
+    """CLI values as YAML scalars (``--set endpoint.port=9000`` gives an int), as load_config reads them."""
+    if not overrides:
+        return None
+    from tasks.config import normalise_overrides
+
+    return normalise_overrides([f"{k}={v}" for k, v in overrides.items()])
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline: data, training, evaluation, gate, blue/green rollout, smoke test",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument("--config", default="configs/local.yaml", help="run configuration (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set training.overrides.max_steps=20 (repeatable)",
+    )
+    parser.add_argument(
+        "--refresh",
+        default="",
+        metavar="STEPS",
+        help=f"comma-separated steps to redo even if cached: {','.join(REFRESHABLE)}",
+    )
+    parser.set_defaults(handler=_run_command)
+
+
+__all__ = ["add_commands", "finetune_and_deploy", "prepare_data", "train", "wait_for_job"]

@@ -1,0 +1,72 @@
+"""Cache keys for the flow's expensive steps, built from content hashes only (MISSION weak point 8).
+
+Keys built from Python objects (a model, a client, a config object's repr) break or, worse, hit for different
+inputs (PrefectHQ/prefect#16049, #15861, #17547). So each key is the sha256 of a small JSON document of
+strings: file hashes, the relevant config section as JSON, the state folder. The flow computes the key with
+these plain functions and passes it to the task as its ``content_key`` parameter; :func:`content_key_fn` makes
+Prefect use exactly that as the cache key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Settings
+from tasks.state import sha256_file, sha256_text, sha256_tree
+
+# Bump when the meaning of a cached result changes (its fields, the way it is computed).
+CACHE_VERSION = "1"
+TRAINING_CODE = Path(__file__).resolve().parent.parent / "training"
+
+
+def _digest(kind: str, parts: dict[str, Any]) -> str:
+    document = json.dumps({"kind": kind, "version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return f"{kind}-{sha256_text(document)}"
+
+
+def data_cache_key(settings: Settings, source_fingerprint: str) -> str:
+    """The source's content fingerprint (from ``tasks.data.source_fingerprint``) + the data section + the state
+    folder the files land in."""
+    return _digest(
+        "data",
+        {
+            "source": source_fingerprint,
+            "config": settings.data.model_dump(mode="json"),
+            "state_dir": str(Path(settings.state_dir).resolve()),
+        },
+    )
+
+
+def training_cache_key(settings: Settings, manifest_sha256: str, code_root: Path | None = None) -> str:
+    """Manifest hash + recipe file hash + training code hash + overrides + where the job runs."""
+    code_root = code_root or TRAINING_CODE
+    recipe = Path(settings.training.recipe)
+    return _digest(
+        "training",
+        {
+            "manifest": manifest_sha256,
+            "recipe": sha256_file(recipe) if recipe.is_file() else f"missing:{recipe}",
+            "code": sha256_tree(code_root),
+            "overrides": settings.training.overrides,
+            "backend": settings.backend,
+            "state_dir": str(Path(settings.state_dir).resolve()),
+        },
+    )
+
+
+def evaluation_cache_key(settings: Settings, job_id: str, manifest_sha256: str) -> str:
+    """A finished job's model never changes, so its id, the test split and the evaluation settings suffice."""
+    return _digest(
+        "evaluation",
+        {"job": job_id, "manifest": manifest_sha256, "config": settings.evaluation.model_dump(mode="json")},
+    )
+
+
+def content_key_fn(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn``: the task's ``content_key`` parameter, computed by the functions above."""
+    return str(parameters["content_key"])
+
+
+__all__ = ["content_key_fn", "data_cache_key", "evaluation_cache_key", "training_cache_key"]

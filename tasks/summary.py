@@ -1,0 +1,157 @@
+"""The run summary (a markdown artifact), the loss-curve image artifact, and the "how to chat" text.
+
+The summary is what a person reads in the Prefect UI after a run: what data went in, how training went, what
+the gate decided and why (both sides' numbers), which model version serves, traffic before and after, the
+smoke test, and how to talk to the model. Keys never appear: commands read them from the keys file.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+SUMMARY_KEY = "finetune-run-summary"
+LOSS_CURVE_KEY = "loss-curve"
+# A data: URI keeps the image in the artifact itself (the UI cannot read a local file); larger files get a link.
+MAX_INLINE_IMAGE_BYTES = 400_000
+
+
+def how_to_chat(openai_base_url: str, scoring_uri: str, model: str = "default") -> str:
+    """Copy-paste commands for the OpenAI client, curl on /score and Prompt flow. The key is read, never shown."""
+    key = "$(finetune-phi endpoint keys --primary)"
+    return "\n".join(
+        [
+            "OpenAI client (any OpenAI-compatible tool works the same way):",
+            f'  python -c "from openai import OpenAI; import subprocess; '
+            f"k=subprocess.check_output(['finetune-phi','endpoint','keys','--primary'],text=True).strip(); "
+            f"print(OpenAI(base_url='{openai_base_url}', api_key=k).chat.completions.create(model='{model}', "
+            f"messages=[{{'role':'user','content':'What is a Prefect flow?'}}]).choices[0].message.content)\"",
+            "curl, with the sample's body on /score:",
+            f'  curl -s {scoring_uri} -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
+            '    -d \'{"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 64}}\'',
+            "Prompt flow (chat flow in flow_chat/):",
+            "  finetune-phi chat-connection && \\",
+            "    pf flow test --flow flow_chat --inputs question='What is a Prefect flow?'",
+        ]
+    )
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _traffic(weights: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} {v}%" for k, v in sorted((weights or {}).items())) or "none"
+
+
+def render_summary(
+    *,
+    dataset: dict[str, Any],
+    training: dict[str, Any],
+    candidate: dict[str, Any] | None,
+    champion: dict[str, Any] | None,
+    gate: dict[str, Any] | None,
+    version: str | None,
+    rollout: dict[str, Any] | None,
+    smoke: dict[str, Any] | None,
+    chat: str | None,
+    cached: dict[str, bool] | None = None,
+) -> str:
+    """Markdown for the run-summary artifact; every argument is a plain dict from one step."""
+    cached = cached or {}
+    metrics = training.get("metrics", {})
+    lines = ["# finetune-phi run summary", ""]
+    lines += [
+        "## Dataset" + (" (cached)" if cached.get("data") else ""),
+        f"- manifest sha256 `{dataset.get('sha256', '-')[:16]}`",
+        f"- rows: {dataset.get('counts', {})}",
+        f"- rejected: {dataset.get('rejected', {}) or 'none'}",
+        "",
+        "## Training" + (" (cached: same data, recipe and code)" if cached.get("training") else ""),
+        f"- job `{training.get('job_id', '-')}` ({training.get('url') or 'no URL'})",
+    ]
+    for name in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_second", "steps", "wall_time_s"):
+        if name in metrics:
+            lines.append(f"- {name}: {_fmt(metrics[name])}")
+    lines.append("")
+    if candidate is not None:
+        lines += [
+            "## Evaluation (same function, same test split for both)",
+            "| model | loss | perplexity | replies that end | mean latency (s) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in (candidate, champion):
+            if row:
+                ended = "-" if row.get("reused") else f"{row.get('ended_share', 0):.0%}"
+                latency = "-" if row.get("reused") else _fmt(row.get("mean_latency_s"), 3)
+                label = row["label"] + (" (recorded)" if row.get("reused") else "")
+                lines.append(f"| {label} | {_fmt(row['loss'])} | {_fmt(row['perplexity'])} | {ended} | {latency} |")
+        lines.append("")
+    if gate is not None:
+        verdict = "PROMOTE" if gate["promote"] else "REJECT"
+        lines += [
+            "## Gate",
+            f"- decision: **{verdict}**: {gate['reason']}",
+            f"- metric {gate['metric']}: candidate {_fmt(gate['candidate_value'])}, "
+            f"champion {_fmt(gate['champion_value'])}, tolerance {gate['tolerance']:.1%}",
+            "",
+        ]
+    lines += ["## Model", f"- registered version: {version or '-'}", ""]
+    if rollout is not None:
+        lines += [
+            "## Rollout (blue/green)",
+            f"- deployment `{rollout['deployment']}`" + (" (already live: skipped)" if rollout["skipped"] else ""),
+            f"- traffic before: {_traffic(rollout['traffic_before'])}",
+            f"- traffic after: {_traffic(rollout['traffic_after'])}",
+        ]
+        if rollout.get("reconcile"):
+            lines.append(f"- reconciled first: {'; '.join(rollout['reconcile'])}")
+        for step in rollout.get("steps", []):
+            lines.append(
+                f"- step {step['percent']}%: {'passed' if step['passed'] else step['reason']} "
+                f"(error rate {step['error_rate']:.0%})"
+            )
+        if rollout.get("retired"):
+            lines.append(f"- retired: {', '.join(rollout['retired'])}")
+        lines.append("")
+    if smoke is not None:
+        lines += ["## Smoke test", "| prompt | reply | finish | latency (s) | result |", "| --- " * 5 + "|"]
+        for case in smoke.get("cases", []):
+            reply = (case.get("reply") or "").replace("|", "\\|").replace("\n", " ")[:80]
+            result = "ok" if case.get("problem") is None else case["problem"]
+            latency = _fmt(case["latency_s"], 3)
+            lines.append(f"| {case['prompt']} | {reply} | {case.get('finish_reason')} | {latency} | {result} |")
+        lines.append("")
+    if chat:
+        lines += ["## How to chat", "```", chat, "```", ""]
+    return "\n".join(lines)
+
+
+def image_url(path: Path) -> str:
+    """A data: URI for a small PNG (shown inline by the Prefect UI), else a file:// URL."""
+    data = path.read_bytes()
+    if len(data) <= MAX_INLINE_IMAGE_BYTES:
+        return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+    return path.resolve().as_uri()
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE, persist_result=False)
+def publish_summary_task(markdown: str, loss_curve: str | None) -> str:
+    """The markdown summary artifact, and the loss curve as an image artifact when the job drew one."""
+    create_markdown_artifact(markdown, key=SUMMARY_KEY, description="finetune-phi run summary")
+    if loss_curve and Path(loss_curve).is_file():
+        url = image_url(Path(loss_curve))
+        create_image_artifact(url, key=LOSS_CURVE_KEY, description=f"training loss curve ({loss_curve})")
+    return markdown
+
+
+__all__ = ["how_to_chat", "image_url", "publish_summary_task", "render_summary"]
