@@ -15,8 +15,10 @@ registry too; only a model that passed the gate and the whole rollout becomes ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -319,13 +321,29 @@ def _prefect_ui_line() -> str:
     )
 
 
+@contextlib.contextmanager
+def prefect_home_of(settings: Settings) -> Iterator[None]:
+    """Point Prefect at the state folder (``<state_dir>/prefect``) for this command.
+
+    Prefect reads its settings once, on import, which the CLI does before it knows the config; so the home is
+    applied here with ``temporary_settings`` (results, the ephemeral engine's database and logs all follow it).
+    A ``PREFECT_HOME`` the user set in the environment wins, as ``configure_environment`` leaves it alone.
+    """
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    configure_environment(settings.state_dir)
+    with temporary_settings(updates={PREFECT_HOME: os.environ["PREFECT_HOME"]}):
+        yield
+
+
 def _run_command(args: argparse.Namespace) -> int:
     overrides = dict(item.split("=", 1) for item in args.set) if args.set else None
     refresh = [r.strip() for r in args.refresh.split(",") if r.strip()] if args.refresh else None
     settings = load_settings(args.config, args.set)  # fails fast on a bad config, before Prefect starts
     _check_refresh(refresh)
     started = time.perf_counter()
-    result = finetune_and_deploy(args.config, _typed(overrides), refresh)
+    with prefect_home_of(settings):
+        result = finetune_and_deploy(args.config, _typed(overrides), refresh)
     took = time.perf_counter() - started
     print(f"\nfinetune-phi run: done in {took:.1f} s; model version {result['version']}")
     print(f"gate: {'PROMOTE' if result['gate']['promote'] else 'REJECT'}: {result['gate']['reason']}")

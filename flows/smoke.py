@@ -29,10 +29,11 @@ def smoke_test(config_path: str = "configs/local.yaml", overrides: dict[str, Any
 
 def _smoke_command(args: argparse.Namespace) -> int:
     settings = load_config(args.config, args.set)  # fail fast on a bad config, before Prefect starts
-    configure_environment(settings.state_dir)
+    from flows.finetune_deploy import prefect_home_of
     from tasks.config import normalise_overrides
 
-    state = smoke_test(args.config, normalise_overrides(args.set) or None, return_state=True)
+    with prefect_home_of(settings):
+        state = smoke_test(args.config, normalise_overrides(args.set) or None, return_state=True)
     if state.is_completed():
         report = state.result()
         print(f"smoke test passed: {sum(1 for c in report['cases'] if c['problem'] is None)} replies ok")
