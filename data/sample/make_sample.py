@@ -71,7 +71,7 @@ TOPICS: tuple[tuple[str, str | None, tuple[str, ...], str], ...] = (
     (
         "prefect_flow",
         "a Prefect flow",
-        ("How do I define a flow in Prefect?", "What does the @flow decorator do?"),
+        ("What is a Prefect flow?", "How do I define a flow in Prefect?", "What does the @flow decorator do?"),
         "A Prefect flow is a Python function decorated with @flow. It orchestrates tasks, and each flow run is "
         "tracked with its state, logs and artifacts.",
     ),
