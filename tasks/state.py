@@ -104,6 +104,11 @@ def configure_environment(state_dir: str | Path, *, override: bool = False) -> S
     return paths
 
 
+# Read once at import (os.umask can only be read by setting it, which is not thread-safe later on).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w", *, permissions: int | None = None) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; rename it over ``path`` only if the block succeeds."""
@@ -113,8 +118,14 @@ def atomic_open(path: str | Path, mode: str = "w", *, permissions: int | None = 
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        if permissions is not None:
-            os.chmod(tmp_name, permissions)
+        # mkstemp creates 0600. Without explicit permissions keep the mode of the file being replaced (a 0600
+        # key stays 0600), or give a new file the mode a plain open() would.
+        if permissions is None:
+            try:
+                permissions = target.stat().st_mode & 0o777
+            except FileNotFoundError:
+                permissions = 0o666 & ~_UMASK
+        os.chmod(tmp_name, permissions)
         kwargs: dict[str, Any] = {} if "b" in mode else {"encoding": "utf-8", "newline": "\n"}
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
