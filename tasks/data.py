@@ -642,7 +642,8 @@ def _retry_hub_faults(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="prepare-dataset", retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=_retry_hub_faults)
+# huggingface_hub already retries HTTP 5 times (~25 s) inside one attempt: one more try after a pause is enough.
+@task(name="prepare-dataset", retries=1, retry_delay_seconds=30, retry_condition_fn=_retry_hub_faults)
 def prepare_dataset_task(config: DataConfig, output_root: Path, cache_dir: Path | None = None) -> DatasetManifest:
     """Prefect wrapper of :func:`prepare_dataset`; logs the report. Caching is keyed by the flow."""
     manifest = prepare_dataset(config, output_root, cache_dir=cache_dir)

@@ -421,7 +421,7 @@ def test_task_retries_only_transient_hub_faults(tmp_path: Path) -> None:
     assert retry(None, None, Failed(data=HubUnreachableError("down", transient=True))) is True
     assert retry(None, None, Failed(data=HubUnreachableError("offline", transient=False))) is False
     assert retry(None, None, Failed(data=DatasetError("bad rows"))) is False
-    assert prepare_dataset_task.retries == 2
+    assert prepare_dataset_task.retries == 1
     with disable_run_logger():
         manifest = prepare_dataset_task.fn(DataConfig(path=SAMPLE), tmp_path)
     assert manifest.counts["unique"] == 311
