@@ -1,0 +1,788 @@
+"""The ``azureml`` backend: the same pipeline on Azure Machine Learning, through azure-ai-ml 1.23.1.
+
+- Training: the environment (versioned by the content hash of image + ``training/conda.yml``) and the compute
+  cluster are fetched and only created when missing; the command job runs the same ``training/sft.py`` command
+  line as the local backend with ``code=training/``. Its name is derived from what it computes, so a re-run after
+  a crash finds the job already running instead of paying for a second one.
+- Status: one ``jobs.get`` per call, mapped onto :class:`JobStatus`; the flow's wait loop polls it. Logs: the job's
+  log files are read through their URLs in the run details (what ``jobs.stream`` reads, but without blocking, so the
+  flow can stream new lines, cancel the job on timeout and keep its own schedule).
+- Registry: the job's ``model_output`` is registered as an ``mlflow_model``; registration is idempotent on the job
+  (a version tagged ``job_id=<job>`` is reused, its tags merged). Azure ML models have no aliases: an alias is the
+  tag ``alias.<name>=true`` on exactly one version of the model (``set_alias`` tags the new one, then untags the old).
+- Rollout primitives: the endpoint is created when missing and never deleted (only ``azureml teardown`` deletes it);
+  deployments are created after a VM quota check, polled until ready (the container log on failure), and deleted;
+  traffic is set on ``endpoint.traffic`` (mirror traffic is dropped from a deployment that gets live traffic).
+- Every SDK call goes through :meth:`AzureMLBackend._call`: transient faults (HTTP 408/429/5xx, connection errors)
+  are retried with :func:`tasks.retry.call_with_retry` (exponential backoff with our own jitter), everything else
+  becomes a :class:`BackendError` with a sentence. Once the retries are spent the error is a plain
+  :class:`BackendError`, so the flow's own retry wrapper does not multiply the attempts.
+
+Azure cannot be reached from CI: the tests drive this code with a fake ``MLClient`` raising the SDK's real
+exception types, and load every entity back with the SDK's own YAML loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from azure.core.exceptions import (
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+
+from tasks.backends import azureml_entities as entities
+from tasks.backends.base import (
+    BackendError,
+    DeploymentFailedError,
+    DeploymentInfo,
+    EndpointInfo,
+    JobInfo,
+    JobStatus,
+    ModelVersion,
+    TrainingJobSpec,
+    TransientBackendError,
+)
+from tasks.config import Settings
+from tasks.retry import backoff_delay, call_with_retry
+from tasks.state import atomic_write_text
+
+T = TypeVar("T")
+_LOG = logging.getLogger("finetune_phi.azureml")
+
+# Azure ML job statuses (JobStatus in the REST API) onto ours. Unknown ones count as running: the flow's wait
+# loop keeps polling until its timeout rather than stopping on a status it does not know.
+STATUS_MAP: dict[str, JobStatus] = {
+    "NotStarted": JobStatus.QUEUED,
+    "Queued": JobStatus.QUEUED,
+    "Preparing": JobStatus.QUEUED,
+    "Provisioning": JobStatus.QUEUED,
+    "Starting": JobStatus.QUEUED,
+    "Paused": JobStatus.QUEUED,
+    "Running": JobStatus.RUNNING,
+    "Finalizing": JobStatus.RUNNING,
+    "CancelRequested": JobStatus.RUNNING,
+    "NotResponding": JobStatus.RUNNING,
+    "Completed": JobStatus.COMPLETED,
+    "Failed": JobStatus.FAILED,
+    "Canceled": JobStatus.CANCELED,
+}
+# Deployment provisioning states onto DeploymentInfo.state.
+DEPLOYMENT_STATES = {
+    "creating": "creating",
+    "updating": "creating",
+    "scaling": "creating",
+    "succeeded": "ready",
+    "failed": "failed",
+    "canceled": "failed",
+    "deleting": "deleting",
+}
+TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+ALIAS_TAG = "alias.{alias}"
+MAX_JOB_ATTEMPTS = 50  # fresh job names tried after failed/canceled jobs with the same inputs
+LOG_LINES_ON_FAILURE = 50
+
+
+def map_job_status(status: str | None) -> JobStatus:
+    return STATUS_MAP.get(status or "", JobStatus.RUNNING)
+
+
+def map_deployment_state(state: str | None) -> str:
+    return DEPLOYMENT_STATES.get((state or "").lower(), "creating")
+
+
+def _version_from_model_ref(model: Any) -> str | None:
+    """``azureml:name:3``, ``name:3`` or an ARM id ``.../models/name/versions/3`` -> ``"3"``."""
+    text = getattr(model, "id", None) or getattr(model, "version", None) or model
+    if not isinstance(text, str) or not text:
+        return None
+    match = re.search(r"/versions/([^/]+)$", text) or re.search(r":([^:/]+)$", text)
+    return match.group(1) if match else None
+
+
+class _UniformRng:
+    """Adapts a ``random.random``-style callable to the ``uniform(a, b)`` that :mod:`tasks.retry` draws from."""
+
+    def __init__(self, draw: Callable[[], float]) -> None:
+        self._draw = draw
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self._draw()
+
+
+def _fetch_text(url: str) -> str:
+    import httpx
+
+    response = httpx.get(url, timeout=30.0, follow_redirects=True)
+    response.raise_for_status()
+    return response.text
+
+
+def _prefect_secret_store(name: str, value: str) -> None:
+    """Keep the key in a Prefect Secret block when a Prefect API is configured; otherwise keep nothing."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return
+    from prefect.blocks.system import Secret
+
+    Secret(value=value).save(name, overwrite=True)
+
+
+class AzureMLBackend:
+    """:class:`~tasks.backends.base.Backend` on Azure ML. ``ml_client`` may be injected (tests use a fake)."""
+
+    name = "azureml"
+
+    def __init__(
+        self,
+        settings: Settings,
+        ml_client: Any | None = None,
+        credential: Any | None = None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] | random.Random = random.random,
+        clock: Callable[[], float] = time.monotonic,
+        fetch_text: Callable[[str], str] = _fetch_text,
+        secret_store: Callable[[str, str], None] | None = _prefect_secret_store,
+        training_dir: Path = entities.TRAINING_DIR,
+    ) -> None:
+        self.settings = settings
+        self.cfg = entities.azure_config(settings)
+        self._client_obj = ml_client
+        self._credential = credential
+        self._sleep = sleep
+        self._rng = rng if hasattr(rng, "uniform") else _UniformRng(rng)  # type: ignore[arg-type]
+        self._clock = clock
+        self._fetch_text = fetch_text
+        self._secret_store = secret_store
+        self._training_dir = training_dir
+        self._secret_saved = False
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    @property
+    def client(self) -> Any:
+        """The ``MLClient``, built on first use (construction is lazy: no network until the first call)."""
+        if self._client_obj is None:
+            from azure.ai.ml import MLClient
+
+            self._client_obj = MLClient(
+                self._credential or self._make_credential(),
+                self.cfg.subscription_id,
+                self.cfg.resource_group,
+                self.cfg.workspace,
+            )
+        return self._client_obj
+
+    def _make_credential(self) -> Any:
+        from azure.identity import AzureCliCredential, DefaultAzureCredential, ManagedIdentityCredential
+
+        if self.cfg.credential == "azure_cli":
+            return AzureCliCredential()
+        if self.cfg.credential == "managed_identity":
+            return ManagedIdentityCredential(client_id=self.cfg.managed_identity_client_id)
+        if self.cfg.managed_identity_client_id:
+            return DefaultAzureCredential(managed_identity_client_id=self.cfg.managed_identity_client_id)
+        return DefaultAzureCredential()
+
+    def _translate(self, exc: Exception, what: str) -> Exception | None:
+        """Our error for an SDK/transport exception, or None to let it through unchanged."""
+        where = f"workspace {self.cfg.workspace!r} (resource group {self.cfg.resource_group!r})"
+        if isinstance(exc, ClientAuthenticationError):
+            return BackendError(
+                f"could not sign in to Azure to {what} ({type(exc).__name__}): run `az login`, or set "
+                "azureml.credential / azureml.managed_identity_client_id in the config"
+            )
+        if isinstance(exc, ResourceNotFoundError):
+            return BackendError(f"could not {what}: it does not exist in {where}")
+        if isinstance(exc, HttpResponseError):
+            code = exc.status_code
+            reason = (exc.message or str(exc)).strip().splitlines()[0] if (exc.message or str(exc)) else ""
+            if code is None or code in TRANSIENT_HTTP or code >= 500:
+                return TransientBackendError(f"Azure ML answered HTTP {code} to {what}: {reason}")
+            if code == 403:
+                return BackendError(
+                    f"permission denied to {what} in {where}: {reason}; the signed-in identity needs the "
+                    "Contributor (or AzureML Data Scientist) role on the workspace"
+                )
+            return BackendError(f"Azure ML refused to {what} (HTTP {code}): {reason}")
+        if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
+            return TransientBackendError(f"could not reach Azure ML to {what} ({type(exc).__name__}: {exc})")
+        try:
+            from azure.ai.ml.exceptions import MlException
+        except ImportError:  # pragma: no cover
+            return None
+        if isinstance(exc, MlException):
+            return BackendError(f"azure-ai-ml rejected the request to {what}: {exc.message}")
+        return None
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any, missing_ok: bool = False, **kwargs: Any) -> T:
+        """One SDK call with retries on transient faults. ``missing_ok``: a 404 returns None instead of failing."""
+
+        def attempt() -> T:
+            try:
+                return fn(*args, **kwargs)
+            except ResourceNotFoundError:
+                if missing_ok:
+                    return None  # type: ignore[return-value]
+                raise
+            except BackendError:
+                raise
+            except Exception as exc:
+                translated = self._translate(exc, what)
+                if translated is None:
+                    raise
+                raise translated from exc
+
+        policy = self.settings.retry
+        try:
+            return call_with_retry(attempt, policy=policy, what=what, sleep=self._sleep, rng=self._rng, logger=_LOG)
+        except TransientBackendError as exc:
+            raise BackendError(
+                f"{exc} (gave up after {policy.attempts} attempts; retry.attempts in the config)"
+            ) from exc
+        except ResourceNotFoundError as exc:
+            raise self._translate(exc, what) from exc  # type: ignore[misc]
+
+    # ------------------------------------------------------------------------------------------ training
+    def _ensure_environment(self) -> Any:
+        env = entities.training_environment(self.cfg, self._training_dir.parent)
+        found = self._call(
+            f"get environment {env.name}:{env.version}",
+            self.client.environments.get,
+            env.name,
+            version=env.version,
+            missing_ok=True,
+        )
+        if found is not None:
+            return found
+        _LOG.info("creating environment %s:%s", env.name, env.version)
+        return self._call(f"create environment {env.name}", self.client.environments.create_or_update, env)
+
+    def _ensure_compute(self) -> Any:
+        name = self.cfg.compute.name
+        found = self._call(f"get compute {name}", self.client.compute.get, name, missing_ok=True)
+        if found is not None:
+            return found
+        _LOG.info("creating compute cluster %s (%s)", name, self.cfg.compute.size)
+        cluster = entities.compute_cluster(self.cfg)
+        return self._call(
+            f"create compute {name}", lambda: self.client.compute.begin_create_or_update(cluster).result()
+        )
+
+    def _job_for(self, spec: TrainingJobSpec) -> tuple[str, Any | None]:
+        """The job name to submit under, and the job already there when one with these inputs is reusable."""
+        for attempt in range(1, MAX_JOB_ATTEMPTS + 1):
+            name = entities.job_name(spec, self.cfg, self._training_dir, attempt)
+            job = self._call(f"get job {name}", self.client.jobs.get, name, missing_ok=True)
+            if job is None:
+                return name, None
+            if map_job_status(job.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
+                return name, job  # running or completed: same data, recipe and code, so the same result
+        raise BackendError(
+            f"{MAX_JOB_ATTEMPTS} Azure ML jobs with these exact inputs failed or were canceled; fix the cause "
+            "(see the last job's log in the studio) before trying again"
+        )
+
+    def submit_training(self, spec: TrainingJobSpec) -> JobInfo:
+        env = self._ensure_environment()
+        self._ensure_compute()
+        name, existing = self._job_for(spec)
+        if existing is not None:
+            _LOG.info("job %s with the same inputs already exists (%s): reusing it", name, existing.status)
+            return self._job_info(existing)
+        job = entities.training_command(
+            spec, self.cfg, environment=f"azureml:{env.name}:{env.version}", name=name, training_dir=self._training_dir
+        )
+        created = self._call(f"submit training job {name}", self.client.jobs.create_or_update, job)
+        return self._job_info(created)
+
+    def _run_details(self, job_id: str) -> Any | None:
+        """Run history details (error, log file URLs): the private API ``jobs.stream`` itself uses."""
+        runs = getattr(self.client.jobs, "_runs_operations", None)
+        if runs is None:
+            return None
+        try:
+            return self._call(f"get run details of job {job_id}", runs.get_run_details, job_id, missing_ok=True)
+        except BackendError as exc:
+            _LOG.warning("%s", exc)
+            return None
+
+    def _failure_reason(self, job: Any) -> str:
+        details = self._run_details(job.name)
+        error = getattr(details, "error", None)
+        inner = getattr(error, "error", error)
+        message = getattr(inner, "message", None) or "no error message recorded"
+        code = getattr(inner, "code", None)
+        tail = self.job_log_tail(job.name, 10)
+        text = f"Azure ML job {job.name} ended {job.status}: {f'{code}: ' if code else ''}{message}."
+        if job.studio_url:
+            text += f" Details: {job.studio_url}"
+        if tail:
+            text += "\nlast log lines:\n" + "\n".join(tail)
+        return text
+
+    def _job_info(self, job: Any) -> JobInfo:
+        status = map_job_status(job.status)
+        error = self._failure_reason(job) if status in (JobStatus.FAILED, JobStatus.CANCELED) else None
+        return JobInfo(job_id=job.name, status=status, error=error, url=getattr(job, "studio_url", None))
+
+    def get_job(self, job_id: str) -> JobInfo:
+        return self._job_info(self._call(f"get job {job_id}", self.client.jobs.get, job_id))
+
+    def cancel_job(self, job_id: str) -> None:
+        """Ask Azure ML to cancel the job (returns once the request is accepted; the status goes to Canceled)."""
+        job = self._call(f"get job {job_id}", self.client.jobs.get, job_id, missing_ok=True)
+        if job is None or map_job_status(job.status).is_terminal:
+            return
+        _LOG.warning("canceling Azure ML job %s (%s)", job_id, job.status)
+        self._call(f"cancel job {job_id}", self.client.jobs.begin_cancel, job_id)
+
+    @staticmethod
+    def _pick_log(log_files: dict[str, str]) -> str | None:
+        """The user's stdout/stderr log (process 0 first), else the legacy driver log, else any log."""
+        names = sorted(log_files)
+        for pattern in (r"user_logs/std_log(_process_0+)?\.txt$", r"user_logs/std_log.*\.txt$", r"driver_log.*\.txt$"):
+            hits = [n for n in names if re.search(pattern, n)]
+            if hits:
+                return hits[0]
+        return names[0] if names else None
+
+    def job_log_tail(self, job_id: str, lines: int = 50) -> list[str]:
+        details = self._run_details(job_id)
+        log_files = dict(getattr(details, "log_files", None) or {})
+        chosen = self._pick_log(log_files)
+        if chosen is None:
+            return []
+        try:
+            text = self._fetch_text(log_files[chosen])
+        except Exception as exc:  # a log we cannot read yet is not a failure of the job
+            _LOG.debug("could not read log %s of job %s: %s", chosen, job_id, type(exc).__name__)
+            return []
+        return text.splitlines()[-lines:] if lines > 0 else []
+
+    def _tracking_uri(self) -> str:
+        workspace = self._call(f"get workspace {self.cfg.workspace}", self.client.workspaces.get, self.cfg.workspace)
+        uri = getattr(workspace, "mlflow_tracking_uri", None)
+        if not uri:
+            raise BackendError(f"workspace {self.cfg.workspace!r} reports no MLflow tracking URI")
+        return uri
+
+    def job_metrics(self, job_id: str) -> dict[str, Any]:
+        """The final metrics of the job's MLflow run (on Azure ML the run id is the job name)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        uri = self._tracking_uri()
+        try:
+            run = MlflowClient(tracking_uri=uri).get_run(job_id)
+        except MlflowException as exc:
+            raise BackendError(
+                f"could not read the metrics of job {job_id} from the workspace's MLflow: {exc}"
+            ) from exc
+        return dict(run.data.metrics)
+
+    # ------------------------------------------------------------------------------------------ registry
+    @property
+    def model_name(self) -> str:
+        return self.settings.registry.model_name
+
+    def _versions(self) -> list[Any]:
+        found = self._call(f"list versions of model {self.model_name}", self.client.models.list, name=self.model_name)
+        return list(found or [])
+
+    def _model_version(self, model: Any) -> ModelVersion:
+        tags = {str(k): str(v) for k, v in (model.tags or {}).items()}
+        return ModelVersion(
+            name=model.name,
+            version=str(model.version),
+            source_job_id=tags.get("job_id", ""),
+            uri=f"azureml:{model.name}:{model.version}",
+            tags=tags,
+        )
+
+    def register_model(self, job_id: str, tags: dict[str, str]) -> ModelVersion:
+        """Register the job's ``model_output``; a second call for the same job merges tags into that version."""
+        tags = {str(k): str(v) for k, v in tags.items()}
+        existing = [m for m in self._versions() if (m.tags or {}).get("job_id") == job_id]
+        if existing:
+            model = max(existing, key=lambda m: int(m.version) if str(m.version).isdigit() else 0)
+            merged = {**(model.tags or {}), **tags}
+            if merged != (model.tags or {}):
+                model.tags = merged
+                model = self._call(
+                    f"update tags of {model.name}:{model.version}", self.client.models.create_or_update, model
+                )
+            return self._model_version(model)
+        model_type = "mlflow_model" if self.cfg.model_output_type == "mlflow_model" else "custom_model"
+        entity = entities.registered_model(self.model_name, job_id, tags, model_type)
+        created = self._call(f"register the model of job {job_id}", self.client.models.create_or_update, entity)
+        return self._model_version(created)
+
+    def get_model_by_alias(self, alias: str) -> ModelVersion | None:
+        tag = ALIAS_TAG.format(alias=alias)
+        holders = [m for m in self._versions() if (m.tags or {}).get(tag) == "true"]
+        if not holders:
+            return None
+        return self._model_version(max(holders, key=lambda m: int(m.version) if str(m.version).isdigit() else 0))
+
+    def set_alias(self, alias: str, version: ModelVersion) -> None:
+        """Tag the new holder first, then untag the old ones: the alias never points nowhere."""
+        tag = ALIAS_TAG.format(alias=alias)
+        target = self._call(
+            f"get model {version.name}:{version.version}",
+            self.client.models.get,
+            version.name,
+            version=version.version,
+        )
+        if (target.tags or {}).get(tag) != "true":
+            target.tags = {**(target.tags or {}), tag: "true"}
+            self._call(
+                f"set alias {alias} on {version.name}:{version.version}", self.client.models.create_or_update, target
+            )
+        for model in self._versions():
+            if str(model.version) != str(version.version) and (model.tags or {}).get(tag) == "true":
+                model.tags = {k: v for k, v in model.tags.items() if k != tag}
+                self._call(
+                    f"move alias {alias} off {model.name}:{model.version}", self.client.models.create_or_update, model
+                )
+
+    def model_folder(self, version: ModelVersion) -> Path:
+        """Download the model version once into the state folder; return the folder with the Hugging Face files."""
+        root = (
+            Path(self.settings.state_dir).expanduser().resolve()
+            / "azureml"
+            / "models"
+            / version.name
+            / version.version
+        )
+        if not (root / ".complete").exists():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=root.parent))
+            try:
+                self._call(
+                    f"download model {version.name}:{version.version}",
+                    self.client.models.download,
+                    version.name,
+                    version.version,
+                    download_path=str(tmp),
+                )
+                atomic_write_text(tmp / ".complete", version.uri)
+                if root.exists():
+                    shutil.rmtree(root)
+                tmp.rename(root)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
+        if configs:
+            return configs[0].parent
+        mlmodels = sorted(root.rglob("MLmodel"), key=lambda p: len(p.parts))
+        return mlmodels[0].parent if mlmodels else root
+
+    # ------------------------------------------------------------------------------------------ endpoint
+    @property
+    def endpoint_name(self) -> str:
+        return self.settings.endpoint.name
+
+    def _get_endpoint_entity(self) -> Any | None:
+        return self._call(
+            f"get endpoint {self.endpoint_name}",
+            self.client.online_endpoints.get,
+            self.endpoint_name,
+            missing_ok=True,
+        )
+
+    def _deployments(self) -> list[Any]:
+        found = self._call(
+            f"list deployments of {self.endpoint_name}",
+            self.client.online_deployments.list,
+            self.endpoint_name,
+        )
+        return list(found or [])
+
+    def _endpoint_info(self, endpoint: Any) -> EndpointInfo:
+        scoring = endpoint.scoring_uri or ""
+        deployments = [
+            DeploymentInfo(
+                name=d.name,
+                model_version=_version_from_model_ref(d.model),
+                state=map_deployment_state(d.provisioning_state),
+            )
+            for d in self._deployments()
+        ]
+        return EndpointInfo(
+            name=endpoint.name,
+            scoring_uri=scoring,
+            # Only a deployment that serves the OpenAI routes answers here; a no-code MLflow deployment serves /score.
+            openai_base_url=re.sub(r"/score/?$", "", scoring) + "/v1" if scoring else "",
+            traffic={k: int(v) for k, v in (endpoint.traffic or {}).items()},
+            deployments=deployments,
+        )
+
+    def get_endpoint(self) -> EndpointInfo | None:
+        endpoint = self._get_endpoint_entity()
+        return None if endpoint is None else self._endpoint_info(endpoint)
+
+    def ensure_endpoint(self) -> EndpointInfo:
+        """Create the endpoint when it is missing; an existing one is left as it is (never deleted or replaced)."""
+        endpoint = self._get_endpoint_entity()
+        if endpoint is None:
+            _LOG.info("creating endpoint %s", self.endpoint_name)
+            endpoint = self._call(
+                f"create endpoint {self.endpoint_name}",
+                # A fresh entity per attempt: the SDK rewrites the identity objects of one it has serialised.
+                lambda: self.client.online_endpoints.begin_create_or_update(
+                    entities.online_endpoint(self.settings)
+                ).result(),
+            )
+        return self._endpoint_info(endpoint)
+
+    def check_quota(self) -> None:
+        """Raise :class:`DeploymentFailedError` when the region lacks the vCPUs the deployment needs."""
+        d = self.cfg.deployment
+        sizes = self._call("list VM sizes", self.client.compute.list_sizes)
+        size = next((s for s in sizes or [] if (s.name or "").lower() == d.instance_type.lower()), None)
+        if size is None:
+            raise DeploymentFailedError(
+                f"VM size {d.instance_type} is not offered in the workspace's region; choose another "
+                "azureml.deployment.instance_type"
+            )
+        vcpus = int(getattr(size, "v_cp_us", 0) or 0)
+        instances = math.ceil(d.instance_count * (1 + d.quota_upgrade_reserve))
+        need = instances * vcpus
+        usages = self._call("list quota usage", self.client.compute.list_usage)
+        family = (size.family or "").lower()
+        usage = next((u for u in usages or [] if (getattr(u.name, "value", "") or "").lower() == family), None)
+        if usage is None or usage.limit is None:
+            _LOG.warning("no quota figure for VM family %s; creating deployment without a quota check", size.family)
+            return
+        available = int(usage.limit) - int(usage.current_value or 0)
+        if need > available:
+            raise DeploymentFailedError(
+                f"not enough quota for {d.instance_count} x {d.instance_type} ({size.family}): the deployment needs "
+                f"{need} vCPUs ({instances} instances x {vcpus}, with Azure's {d.quota_upgrade_reserve:.0%} upgrade "
+                f"reserve) but only {available} of {usage.limit} are available; request a quota increase for "
+                f"{size.family} or lower azureml.deployment.instance_count / choose another instance_type"
+            )
+
+    def create_deployment(self, name: str, version: ModelVersion) -> DeploymentInfo:
+        """Start creating the deployment at 0 traffic (after a quota check); :meth:`wait_deployment_ready` waits."""
+        if self._get_endpoint_entity() is None:
+            raise DeploymentFailedError(f"endpoint {self.endpoint_name} does not exist; ensure_endpoint() first")
+        existing = self._call(
+            f"get deployment {name}",
+            self.client.online_deployments.get,
+            name,
+            self.endpoint_name,
+            missing_ok=True,
+        )
+        if existing is not None and map_deployment_state(existing.provisioning_state) != "failed":
+            return DeploymentInfo(name, version.version, map_deployment_state(existing.provisioning_state))
+        self.check_quota()
+        deployment = entities.online_deployment(
+            self.settings,
+            name,
+            f"{version.name}:{version.version}",
+            tags={"model_version": version.version, "job_id": version.source_job_id},
+        )
+        # Not waiting on the poller: creation takes many minutes, wait_deployment_ready polls with backoff.
+        self._call(f"create deployment {name}", self.client.online_deployments.begin_create_or_update, deployment)
+        return DeploymentInfo(name, version.version, "creating")
+
+    def _deployment_logs(self, name: str) -> str:
+        try:
+            return self._call(
+                f"get logs of deployment {name}",
+                self.client.online_deployments.get_logs,
+                name,
+                self.endpoint_name,
+                LOG_LINES_ON_FAILURE,
+            )
+        except BackendError as exc:
+            return f"(logs unavailable: {exc})"
+
+    def wait_deployment_ready(self, name: str, timeout_s: float) -> DeploymentInfo:
+        """Poll the provisioning state with exponential backoff and jitter until ready, failed or ``timeout_s``."""
+        deadline = self._clock() + timeout_s
+        attempt = 0
+        while True:
+            deployment = self._call(
+                f"get deployment {name}", self.client.online_deployments.get, name, self.endpoint_name, missing_ok=True
+            )
+            if deployment is None:
+                return DeploymentInfo(name, None, "failed", error=f"deployment {name} does not exist (deleted?)")
+            state = map_deployment_state(deployment.provisioning_state)
+            version = _version_from_model_ref(deployment.model)
+            if state == "ready":
+                return DeploymentInfo(name, version, state)
+            if state == "failed":
+                return DeploymentInfo(
+                    name,
+                    version,
+                    state,
+                    error=f"deployment {name} {deployment.provisioning_state}; container log:\n"
+                    + self._deployment_logs(name),
+                )
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return DeploymentInfo(
+                    name,
+                    version,
+                    state,
+                    error=(
+                        f"deployment {name} not ready after {timeout_s:.0f} s ({deployment.provisioning_state}); "
+                        f"raise rollout.ready_timeout_s or check the container log:\n{self._deployment_logs(name)}"
+                    ),
+                )
+            self._sleep(min(remaining, backoff_delay(min(attempt, 16), self.settings.retry, self._rng)))
+            attempt += 1
+
+    def delete_deployment(self, name: str) -> None:
+        """Delete a deployment that takes no live traffic (mirror traffic to it is dropped first); a no-op if gone."""
+        endpoint = self._get_endpoint_entity()
+        if endpoint is None:
+            return
+        if int((endpoint.traffic or {}).get(name, 0)) > 0:
+            raise BackendError(
+                f"deployment {name} still takes {endpoint.traffic[name]}% of the traffic; move it first (set_traffic)"
+            )
+        if name in (endpoint.mirror_traffic or {}):
+            endpoint.mirror_traffic = {k: v for k, v in endpoint.mirror_traffic.items() if k != name}
+            self._update_endpoint(endpoint, f"drop mirror traffic to {name}")
+        found = self._call(
+            f"get deployment {name}", self.client.online_deployments.get, name, self.endpoint_name, missing_ok=True
+        )
+        if found is None:
+            return
+        self._call(
+            f"delete deployment {name}",
+            lambda: self.client.online_deployments.begin_delete(name, self.endpoint_name).result(),
+            missing_ok=True,
+        )
+
+    def _update_endpoint(self, endpoint: Any, what: str) -> Any:
+        return self._call(what, lambda: self.client.online_endpoints.begin_create_or_update(endpoint).result())
+
+    def set_traffic(self, traffic: dict[str, int]) -> dict[str, int]:
+        """Set ``endpoint.traffic`` (weights add up to 100, or 0 to stop serving); mirror traffic to a deployment
+        that now takes live traffic is dropped (Azure ML refuses both on one deployment)."""
+        weights = {str(k): int(v) for k, v in traffic.items()}
+        if sum(weights.values()) not in (0, 100) or any(v < 0 for v in weights.values()):
+            raise BackendError(f"traffic weights {weights} must be non-negative and add up to 100 (or 0)")
+        endpoint = self._get_endpoint_entity()
+        if endpoint is None:
+            raise BackendError(f"endpoint {self.endpoint_name} does not exist; cannot set traffic {weights}")
+        known = {d.name for d in self._deployments()}
+        unknown = sorted(k for k, v in weights.items() if k not in known and v > 0)
+        if unknown:
+            raise BackendError(f"cannot send traffic to {unknown}: no such deployment on {self.endpoint_name}")
+        endpoint.traffic = {k: v for k, v in weights.items() if k in known}
+        endpoint.mirror_traffic = {
+            k: v for k, v in (endpoint.mirror_traffic or {}).items() if weights.get(k, 0) == 0 and k in known
+        }
+        updated = self._update_endpoint(endpoint, f"set traffic {weights} on {self.endpoint_name}")
+        return {k: int(v) for k, v in (updated.traffic or {}).items()}
+
+    def set_mirror_traffic(self, name: str | None, percent: int | None = None) -> dict[str, int]:
+        """Mirror ``percent`` (default ``azureml.mirror_traffic_percent``, at most 50) of live traffic to a deployment
+        that takes no live traffic; its answers are never returned. ``None`` stops mirroring."""
+        endpoint = self._get_endpoint_entity()
+        if endpoint is None:
+            raise BackendError(f"endpoint {self.endpoint_name} does not exist; cannot mirror traffic")
+        percent = self.cfg.mirror_traffic_percent if percent is None else int(percent)
+        if name is not None and int((endpoint.traffic or {}).get(name, 0)) > 0:
+            raise BackendError(f"deployment {name} takes live traffic; Azure ML mirrors only to one that does not")
+        endpoint.mirror_traffic = {name: percent} if name is not None and percent > 0 else {}
+        updated = self._update_endpoint(endpoint, f"mirror {percent}% of traffic to {name}")
+        return {k: int(v) for k, v in (updated.mirror_traffic or {}).items()}
+
+    @property
+    def secret_block_name(self) -> str:
+        slug = re.sub(r"[^a-z0-9-]+", "-", self.endpoint_name.lower()).strip("-")
+        return f"{slug}-endpoint-key"
+
+    def scoring_key(self) -> str:
+        """The endpoint's primary key (its token in aml_token mode), kept in a Prefect Secret block; never logged."""
+        keys = self._call(
+            f"get keys of {self.endpoint_name}", self.client.online_endpoints.get_keys, self.endpoint_name
+        )
+        key = getattr(keys, "primary_key", None) or getattr(keys, "access_token", None)
+        if not key:
+            raise BackendError(
+                f"endpoint {self.endpoint_name} returned no key or token (auth_mode {self.cfg.auth_mode})"
+            )
+        if self._secret_store is not None and not self._secret_saved:
+            try:
+                self._secret_store(self.secret_block_name, key)
+                self._secret_saved = True
+            except Exception as exc:  # the key is still usable; only its copy in Prefect failed
+                _LOG.warning(
+                    "could not store the endpoint key in Prefect Secret %s (%s)",
+                    self.secret_block_name,
+                    type(exc).__name__,
+                )
+        return key
+
+    # ------------------------------------------------------------------------------------------ cost controls
+    def teardown_plan(self, include_compute: bool = False) -> list[tuple[str, str]]:
+        """What :meth:`teardown` would delete, as (kind, name) pairs; only what exists."""
+        plan: list[tuple[str, str]] = []
+        if self._get_endpoint_entity() is not None:
+            plan += [("deployment", f"{self.endpoint_name}/{d.name}") for d in self._deployments()]
+            plan.append(("endpoint", self.endpoint_name))
+        if include_compute:
+            name = self.cfg.compute.name
+            if self._call(f"get compute {name}", self.client.compute.get, name, missing_ok=True) is not None:
+                plan.append(("compute", name))
+        return plan
+
+    def teardown(self, plan: Iterable[tuple[str, str]]) -> list[str]:
+        """Delete what the plan lists; returns what went.
+
+        Deleting the endpoint deletes its deployments with it (Azure ML refuses to delete a deployment that still
+        takes traffic), so deployments are deleted one by one only when their endpoint stays.
+        """
+        plan = list(plan)
+        endpoints = {name for kind, name in plan if kind == "endpoint"}
+        done: list[str] = []
+        for kind, name in plan:
+            if kind == "deployment" and name.split("/", 1)[0] in endpoints:
+                done.append(f"{kind} {name} (with its endpoint)")
+                continue
+            if kind == "deployment":
+                endpoint_name, deployment = name.split("/", 1)
+                self._call(
+                    f"delete deployment {name}",
+                    lambda d=deployment, e=endpoint_name: self.client.online_deployments.begin_delete(d, e).result(),
+                    missing_ok=True,
+                )
+            elif kind == "endpoint":
+                self._call(
+                    f"delete endpoint {name}",
+                    lambda n=name: self.client.online_endpoints.begin_delete(name=n).result(),
+                    missing_ok=True,
+                )
+            elif kind == "compute":
+                self._call(
+                    f"delete compute {name}",
+                    lambda n=name: self.client.compute.begin_delete(n).result(),
+                    missing_ok=True,
+                )
+            done.append(f"{kind} {name}")
+        return done
+
+
+__all__ = ["DEPLOYMENT_STATES", "STATUS_MAP", "AzureMLBackend", "map_deployment_state", "map_job_status"]

@@ -1,0 +1,106 @@
+"""Shared set-up for the azureml backend tests: a training folder, the sample config, the fake client."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tasks.backends.azureml import AzureMLBackend
+from tasks.backends.base import TrainingJobSpec
+from tasks.config import Settings, load_config
+from tests.tasks.backends.fake_azure import FakeMLClient
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class FakeClock:
+    """``time.monotonic`` and ``time.sleep`` in one: sleeping advances the clock and records the delay."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def training_dir(tmp_path: Path) -> Path:
+    """A stand-in for training/: the job's code folder (script, conda file, a recipe)."""
+    folder = tmp_path / "repo" / "training"
+    (folder / "recipes").mkdir(parents=True)
+    (folder / "sft.py").write_text("print('train')\n")
+    (folder / "conda.yml").write_text("name: finetune-phi\ndependencies:\n  - python=3.11\n  - pip\n")
+    (folder / "recipes" / "phi3.5-mini_full_gpu.yaml").write_text(
+        "model_name_or_path: microsoft/Phi-3.5-mini-instruct\n"
+    )
+    return folder
+
+
+@pytest.fixture
+def settings(tmp_path: Path, training_dir: Path) -> Settings:
+    return load_config(
+        REPO_ROOT / "configs" / "azureml.yaml",
+        {
+            "training.recipe": str(training_dir / "recipes" / "phi3.5-mini_full_gpu.yaml"),
+            "state_dir": str(tmp_path / "state"),
+        },
+        environ={},
+    )
+
+
+@pytest.fixture
+def spec(tmp_path: Path, settings: Settings) -> TrainingJobSpec:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"messages": []}\n')
+    (data / "test.jsonl").write_text('{"messages": []}\n')
+    return TrainingJobSpec(
+        recipe=settings.training.recipe,
+        train_file=data / "train.jsonl",
+        eval_file=data / "test.jsonl",
+        manifest_sha256="ab" * 32,
+        overrides={"max_steps": 20},
+        experiment="finetune-phi",
+    )
+
+
+@pytest.fixture
+def fake() -> FakeMLClient:
+    return FakeMLClient()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def logs() -> dict[str, str]:
+    """Log text served by URL (the log files' SAS URLs in the run details)."""
+    return {}
+
+
+@pytest.fixture
+def secrets() -> dict[str, str]:
+    return {}
+
+
+@pytest.fixture
+def backend(settings, fake, clock, logs, secrets, training_dir) -> AzureMLBackend:
+    return AzureMLBackend(
+        settings,
+        ml_client=fake,
+        sleep=clock.sleep,
+        rng=random.Random(1234).random,
+        clock=clock,
+        fetch_text=lambda url: logs[url],
+        secret_store=secrets.__setitem__,
+        training_dir=training_dir,
+    )
