@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.backends import get_backend
 from tasks.backends.base import Backend, JobFailedError, JobInfo, JobStatus, ModelVersion, TrainingJobSpec
 from tasks.caching import content_key_fn, data_cache_key, evaluation_cache_key, training_cache_key
-from tasks.config import Settings, load_config
+from tasks.config import Settings, load_config, normalise_overrides
 from tasks.evaluate import EvalResult, evaluate_model, recorded_result
 from tasks.gate import gate_task
 from tasks.retry import call_with_retry, retry_condition_fn
@@ -239,8 +239,10 @@ def finetune_and_deploy(
 
     version = register_task(settings, training, dataset)
     eval_key = evaluation_cache_key(settings, training["job_id"], dataset["sha256"])
-    candidate = evaluate_candidate_task(settings, version, dataset, eval_key)
-    version = record_evaluation_task(settings, training, candidate)
+    eval_state = evaluate_candidate_task(settings, version, dataset, eval_key, return_state=True)
+    candidate = eval_state.result()
+    if not _cached(eval_state):  # a cached evaluation's numbers are already on the model version
+        version = record_evaluation_task(settings, training, candidate)
 
     champion_version = call_with_retry(
         backend.get_model_by_alias, CHAMPION, policy=settings.retry, what="get champion"
@@ -337,13 +339,12 @@ def prefect_home_of(settings: Settings) -> Iterator[None]:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    overrides = dict(item.split("=", 1) for item in args.set) if args.set else None
     refresh = [r.strip() for r in args.refresh.split(",") if r.strip()] if args.refresh else None
     settings = load_settings(args.config, args.set)  # fails fast on a bad config, before Prefect starts
     _check_refresh(refresh)
     started = time.perf_counter()
     with prefect_home_of(settings):
-        result = finetune_and_deploy(args.config, _typed(overrides), refresh)
+        result = finetune_and_deploy(args.config, normalise_overrides(args.set) or None, refresh)
     took = time.perf_counter() - started
     print(f"\nfinetune-phi run: done in {took:.1f} s; model version {result['version']}")
     print(f"gate: {'PROMOTE' if result['gate']['promote'] else 'REJECT'}: {result['gate']['reason']}")
@@ -356,15 +357,6 @@ def _run_command(args: argparse.Namespace) -> int:
         if settings.backend == "local":
             print("The local endpoint server keeps running; stop it with `finetune-phi endpoint stop`.")
     return 0
-
-
-def _typed(overrides: dict[str, str] | None) -> dict[str, Any] | None:
-    """CLI values as YAML scalars (``--set endpoint.port=9000`` gives an int), as load_config reads them."""
-    if not overrides:
-        return None
-    from tasks.config import normalise_overrides
-
-    return normalise_overrides([f"{k}={v}" for k, v in overrides.items()])
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
