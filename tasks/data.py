@@ -35,7 +35,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from tasks.config import DataConfig, HubSource, load_config
-from tasks.state import atomic_open, atomic_write_json, sha256_file, state_paths
+from tasks.state import atomic_open, atomic_write_json, sha256_file, sha256_tree, state_paths
 
 # Bump when normalisation, validation or the split rule changes: old cache keys must stop matching.
 FORMAT_VERSION = "finetune-phi/dataset/1"
@@ -479,7 +479,16 @@ def source_spec(config: DataConfig) -> dict[str, Any]:
         return _local_spec(Path(config.path))
     hub = config.hub
     assert hub is not None  # DataConfig guarantees exactly one source
-    return {"kind": "hub", "id": hub.id, "config": hub.config, "split": hub.split, "revision": hub.revision}
+    spec: dict[str, Any] = {
+        "kind": "hub",
+        "id": hub.id,
+        "config": hub.config,
+        "split": hub.split,
+        "revision": hub.revision,
+    }
+    if Path(hub.id).is_dir():  # `datasets` also takes a local folder as an id: key it on its content too
+        spec["content_sha256"] = sha256_tree(hub.id, "**/*")
+    return spec
 
 
 def _split_params(config: DataConfig) -> dict[str, Any]:

@@ -382,13 +382,16 @@ def test_hub_path_goes_through_datasets_on_local_data(tmp_path: Path) -> None:
     manifest = prepare_dataset(config, tmp_path / "out", cache_dir=tmp_path / "hf")
     assert manifest.counts["input"] == 41 and manifest.rejected == {"bad_role": 1}
     assert manifest.examples == {"bad_role": ["bad_role-hub"]}
-    assert manifest.source == {
+    assert {k: v for k, v in manifest.source.items() if k != "content_sha256"} == {
         "kind": "hub",
         "id": str(repo),
         "config": "default",
         "split": "train[:41]",
         "revision": None,
     }
+    before = source_fingerprint(config)
+    _write(repo / "train.jsonl", lines[:39])
+    assert source_fingerprint(config) != before, "a local folder given as hub id is keyed on its content"
     assert (tmp_path / "hf").is_dir(), "datasets kept its cache where it was told"
     local = prepare_dataset(DataConfig(path=_write(tmp_path / "same.jsonl", lines)), tmp_path / "out-local")
     assert manifest.train_path.read_bytes() == local.train_path.read_bytes()
