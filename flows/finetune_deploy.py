@@ -224,6 +224,10 @@ def finetune_and_deploy(
     data_key = data_cache_key(settings, source_fingerprint(settings.data))
     data_state = prepare_data_task.with_options(refresh_cache="data" in wanted)(settings, data_key, return_state=True)
     dataset = data_state.result()
+    if _cached(data_state) and not Path(dataset["train_path"]).is_file():
+        logger.warning("cached dataset files are gone (%s); preparing the data again", dataset["train_path"])
+        data_state = prepare_data_task.with_options(refresh_cache=True)(settings, data_key, return_state=True)
+        dataset = data_state.result()
 
     # Training: keyed on the manifest hash, the recipe, the training code and the overrides.
     train_key = training_cache_key(settings, dataset["sha256"])
