@@ -68,9 +68,12 @@ class DatasetError(ValueError):
 class HubUnreachableError(DatasetError):
     """The hub could not be reached. ``transient`` is False in offline mode, where a retry cannot help."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect pickles a failed task's exception: keep `transient`
+        return (type(self), (str(self),), {"transient": self.transient})
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 import random
 import shutil
 from collections import Counter
@@ -413,6 +414,8 @@ def test_unreachable_hub_says_so_and_shows_the_local_file_setting(
     assert "'finetune-phi-tests/no-such-dataset', config 'default', split 'train_sft[:1%]'" in message
     assert "data.path: data/sample/chat_sample.jsonl" in message and "--set data.path=" in message
     assert caught.value.transient is False, "offline: a retry cannot help"
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert str(copy) == message and copy.transient is False
     assert not (tmp_path / "out").exists()
 
 
