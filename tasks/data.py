@@ -604,7 +604,7 @@ def prepare_dataset(config: DataConfig, output_root: Path, *, cache_dir: Path | 
 
     if tally.input == 0:
         raise failure("the source holds no rows; point data.path or data.hub at a non-empty dataset")
-    share = counts["valid"] / counts["input"]
+    share = counts["valid"] / counts["input"]  # duplicates count as valid here: they are removed, not wrong
     if share < config.min_valid_share:
         raise failure(
             f"only {share:.1%} of the rows are valid, below data.min_valid_share {config.min_valid_share:.1%}; "
