@@ -42,7 +42,7 @@ def _install_fingerprint() -> str:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 - this script runs on the bare system Python
         sys.exit(f"finetune-phi needs Python 3.10 or newer; this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"creating {VENV}", flush=True)
@@ -50,7 +50,8 @@ def setup() -> None:
     fingerprint = _install_fingerprint()
     if STAMP.exists() and STAMP.read_text().strip() == fingerprint:
         return
-    pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", *os.environ.get("FINETUNE_PHI_PIP_ARGS", "").split()]
+    extra_args = os.environ.get("FINETUNE_PHI_PIP_ARGS", "").split()
+    pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", *extra_args]
     # torch first, on its own: its CPU build here, so nothing later pulls the CUDA build.
     _run(*pip, TORCH_SPEC)
     _run(*pip, "-c", "constraints.txt", "-e", ".[dev]")

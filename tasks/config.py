@@ -212,7 +212,9 @@ class Settings(_Section):
     @model_validator(mode="after")
     def _backend_section(self) -> Settings:
         if self.backend == "azureml" and self.azureml is None:
-            raise ValueError("backend 'azureml' needs an 'azureml:' section (subscription_id, resource_group, workspace)")
+            raise ValueError(
+                "backend 'azureml' needs an 'azureml:' section (subscription_id, resource_group, workspace)"
+            )
         return self
 
 
