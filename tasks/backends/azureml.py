@@ -171,6 +171,11 @@ class AzureMLBackend:
         self._training_dir = training_dir
         self._secret_saved = False
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> AzureMLBackend:
+        # A backend is a handle on remote state, not a value: Prefect's transaction ``get`` deep-copies what the
+        # rollout stored (the backend included), and the rollback hooks must act through this same client.
+        return self
+
     # ------------------------------------------------------------------------------------------ plumbing
     @property
     def client(self) -> Any:

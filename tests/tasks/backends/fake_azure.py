@@ -256,7 +256,7 @@ class OnlineEndpoints(_Ops):
             auth_mode=endpoint.auth_mode,
             traffic=traffic,
             mirror_traffic=mirror,
-            scoring_uri=f"https://{endpoint.name}.eastus2.inference.ml.azure.com/score",
+            scoring_uri=f"{self.c.scoring_host or f'https://{endpoint.name}.eastus2.inference.ml.azure.com'}/score",
         )
         return Poller(copy.deepcopy(self.store[endpoint.name]))
 
@@ -322,6 +322,9 @@ class OnlineDeployments(_Ops):
         if name not in self.store.get(endpoint_name, {}):
             raise not_found(f"deployment {name}")
         del self.store[endpoint_name][name]
+        if endpoint is not None:  # Azure ML drops a deleted deployment from the endpoint's traffic maps
+            endpoint.traffic.pop(name, None)
+            endpoint.mirror_traffic.pop(name, None)
         return Poller()
 
     def get_logs(self, name: str, endpoint_name: str, lines: int, **kwargs: Any) -> str:
@@ -347,6 +350,7 @@ class FakeMLClient:
         self.log_files: dict[str, dict[str, str]] = {}
         self.endpoint_key = "fake-key-0123456789abcdef"
         self.tracking_uri: str | None = None
+        self.scoring_host: str | None = None  # where the endpoint's routes answer (a loopback server in tests)
         self.jobs = Jobs(self)
         self.environments = Environments(self)
         self.compute = Compute(self)

@@ -1,0 +1,330 @@
+"""The azureml backend's real code against a fake MLClient (Azure cannot be reached from here).
+
+The fake raises the SDK's real exception types on a real azure.core response, keeps workspace state and refuses
+what Azure ML refuses; time is a fake clock whose ``sleep`` records the backoff delays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from azure.core.exceptions import ServiceRequestError
+
+from tasks.backends.azureml import AzureMLBackend, map_deployment_state, map_job_status
+from tasks.backends.base import Backend, BackendError, DeploymentFailedError, JobStatus, ModelVersion
+from tasks.retry import jitter_bounds
+from tests.tasks.backends.fake_azure import FakeMLClient, http_error
+
+
+def test_it_implements_the_backend_protocol(backend) -> None:
+    assert isinstance(backend, Backend)
+    assert backend.name == "azureml"
+
+
+def test_construction_is_lazy_and_picks_the_configured_credential(settings) -> None:
+    from azure.identity import AzureCliCredential, DefaultAzureCredential, ManagedIdentityCredential
+
+    backend = AzureMLBackend(settings)  # no network: the MLClient is built on first use
+    assert isinstance(backend._make_credential(), DefaultAzureCredential)
+    for kind, cls in (("azure_cli", AzureCliCredential), ("managed_identity", ManagedIdentityCredential)):
+        cfg = settings.azureml.model_copy(update={"credential": kind, "managed_identity_client_id": "0" * 8})
+        assert isinstance(AzureMLBackend(settings.model_copy(update={"azureml": cfg}))._make_credential(), cls)
+    client = backend.client
+    assert client.workspace_name == settings.azureml.workspace
+    assert client.subscription_id == settings.azureml.subscription_id
+
+
+@pytest.mark.parametrize(
+    ("azure", "ours"),
+    [
+        ("NotStarted", JobStatus.QUEUED), ("Queued", JobStatus.QUEUED), ("Preparing", JobStatus.QUEUED),
+        ("Provisioning", JobStatus.QUEUED), ("Starting", JobStatus.QUEUED), ("Paused", JobStatus.QUEUED),
+        ("Running", JobStatus.RUNNING), ("Finalizing", JobStatus.RUNNING), ("CancelRequested", JobStatus.RUNNING),
+        ("NotResponding", JobStatus.RUNNING), ("Completed", JobStatus.COMPLETED), ("Failed", JobStatus.FAILED),
+        ("Canceled", JobStatus.CANCELED), ("SomethingNew", JobStatus.RUNNING),
+    ],
+)  # fmt: skip
+def test_every_azure_job_status_maps(azure, ours) -> None:
+    assert map_job_status(azure) == ours
+
+
+def test_deployment_states_map() -> None:
+    states = ("Creating", "Updating", "Succeeded", "Failed", "Canceled", "Deleting")
+    assert [map_deployment_state(s) for s in states] == [
+        "creating", "creating", "ready", "failed", "failed", "deleting",
+    ]  # fmt: skip
+
+
+def test_a_job_goes_queued_running_completed(backend, fake, spec) -> None:
+    info = backend.submit_training(spec)
+    assert info.status == JobStatus.QUEUED and info.url.startswith("https://ml.azure.com/runs/")
+    # Environment and compute did not exist: each fetched once, then created once.
+    assert len(fake.called("environments.create_or_update")) == 1
+    assert len(fake.called("compute.begin_create_or_update")) == 1
+    submitted = fake.jobs.submitted[0]
+    assert "--output_dir ${{outputs.model_output}}" in submitted.command
+    assert submitted.environment.startswith("azureml:finetune-phi-train:")
+    assert submitted.inputs["train_file"].path == str(Path(spec.train_file).resolve())
+    seen = [backend.get_job(info.job_id).status for _ in range(3)]
+    assert seen == [JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.COMPLETED]
+    assert backend.get_job(info.job_id).error is None
+
+
+def test_environment_and_compute_are_reused_when_they_exist(backend, fake, spec) -> None:
+    backend.submit_training(spec)
+    fake.calls.clear()
+    # Same inputs again (a re-run after a crash): nothing is created and the existing job is returned.
+    again = backend.submit_training(spec)
+    assert again.job_id == fake.jobs.submitted[0].name
+    assert not fake.called("environments.create_or_update")
+    assert not fake.called("compute.begin_create_or_update")
+    assert not fake.called("jobs.create_or_update")
+
+
+def test_a_failed_job_with_the_same_inputs_gets_a_fresh_name(backend, fake, spec) -> None:
+    first = backend.submit_training(spec).job_id
+    fake.jobs.store[first].status, fake.jobs.scripts[first] = "Failed", []
+    second = backend.submit_training(spec).job_id
+    assert second == f"{first}-2"
+    assert len(fake.jobs.submitted) == 2
+
+
+def test_transient_429_and_503_are_retried_with_jittered_exponential_backoff(backend, fake, clock, spec, settings):
+    job = backend.submit_training(spec).job_id
+    fake.fail("jobs.get", http_error(429, "Rate limit", "TooManyRequests"), http_error(503, "busy"))
+    fake.fail("jobs.get", ServiceRequestError("connection reset"))
+    clock.sleeps.clear()
+    assert backend.get_job(job).status == JobStatus.QUEUED
+    assert len(clock.sleeps) == 3
+    for attempt, delay in enumerate(clock.sleeps):
+        low, high = jitter_bounds(attempt, settings.retry)
+        assert low <= delay <= high, (attempt, delay)
+    # Exponential: the jitter bounds double each time (2 s base in configs/azureml.yaml), and jitter is real.
+    assert jitter_bounds(2, settings.retry)[0] == 4 * jitter_bounds(0, settings.retry)[0] == 4.0
+    assert len({round(d / 2**n, 6) for n, d in enumerate(clock.sleeps)}) == 3
+
+
+def test_transient_faults_give_up_with_a_clear_error(backend, fake, clock, settings) -> None:
+    fake.jobs.add("j1", "Running")
+    fake.fail("jobs.get", *[http_error(503, "Service Unavailable")] * settings.retry.attempts)
+    with pytest.raises(BackendError, match=r"HTTP 503 to get job j1.*gave up after 5 attempts") as caught:
+        backend.get_job("j1")
+    assert type(caught.value) is BackendError  # not transient: the flow's own retry does not multiply the attempts
+    assert len(clock.sleeps) == settings.retry.attempts - 1
+
+
+def test_client_errors_are_not_retried(backend, fake, clock) -> None:
+    fake.jobs.add("j1", "Running")
+    fake.fail("jobs.get", http_error(400, "bad job name", "UserError"))
+    with pytest.raises(BackendError, match=r"refused to get job j1 \(HTTP 400\)"):
+        backend.get_job("j1")
+    fake.fail("jobs.get", http_error(403, "AuthorizationFailed"))
+    with pytest.raises(BackendError, match="Contributor"):
+        backend.get_job("j1")
+    assert clock.sleeps == []
+
+
+def test_a_failed_job_gives_status_message_studio_url_and_log_tail(backend, fake, spec, logs) -> None:
+    fake.job_statuses = ["Queued", "Running", "Failed"]
+    job = backend.submit_training(spec).job_id
+    url = "https://store.blob.core.windows.net/logs/std_log.txt?sas"
+    fake.log_files[job] = {"user_logs/std_log.txt": url, "system_logs/lifecycler/execution-wrapper.log": "x"}
+    logs[url] = "step 1 loss 2.0\nstep 2 loss 1.5\ntorch.OutOfMemoryError: CUDA out of memory\n"
+    assert [backend.get_job(job).status for _ in range(2)] == [JobStatus.QUEUED, JobStatus.RUNNING]
+    info = backend.get_job(job)
+    assert info.status == JobStatus.FAILED
+    assert f"Azure ML job {job} ended Failed" in info.error
+    assert "UserError: Execution failed: CUDA out of memory" in info.error
+    assert f"https://ml.azure.com/runs/{job}" in info.error
+    assert info.error.rstrip().endswith("torch.OutOfMemoryError: CUDA out of memory")
+
+
+def test_log_tail_is_read_over_http_from_the_run_details(settings, fake, training_dir, tmp_path) -> None:
+    """The default fetcher against a real HTTP server on loopback (the log files' URLs)."""
+    folder = tmp_path / "blob"
+    folder.mkdir()
+    (folder / "std_log.txt").write_text("\n".join(f"line {i}" for i in range(100)) + "\n")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        fake.jobs.add("j1", "Running")
+        fake.log_files["j1"] = {"user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/std_log.txt"}
+        backend = AzureMLBackend(settings, ml_client=fake, sleep=lambda s: None, training_dir=training_dir)
+        assert backend.job_log_tail("j1", 3) == ["line 97", "line 98", "line 99"]
+        fake.log_files["j1"] = {"user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/missing.txt"}
+        assert backend.job_log_tail("j1", 3) == []  # a log not there yet is not an error
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_cancel_job_cancels_a_running_job_only(backend, fake) -> None:
+    fake.jobs.add("running", "Running")
+    fake.jobs.add("done", "Completed")
+    backend.cancel_job("running")
+    backend.cancel_job("done")
+    backend.cancel_job("never-existed")
+    assert fake.called("jobs.begin_cancel") == [("jobs.begin_cancel", "running")]
+    assert backend.get_job("running").status == JobStatus.RUNNING  # CancelRequested
+    assert backend.get_job("running").status == JobStatus.CANCELED
+
+
+def test_job_metrics_come_from_the_jobs_mlflow_run(backend, fake, tmp_path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fake.tracking_uri = uri  # on Azure: the workspace's azureml:// tracking URI
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("finetune-phi"))
+    client.log_metric(run.info.run_id, "eval_loss", 1.25)
+    client.log_metric(run.info.run_id, "train_loss", 0.5)
+    # Azure ML names the job's MLflow run after the job.
+    assert backend.job_metrics(run.info.run_id) == {"eval_loss": 1.25, "train_loss": 0.5}
+    with pytest.raises(BackendError, match="could not read the metrics of job nope"):
+        backend.job_metrics("nope")
+
+
+def test_registration_is_idempotent_on_the_job_and_aliases_are_tags(backend, fake) -> None:
+    v1 = backend.register_model("job-a", {"manifest_sha256": "ab", "recipe": "r.yaml"})
+    assert (v1.version, v1.source_job_id, v1.uri) == ("1", "job-a", "azureml:finetune-phi:1")
+    stored = fake.models.store["finetune-phi"]["1"]
+    assert stored.path == "azureml://jobs/job-a/outputs/model_output" and stored.type == "mlflow_model"
+    again = backend.register_model("job-a", {"eval_loss": "1.2"})
+    assert again.version == "1" and again.tags["eval_loss"] == "1.2" and again.tags["recipe"] == "r.yaml"
+    assert len(fake.models.store["finetune-phi"]) == 1
+    v2 = backend.register_model("job-b", {})
+    assert v2.version == "2"
+
+    assert backend.get_model_by_alias("champion") is None
+    backend.set_alias("champion", v1)
+    assert backend.get_model_by_alias("champion").version == "1"
+    backend.set_alias("champion", v2)
+    backend.set_alias("candidate", v2)
+    assert backend.get_model_by_alias("champion").version == "2"
+    assert backend.get_model_by_alias("candidate").version == "2"
+    holders = [v for v, m in fake.models.store["finetune-phi"].items() if m.tags.get("alias.champion") == "true"]
+    assert holders == ["2"]
+
+
+def test_model_folder_downloads_once_and_finds_the_hugging_face_files(backend, fake) -> None:
+    version = backend.register_model("job-a", {})
+    folder = backend.model_folder(version)
+    assert (folder / "config.json").is_file()
+    assert backend.model_folder(version) == folder
+    assert len(fake.called("models.download")) == 1
+
+
+def _version(n: str) -> ModelVersion:
+    return ModelVersion("finetune-phi", n, f"job-{n}", f"azureml:finetune-phi:{n}")
+
+
+def test_endpoint_is_created_once_and_never_replaced(backend, fake, settings) -> None:
+    info = backend.ensure_endpoint()
+    assert info.name == settings.endpoint.name and info.traffic == {}
+    assert info.scoring_uri.endswith("/score") and info.openai_base_url.endswith(".azure.com/v1")
+    backend.ensure_endpoint()
+    assert len(fake.called("online_endpoints.begin_create_or_update")) == 1
+    assert not fake.called("online_endpoints.begin_delete")
+    created = fake.online_endpoints.created[0]
+    assert created.identity.user_assigned_identities[0].resource_id == settings.azureml.user_assigned_identity_id
+
+
+def test_quota_shortfall_stops_the_deployment_with_a_clear_message(backend, fake) -> None:
+    backend.ensure_endpoint()
+    fake.compute.usage["standardESv3Family"] = (6, 8)  # 2 vCPUs free; 1 x E4s_v3 + 20% reserve needs 2 x 4
+    with pytest.raises(DeploymentFailedError) as caught:
+        backend.create_deployment("model-v1", _version("1"))
+    message = str(caught.value)
+    assert "Standard_E4s_v3" in message and "needs 8 vCPUs" in message and "only 2 of 8 are available" in message
+    assert "standardESv3Family" in message
+    assert not fake.called("online_deployments.begin_create_or_update")
+
+
+def test_deployment_created_polled_with_backoff_until_ready(backend, fake, clock, settings) -> None:
+    backend.ensure_endpoint()
+    fake.deployment_states["model-v1"] = ["Creating", "Creating", "Creating", "Succeeded"]
+    assert backend.create_deployment("model-v1", _version("1")).state == "creating"
+    deployment = fake.online_deployments.created[0]
+    assert deployment.model == "azureml:finetune-phi:1" and deployment.instance_type == "Standard_E4s_v3"
+    assert deployment.readiness_probe.initial_delay == 500
+    clock.sleeps.clear()
+    info = backend.wait_deployment_ready("model-v1", timeout_s=600)
+    assert (info.state, info.model_version) == ("ready", "1")
+    assert len(clock.sleeps) == 3
+    assert all(
+        jitter_bounds(n, settings.retry)[0] <= d <= jitter_bounds(n, settings.retry)[1]
+        for n, d in enumerate(clock.sleeps)
+    )
+
+
+def test_a_failed_deployment_reports_its_container_log(backend, fake) -> None:
+    backend.ensure_endpoint()
+    fake.deployment_states["model-v1"] = ["Creating", "Failed"]
+    backend.create_deployment("model-v1", _version("1"))
+    info = backend.wait_deployment_ready("model-v1", timeout_s=600)
+    assert info.state == "failed" and "model load: out of memory" in info.error
+
+
+def test_a_deployment_not_ready_in_time_says_so(backend, fake, clock) -> None:
+    backend.ensure_endpoint()
+    fake.deployment_states["model-v1"] = ["Creating"] * 100
+    backend.create_deployment("model-v1", _version("1"))
+    info = backend.wait_deployment_ready("model-v1", timeout_s=30)
+    assert info.state == "creating" and "not ready after 30 s" in info.error
+    assert sum(clock.sleeps) == pytest.approx(30)
+
+
+def test_traffic_and_mirror_rules(backend, fake, settings) -> None:
+    backend.ensure_endpoint()
+    for n in ("1", "2"):
+        backend.create_deployment(f"model-v{n}", _version(n))
+        backend.wait_deployment_ready(f"model-v{n}", 60)
+    assert backend.set_traffic({"model-v1": 100, "model-v2": 0}) == {"model-v1": 100, "model-v2": 0}
+    assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
+    with pytest.raises(BackendError, match="add up to 100"):
+        backend.set_traffic({"model-v1": 50})
+    with pytest.raises(BackendError, match="no such deployment"):
+        backend.set_traffic({"model-v9": 100})
+    # Live traffic to the mirrored deployment ends the mirror (Azure ML refuses both at once).
+    assert backend.set_traffic({"model-v1": 90, "model-v2": 10}) == {"model-v1": 90, "model-v2": 10}
+    assert fake.online_endpoints.store[settings.endpoint.name].mirror_traffic == {}
+    with pytest.raises(BackendError, match="still takes 10%"):
+        backend.delete_deployment("model-v2")
+    backend.set_traffic({"model-v1": 100, "model-v2": 0})
+    backend.delete_deployment("model-v2")
+    backend.delete_deployment("model-v2")  # already gone: a no-op
+    assert [d.name for d in backend.get_endpoint().deployments] == ["model-v1"]
+
+
+def test_scoring_key_goes_to_the_secret_store_and_never_to_the_log(backend, fake, secrets, caplog) -> None:
+    backend.ensure_endpoint()
+    with caplog.at_level(logging.DEBUG):
+        key = backend.scoring_key()
+    assert key == fake.endpoint_key
+    assert secrets == {f"{backend.settings.endpoint.name}-endpoint-key": fake.endpoint_key}
+    assert fake.endpoint_key not in caplog.text
+
+
+def test_get_endpoint_is_none_when_missing(backend) -> None:
+    assert backend.get_endpoint() is None
+
+
+def test_not_found_on_a_required_resource_is_a_clear_error(backend) -> None:
+    with pytest.raises(BackendError, match="does not exist in workspace 'my-aml-workspace'"):
+        backend.get_job("no-such-job")
+
+
+def test_fake_refuses_what_azure_refuses() -> None:
+    """The fake is only useful if it says no where Azure ML does; check it on its own."""
+    fake = FakeMLClient()
+    with pytest.raises(Exception, match="does not exist"):
+        fake.online_endpoints.begin_create_or_update(
+            type("E", (), {"name": "ep", "traffic": {"x": 100}, "mirror_traffic": {}, "auth_mode": "key"})()
+        )
