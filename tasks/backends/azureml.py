@@ -122,12 +122,17 @@ class _UniformRng:
         return low + (high - low) * self._draw()
 
 
+LOG_TAIL_BYTES = 256 * 1024  # a log is read from its end: a long training log is many MB by the last epoch
+
+
 def _fetch_text(url: str) -> str:
+    """The end of a log file (blob storage honours ``Range``); a partial first line is dropped."""
     import httpx
 
-    response = httpx.get(url, timeout=30.0, follow_redirects=True)
+    response = httpx.get(url, timeout=30.0, follow_redirects=True, headers={"Range": f"bytes=-{LOG_TAIL_BYTES}"})
     response.raise_for_status()
-    return response.text
+    text = response.text
+    return text.split("\n", 1)[1] if response.status_code == 206 and "\n" in text else text
 
 
 def _prefect_secret_store(name: str, value: str) -> None:
@@ -491,9 +496,12 @@ class AzureMLBackend:
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
+        # The Hugging Face folder: config.json, preferably beside the tokenizer (MLflow's transformers flavour may
+        # keep the tokenizer in components/tokenizer when the model was logged from objects).
         configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
-        if configs:
-            return configs[0].parent
+        with_tokenizer = [c for c in configs if (c.parent / "tokenizer_config.json").is_file()]
+        if with_tokenizer or configs:
+            return (with_tokenizer or configs)[0].parent
         mlmodels = sorted(root.rglob("MLmodel"), key=lambda p: len(p.parts))
         return mlmodels[0].parent if mlmodels else root
 
@@ -532,7 +540,7 @@ class AzureMLBackend:
             name=endpoint.name,
             scoring_uri=scoring,
             # Only a deployment that serves the OpenAI routes answers here; a no-code MLflow deployment serves /score.
-            openai_base_url=re.sub(r"/score/?$", "", scoring) + "/v1" if scoring else "",
+            openai_base_url=re.sub(r"/score/?$", "", scoring).rstrip("/") + "/v1" if scoring else "",
             traffic={k: int(v) for k, v in (endpoint.traffic or {}).items()},
             deployments=deployments,
         )

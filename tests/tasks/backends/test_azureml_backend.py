@@ -7,9 +7,9 @@ what Azure ML refuses; time is a fake clock whose ``sleep`` records the backoff 
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -144,19 +144,44 @@ def test_a_failed_job_gives_status_message_studio_url_and_log_tail(backend, fake
     assert info.error.rstrip().endswith("torch.OutOfMemoryError: CUDA out of memory")
 
 
-def test_log_tail_is_read_over_http_from_the_run_details(settings, fake, training_dir, tmp_path) -> None:
-    """The default fetcher against a real HTTP server on loopback (the log files' URLs)."""
-    folder = tmp_path / "blob"
-    folder.mkdir()
-    (folder / "std_log.txt").write_text("\n".join(f"line {i}" for i in range(100)) + "\n")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(folder)))
+class _BlobLog(BaseHTTPRequestHandler):
+    """A log file as blob storage serves it: ``Range: bytes=-N`` answers 206 with the last N bytes."""
+
+    body = b""
+
+    def do_GET(self) -> None:
+        if self.path != "/std_log.txt":
+            self.send_error(404)
+            return
+        match = re.fullmatch(r"bytes=-(\d+)", self.headers.get("Range", ""))
+        data = self.body[-int(match.group(1)) :] if match else self.body
+        self.send_response(206 if match else 200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_log_tail_is_read_over_http_from_its_end(settings, fake, training_dir, monkeypatch) -> None:
+    """The default fetcher against a real HTTP server on loopback (the log files' URLs in the run details)."""
+    monkeypatch.setattr("tasks.backends.azureml.LOG_TAIL_BYTES", 40)
+    _BlobLog.body = "".join(f"line {i}\n" for i in range(100)).encode()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BlobLog)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         fake.jobs.add("j1", "Running")
-        fake.log_files["j1"] = {"user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/std_log.txt"}
+        fake.log_files["j1"] = {
+            "system_logs/lifecycler/execution-wrapper.log": "http://127.0.0.1:1/never-read",
+            "user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/std_log.txt",
+        }
         backend = AzureMLBackend(settings, ml_client=fake, sleep=lambda s: None, training_dir=training_dir)
-        assert backend.job_log_tail("j1", 3) == ["line 97", "line 98", "line 99"]
+        tail = backend.job_log_tail("j1", 3)
+        assert tail == ["line 97", "line 98", "line 99"]
+        # Only the last 40 bytes came over the wire, and the partial first line was dropped.
+        assert backend.job_log_tail("j1", 100)[0] in ("line 95", "line 96")
         fake.log_files["j1"] = {"user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/missing.txt"}
         assert backend.job_log_tail("j1", 3) == []  # a log not there yet is not an error
     finally:
