@@ -316,7 +316,14 @@ class AzureMLBackend:
         job = entities.training_command(
             spec, self.cfg, environment=f"azureml:{env.name}:{env.version}", name=name, training_dir=self._training_dir
         )
-        created = self._call(f"submit training job {name}", self.client.jobs.create_or_update, job)
+        try:
+            created = self._call(f"submit training job {name}", self.client.jobs.create_or_update, job)
+        except BackendError:
+            # A submit whose answer was lost (a timeout after Azure accepted it) leaves the job there: use it.
+            created = self._call(f"get job {name}", self.client.jobs.get, name, missing_ok=True)
+            if created is None:
+                raise
+            _LOG.warning("job %s was created although its submission reported an error; using it", name)
         return self._job_info(created)
 
     def _run_details(self, job_id: str) -> Any | None:

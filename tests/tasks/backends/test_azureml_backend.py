@@ -94,6 +94,18 @@ def test_a_failed_job_with_the_same_inputs_gets_a_fresh_name(backend, fake, spec
     assert len(fake.jobs.submitted) == 2
 
 
+def test_a_submit_whose_answer_was_lost_uses_the_job_azure_created(backend, fake, spec) -> None:
+    real_create = fake.jobs.create_or_update
+
+    def create_then_time_out(job, **kwargs):
+        real_create(job)
+        raise http_error(504, "Gateway Timeout")
+
+    fake.jobs.create_or_update = create_then_time_out  # every retry now meets 409 "already exists"
+    info = backend.submit_training(spec)
+    assert info.job_id == fake.jobs.submitted[0].name and len(fake.jobs.submitted) == 1
+
+
 def test_transient_429_and_503_are_retried_with_jittered_exponential_backoff(backend, fake, clock, spec, settings):
     job = backend.submit_training(spec).job_id
     fake.fail("jobs.get", http_error(429, "Rate limit", "TooManyRequests"), http_error(503, "busy"))

@@ -163,3 +163,14 @@ def test_a_wait_that_times_out_cancels_the_azure_job(backend, fake, settings, sp
         wait()
     assert fake.called("jobs.begin_cancel") == [("jobs.begin_cancel", job)]
     assert fake.jobs.store[job].status in ("CancelRequested", "Canceled")
+
+
+def test_scoring_key_is_kept_in_a_prefect_secret_block(settings, fake, training_dir) -> None:
+    from prefect.blocks.system import Secret
+
+    from tasks.backends.azureml import AzureMLBackend
+
+    backend = AzureMLBackend(settings, ml_client=fake, sleep=lambda s: None, training_dir=training_dir)
+    backend.ensure_endpoint()
+    assert backend.scoring_key() == fake.endpoint_key
+    assert Secret.load(backend.secret_block_name).get() == fake.endpoint_key
