@@ -1,0 +1,82 @@
+"""A small client for the endpoint's admin API, used by the local backend.
+
+    client = EndpointAdminClient("http://127.0.0.1:8765", admin_key)
+    client.create_deployment("model-v3", "/path/to/hf-model", "3")   # returns at once; the model loads
+    client.wait_ready("model-v3", timeout_s=600)                      # TimeoutError if not ready in time
+    client.set_traffic({"model-v2": 90, "model-v3": 10})
+    client.get_state()  # {"deployments": {name: {"state", "error", "model_version", ...}}, "traffic": {...}}
+    client.delete_deployment("model-v2")                              # refused (409) while it has traffic
+
+Errors: connection refused, timeouts, HTTP 429 and 5xx raise :class:`TransientBackendError` (retry);
+a deployment that failed to load raises :class:`DeploymentFailedError` with the load error; other 4xx raise
+:class:`BackendError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from tasks.backends.base import BackendError, DeploymentFailedError, TransientBackendError
+
+
+class EndpointAdminClient:
+    def __init__(self, base_url: str, admin_key: str, *, timeout_s: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {admin_key}"}
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:  # never show the key
+        return f"EndpointAdminClient({self.base_url!r})"
+
+    def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        url = f"{self.base_url}{path}"
+        try:
+            response = httpx.request(method, url, json=json, headers=self._headers, timeout=self.timeout_s)
+        except httpx.TransportError as exc:
+            raise TransientBackendError(
+                f"the endpoint server at {self.base_url} did not answer ({type(exc).__name__}); "
+                "is it running? (`finetune-phi endpoint status`)"
+            ) from exc
+        if response.status_code < 400:
+            return response.json()
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:300]
+        text = f"{method} {path} answered {response.status_code}: {message}"
+        if response.status_code == 429 or response.status_code >= 500:
+            raise TransientBackendError(text)
+        raise BackendError(text)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/state")
+
+    def create_deployment(self, name: str, model_path: str, model_version: str | None = None) -> dict[str, Any]:
+        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background."""
+        return self._call(
+            "PUT", f"/admin/deployments/{name}", {"model_path": model_path, "model_version": model_version}
+        )
+
+    def delete_deployment(self, name: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/admin/deployments/{name}")
+
+    def set_traffic(self, traffic: dict[str, int]) -> dict[str, Any]:
+        return self._call("PUT", "/admin/traffic", {"traffic": traffic})
+
+    def wait_ready(self, name: str, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
+        """The deployment's state once ready. DeploymentFailedError if it failed, TimeoutError past ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            deployment = self.get_state().get("deployments", {}).get(name)
+            if deployment is None:
+                raise DeploymentFailedError(f"deployment {name} does not exist on {self.base_url}")
+            if deployment["state"] == "ready":
+                return deployment
+            if deployment["state"] == "failed":
+                raise DeploymentFailedError(f"deployment {name} failed to load: {deployment.get('error')}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"deployment {name} was not ready within {timeout_s:.0f} s")
+            time.sleep(poll_s)
