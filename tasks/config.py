@@ -101,6 +101,11 @@ class EndpointConfig(_Section):
     max_new_tokens_cap: int = Field(512, gt=0)
     max_batch_size: int = Field(16, gt=0)
     startup_timeout_s: float = Field(120.0, gt=0)
+    # Azure answers 429 once more than 2 x max_concurrent_requests are in flight per instance; None: that rule.
+    max_pending_requests: int | None = Field(None, gt=0)
+    batch_wait_ms: float = Field(3.0, ge=0)  # how long the batching worker waits for more requests to join
+    default_max_new_tokens: int = Field(128, gt=0)  # when a request names none
+    stop_grace_s: float = Field(30.0, gt=0)  # stop: SIGTERM, in-flight requests finish, then SIGKILL after this
 
 
 class RolloutConfig(_Section):
