@@ -146,3 +146,13 @@ def test_registered_model_points_at_the_job_output() -> None:
     assert model.path == "azureml://jobs/job-1/outputs/model_output"
     assert model.type == "mlflow_model"
     assert model.tags["job_id"] == "job-1" and model.tags["manifest_sha256"] == "ab"
+
+
+def test_low_priority_compute_reaches_the_rest_request(settings) -> None:
+    cfg = settings.azureml.model_copy(
+        update={"compute": settings.azureml.compute.model_copy(update={"tier": "low_priority", "max_instances": 4})}
+    )
+    cluster = entities.compute_cluster(cfg)
+    rest = cluster._to_rest_object().properties.properties
+    assert rest.vm_priority == "LowPriority"
+    assert (rest.scale_settings.min_node_count, rest.scale_settings.max_node_count) == (0, 4)
