@@ -71,7 +71,9 @@ class RecordingServer:
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
                 with outer._lock:
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    outer.requests.append(
+                        {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+                    )
                 if outer.upstream:
                     self._forward(raw)
                 else:

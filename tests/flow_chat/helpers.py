@@ -1,0 +1,60 @@
+"""Shared set-up for the Prompt flow tests (tests/flow_chat, tests/tasks/test_chat_connection.py, test_batch_eval.py).
+
+Prompt flow reads ``PF_HOME_DIRECTORY`` once, at import, so one pytest process has one Prompt flow home: the first
+call to ``tasks.chat_connection.configure_promptflow`` fixes it (unless the environment already names one), and
+every later test follows ``os.environ`` like the ``pf`` subprocesses do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from tasks.config import Settings, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FLOW_DIR = REPO_ROOT / "flow_chat"
+PF_BIN = str(Path(sys.executable).with_name("pf"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(folder: Path, **endpoint: Any) -> Path:
+    """configs/local.yaml with the state folder under ``folder`` and the given endpoint fields."""
+    config = yaml.safe_load((REPO_ROOT / "configs" / "local.yaml").read_text(encoding="utf-8"))
+    config["state_dir"] = str(folder / "state")
+    config["data"]["path"] = str(REPO_ROOT / config["data"]["path"])
+    config["endpoint"].update(endpoint)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def settings_for(folder: Path, **endpoint: Any) -> Settings:
+    return load_config(write_config(folder, **endpoint))
+
+
+def load_tool_module() -> ModuleType:
+    """flow_chat/chat.py as a module (flow_chat/ is a Prompt flow folder, not a package)."""
+    spec = importlib.util.spec_from_file_location("flow_chat_tool", FLOW_DIR / "chat.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pf_env() -> dict[str, str]:
+    """The environment for a `pf` subprocess: this process's, which configure_promptflow has set."""
+    assert os.environ.get("PF_HOME_DIRECTORY"), "call tasks.chat_connection.configure_promptflow first"
+    return dict(os.environ)
