@@ -232,10 +232,16 @@ def evaluate_chat_flow(
 
 @task(name="evaluate-chat-flow", cache_policy=NO_CACHE, persist_result=False)
 def evaluate_chat_flow_task(
-    settings: Settings, test_file: str, max_rows: int | None = None, out_dir: str | None = None
+    settings: Settings,
+    test_file: str,
+    max_rows: int | None = None,
+    out_dir: str | None = None,
+    refresh_connection: bool = True,
 ) -> dict[str, Any]:
     """Batch-evaluate flow_chat/ against the live endpoint; the aggregate becomes a table artifact."""
-    metrics = evaluate_chat_flow(settings, test_file, out_dir=out_dir, max_rows=max_rows)
+    metrics = evaluate_chat_flow(
+        settings, test_file, out_dir=out_dir, max_rows=max_rows, refresh_connection=refresh_connection
+    )
     shown = {k: v for k, v in metrics.items() if k not in ("metrics_path", "rows_path", "test_file")}
     create_table_artifact(
         key=ARTIFACT_KEY,

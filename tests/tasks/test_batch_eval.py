@@ -1,0 +1,129 @@
+"""Batch evaluation of the chat flow: test rows to flow inputs, the metrics, and the Prefect step with its artifact.
+
+The Prefect test runs a real Prompt flow batch run over the chat flow against a real loopback HTTP server that
+answers like the endpoint (tests/flow_chat/test_flow_pf.py runs it against the endpoint serving the tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.batch_eval import aggregate, prepare_eval_data, score_rows, to_eval_row, token_f1
+from tests.flow_chat.helpers import REPO_ROOT, settings_for
+from tests.flow_chat.recording_server import RecordingServer
+
+SAMPLE = REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"
+
+
+def _turn(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+def test_multi_turn_row_splits_into_history_question_and_reference() -> None:
+    row = {
+        "prompt": "Hi",
+        "prompt_id": "p1",
+        "messages": [
+            _turn("system", ""),
+            _turn("user", "Hi"),
+            _turn("assistant", "Hello!"),
+            _turn("user", "What is MLflow?"),
+            _turn("assistant", "A tracking server."),
+        ],
+    }
+    assert to_eval_row(row, 7) == {
+        "row_id": 7,
+        "prompt_id": "p1",
+        "question": "What is MLflow?",
+        "chat_history": [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}],
+        "reference": "A tracking server.",
+    }
+
+
+def test_rows_without_a_question_answer_pair_are_skipped() -> None:
+    assert to_eval_row({"messages": [_turn("user", "only a question")]}, 0) is None
+    assert to_eval_row({"messages": [_turn("assistant", "only an answer")]}, 0) is None
+    assert to_eval_row({"messages": []}, 0) is None
+    # A trailing user turn after the last answer: the last complete pair is evaluated.
+    row = to_eval_row({"messages": [_turn("user", "q"), _turn("assistant", "a"), _turn("user", "more?")]}, 0)
+    assert row is not None and (row["question"], row["reference"], row["chat_history"]) == ("q", "a", [])
+
+
+def test_prepare_writes_jsonl_and_honours_max_rows(tmp_path: Path) -> None:
+    out = tmp_path / "eval" / "eval_input.jsonl"
+    rows = prepare_eval_data(SAMPLE, out, max_rows=5)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert written == rows and len(rows) == 5
+    assert all(r["question"] and r["reference"] for r in rows)
+    assert not list(out.parent.glob(".*.tmp"))  # written atomically: no temporary file left
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"messages": []}\n')
+    with pytest.raises(ValueError, match="no row ending in a user turn"):
+        prepare_eval_data(empty, tmp_path / "x.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        ("A Prefect flow is a function.", "a prefect FLOW is a function", 1.0),
+        ("the cat", "the dog", 0.5),
+        ("", "", 1.0),
+        ("something", "", 0.0),
+        ("alpha beta", "gamma", 0.0),
+        ("one two three four", "one two", 2 * (2 / 4) * 1.0 / ((2 / 4) + 1.0)),
+    ],
+)
+def test_token_f1(prediction: str, reference: str, expected: float) -> None:
+    assert token_f1(prediction, reference) == pytest.approx(expected)
+
+
+def test_failed_rows_count_against_f1_and_ended_share() -> None:
+    rows = [{"row_id": i, "question": f"q{i}", "reference": "the answer"} for i in range(4)]
+    outputs = {
+        0: {"answer": "the answer", "finish_reason": "stop", "latency_s": 0.2},
+        1: {"answer": "the answer and more and more", "finish_reason": "length", "latency_s": 0.4},
+        2: {"answer": "", "finish_reason": "stop", "latency_s": float("nan")},
+    }  # row 3 failed in the flow
+    scored = score_rows(rows, outputs)
+    assert [r["ended"] for r in scored] == [True, False, True, False]
+    assert scored[3]["error"] and scored[3]["answer"] is None and scored[3]["f1"] == 0.0
+    metrics = aggregate(scored)
+    assert (metrics["rows"], metrics["answered"], metrics["failed"]) == (4, 3, 1)
+    assert metrics["ended_share"] == 0.5
+    # 6 predicted tokens share 2 with the 2-token reference: P 1/3, R 1, F1 0.5.
+    assert metrics["token_f1"] == pytest.approx((1.0 + 0.5 + 0 + 0) / 4)
+    assert (metrics["latency_p50_s"], metrics["latency_max_s"]) == (0.2, 0.4)
+
+
+def test_prefect_task_runs_the_flow_in_batch_and_publishes_the_aggregate(tmp_path: Path) -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.batch_eval import ARTIFACT_KEY, evaluate_chat_flow_task
+    from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
+
+    settings = settings_for(tmp_path)
+    configure_promptflow(settings.state_dir)
+    out_dir = tmp_path / "chat_eval"
+
+    @flow
+    def evaluate(test_file: str) -> dict:
+        return evaluate_chat_flow_task(settings, test_file, max_rows=6, out_dir=str(out_dir), refresh_connection=False)
+
+    with RecordingServer(key="batch-key") as server, prefect_test_harness(server_startup_timeout=90):
+        create_or_update_connection(settings, target=EndpointTarget(server.base_url, "batch-key", "local"))
+        metrics = evaluate(str(SAMPLE))
+        with get_client(sync_client=True) as client:
+            artifact = client.read_latest_artifacts()
+        received = server.bodies()
+
+    assert len(received) == 6 and metrics["rows"] == 6 and metrics["failed"] == 0
+    assert metrics["ended_share"] == 1.0  # the server always says finish_reason "stop"
+    assert json.loads((out_dir / "metrics.json").read_text())["rows"] == 6
+    assert len((out_dir / "rows.jsonl").read_text().splitlines()) == 6
+    published = [a for a in artifact if a.key == ARTIFACT_KEY]
+    assert published and "token_f1" in str(published[0].data)
