@@ -23,7 +23,8 @@ class RecordingServer:
         self.key = key
         self.upstream = upstream.rstrip("/") if upstream else None
         self.delay_s = delay_s
-        self.requests: list[dict[str, Any]] = []  # {"path", "headers", "body"}
+        self.requests: list[dict[str, Any]] = []  # {"path", "headers" (lower-case names), "body"}
+        self.responses: list[dict[str, Any]] = []  # proxy mode: {"path", "status", "body"} from upstream
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -84,9 +85,14 @@ class RecordingServer:
                 request = urllib.request.Request(outer.upstream + self.path, data=raw, headers=headers, method="POST")
                 try:
                     with urllib.request.urlopen(request, timeout=120) as response:
-                        self._send(response.status, response.read(), response.headers.get("Content-Type", ""))
+                        status, payload = response.status, response.read()
+                        content_type = response.headers.get("Content-Type", "application/json")
                 except urllib.error.HTTPError as exc:
-                    self._send(exc.code, exc.read(), exc.headers.get("Content-Type", "application/json"))
+                    status, payload = exc.code, exc.read()
+                    content_type = exc.headers.get("Content-Type", "application/json")
+                with outer._lock:
+                    outer.responses.append({"path": self.path, "status": status, "body": payload.decode("utf-8")})
+                self._send(status, payload, content_type)
 
             def _answer(self, body: Any) -> None:
                 if self.headers.get("Authorization") != f"Bearer {outer.key}":
