@@ -81,7 +81,9 @@ class RecordingServer:
                     self._answer(body)
 
             def _forward(self, raw: bytes) -> None:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                # No accept-encoding: the answer is recorded as text and passed on without content-encoding.
+                dropped = ("host", "content-length", "accept-encoding")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
                 request = urllib.request.Request(outer.upstream + self.path, data=raw, headers=headers, method="POST")
                 try:
                     with urllib.request.urlopen(request, timeout=120) as response:

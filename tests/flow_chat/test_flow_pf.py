@@ -4,7 +4,7 @@ and a batch run that writes its metrics.
 The endpoint is the project's endpoint server serving the tiny trained model (the session fixture
 ``trained_tiny_model``), with a recording proxy in front of it: the proxy is a real HTTP server that forwards every
 request unchanged and keeps what it forwarded, so the tests assert on what the endpoint really received. Where that
-fixture is not available, a recording server that answers like the endpoint stands in (see ``chat_endpoint``).
+fixture is not available, the endpoint serves a freshly built untrained tiny model (it answers, if not well).
 Prompt flow starts slowly, so the module starts as few `pf` processes as it can (four, ~2 s each).
 """
 
@@ -64,6 +64,25 @@ def _real_endpoint(settings: Settings, model_dir: Path) -> Iterator[str]:
         stop_server(settings)  # by the PID it recorded
 
 
+def _model_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """The session's trained tiny model; else an untrained one (it still answers, until max_tokens); else None."""
+    try:
+        return Path(request.getfixturevalue("trained_tiny_model"))
+    except pytest.FixtureLookupError:
+        pass
+    try:
+        from training.tiny_model import build_tiny_model
+    except ImportError:
+        return None
+    texts = [
+        turn["content"]
+        for line in (REPO_ROOT / "data" / "sample" / "chat_sample.jsonl").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+        for turn in json.loads(line)["messages"]
+    ]
+    return build_tiny_model(tmp_path_factory.mktemp("untrained") / "model", texts)
+
+
 @pytest.fixture(scope="module")
 def chat_endpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChatEndpoint]:
     from deployments.keys import read_keys
@@ -71,10 +90,7 @@ def chat_endpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
     settings = settings_for(tmp_path_factory.mktemp("chat"), port=free_port())
     configure_promptflow(settings.state_dir)
-    try:
-        model_dir = Path(request.getfixturevalue("trained_tiny_model"))
-    except pytest.FixtureLookupError:
-        model_dir = None
+    model_dir = _model_folder(request, tmp_path_factory)
     with contextlib.ExitStack() as stack:
         if model_dir is not None:
             upstream = stack.enter_context(_real_endpoint(settings, model_dir))
