@@ -192,8 +192,10 @@ class AzureMLConfig(_Section):
     processes_per_node: int = Field(1, ge=1)  # GPUs per node, for PyTorchDistribution
     mirror_traffic_percent: int = Field(0, ge=0, le=50)
     experiment_name: str = "finetune-phi"
-    # How the job's model_output is typed: mlflow_model (registrable and deployable without code) or uri_folder.
-    model_output_type: Literal["mlflow_model", "uri_folder"] = "mlflow_model"
+    # The job's model_output folder (training/sft.py's --output_dir: model/, metrics.json, checkpoints) and the
+    # MLflow model inside it that is registered and deployed without a scoring script ("" for the folder itself).
+    model_output_type: Literal["mlflow_model", "uri_folder"] = "uri_folder"
+    model_output_subpath: str = "mlflow_model"
 
 
 class Settings(_Section):

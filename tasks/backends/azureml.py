@@ -7,7 +7,8 @@
 - Status: one ``jobs.get`` per call, mapped onto :class:`JobStatus`; the flow's wait loop polls it. Logs: the job's
   log files are read through their URLs in the run details (what ``jobs.stream`` reads, but without blocking, so the
   flow can stream new lines, cancel the job on timeout and keep its own schedule).
-- Registry: the job's ``model_output`` is registered as an ``mlflow_model``; registration is idempotent on the job
+- Registry: the MLflow model in the job's ``model_output`` (``azureml.model_output_subpath``, ``mlflow_model/`` by
+  default) is registered as an ``mlflow_model``; registration is idempotent on the job
   (a version tagged ``job_id=<job>`` is reused, its tags merged). Azure ML models have no aliases: an alias is the
   tag ``alias.<name>=true`` on exactly one version of the model (``set_alias`` tags the new one, then untags the old).
 - Rollout primitives: the endpoint is created when missing and never deleted (only ``azureml teardown`` deletes it);
@@ -443,8 +444,7 @@ class AzureMLBackend:
                     f"update tags of {model.name}:{model.version}", self.client.models.create_or_update, model
                 )
             return self._model_version(model)
-        model_type = "mlflow_model" if self.cfg.model_output_type == "mlflow_model" else "custom_model"
-        entity = entities.registered_model(self.model_name, job_id, tags, model_type)
+        entity = entities.registered_model(self.model_name, job_id, tags, self.cfg.model_output_subpath)
         created = self._call(f"register the model of job {job_id}", self.client.models.create_or_update, entity)
         return self._model_version(created)
 

@@ -213,16 +213,19 @@ def training_command(
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def job_output_uri(job: str) -> str:
-    return f"azureml://jobs/{job}/outputs/{MODEL_OUTPUT}"
+def job_output_uri(job: str, subpath: str = "") -> str:
+    """A folder of the job's ``model_output``: ``azureml://jobs/<job>/outputs/model_output[/paths/<subpath>]``."""
+    base = f"azureml://jobs/{job}/outputs/{MODEL_OUTPUT}"
+    return f"{base}/paths/{subpath.strip('/')}" if subpath.strip("/") else base
 
 
-def registered_model(name: str, job: str, tags: dict[str, str], model_type: str = "mlflow_model") -> Model:
-    """The job's ``model_output`` as a model version; ``job_id`` in the tags makes registration idempotent."""
+def registered_model(name: str, job: str, tags: dict[str, str], subpath: str = "") -> Model:
+    """The MLflow model in the job's ``model_output`` as a model version (deployable without a scoring script);
+    ``job_id`` in the tags makes registration idempotent."""
     return Model(
         name=name,
-        path=job_output_uri(job),
-        type=model_type,
+        path=job_output_uri(job, subpath),
+        type="mlflow_model",
         description=f"finetune-phi model trained by Azure ML job {job}",
         tags={**OWNER_TAG, **{k: str(v) for k, v in tags.items()}, "job_id": job},
     )

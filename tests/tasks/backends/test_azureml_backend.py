@@ -232,7 +232,8 @@ def test_registration_is_idempotent_on_the_job_and_aliases_are_tags(backend, fak
     v1 = backend.register_model("job-a", {"manifest_sha256": "ab", "recipe": "r.yaml"})
     assert (v1.version, v1.source_job_id, v1.uri) == ("1", "job-a", "azureml:finetune-phi:1")
     stored = fake.models.store["finetune-phi"]["1"]
-    assert stored.path == "azureml://jobs/job-a/outputs/model_output" and stored.type == "mlflow_model"
+    assert stored.path == "azureml://jobs/job-a/outputs/model_output/paths/mlflow_model"
+    assert stored.type == "mlflow_model"
     again = backend.register_model("job-a", {"eval_loss": "1.2"})
     assert again.version == "1" and again.tags["eval_loss"] == "1.2" and again.tags["recipe"] == "r.yaml"
     assert len(fake.models.store["finetune-phi"]) == 1

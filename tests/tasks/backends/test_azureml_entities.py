@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from azure.ai.ml import load_compute, load_environment, load_job, load_online_deployment, load_online_endpoint
+from azure.ai.ml import (
+    load_compute,
+    load_environment,
+    load_job,
+    load_model,
+    load_online_deployment,
+    load_online_endpoint,
+)
 from azure.ai.ml.entities import ManagedOnlineDeployment, ManagedOnlineEndpoint
 
 from tasks.backends import azureml_entities as entities
@@ -38,7 +45,7 @@ def test_command_job_round_trips_with_the_same_command_line(tmp_path, settings, 
     # Local data stays a local path (the SDK's dict would make it an asset reference azureml:<path>).
     assert Path(out, loaded.inputs["train_file"].path).resolve() == Path(spec.train_file).resolve()
     assert loaded.inputs["eval_file"].type == "uri_file"
-    assert loaded.outputs["model_output"].type == "mlflow_model"
+    assert loaded.outputs["model_output"].type == "uri_folder"
     assert loaded.distribution.type == "pytorch"
     assert loaded.distribution.process_count_per_instance == cfg.processes_per_node
     assert loaded.resources.instance_count == cfg.instance_count
@@ -141,11 +148,14 @@ def test_environment_and_compute_round_trip(tmp_path, settings, training_dir) ->
     assert compute.tier == "dedicated" and compute.idle_time_before_scale_down == 1800
 
 
-def test_registered_model_points_at_the_job_output() -> None:
-    model = entities.registered_model("finetune-phi", "job-1", {"manifest_sha256": "ab"})
-    assert model.path == "azureml://jobs/job-1/outputs/model_output"
+def test_registered_model_points_at_the_job_output(tmp_path) -> None:
+    model = entities.registered_model("finetune-phi", "job-1", {"manifest_sha256": "ab"}, "mlflow_model")
+    assert model.path == "azureml://jobs/job-1/outputs/model_output/paths/mlflow_model"
     assert model.type == "mlflow_model"
     assert model.tags["job_id"] == "job-1" and model.tags["manifest_sha256"] == "ab"
+    assert entities.registered_model("m", "job-1", {}).path == "azureml://jobs/job-1/outputs/model_output"
+    loaded = load_model(_write(tmp_path, "model.yml", entities.to_yaml_dict(model, "model")))
+    assert (loaded.path, loaded.type, loaded.tags["job_id"]) == (model.path, "mlflow_model", "job-1")
 
 
 def test_low_priority_compute_reaches_the_rest_request(settings) -> None:
