@@ -12,6 +12,7 @@ environment.yml and compute.yml) without contacting Azure: review them, or run t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,17 @@ def _settings(config: str, overrides: list[str] | None) -> Any:
     return settings
 
 
+def _latest_dataset(state_dir: Path) -> tuple[Path, str]:
+    """The newest ``data/<hash>/`` with a manifest (from ``finetune-phi prepare-data``), and its hash."""
+    manifests = sorted((state_dir / "data").glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for manifest in manifests:
+        try:
+            return manifest.parent.resolve(), str(json.loads(manifest.read_text(encoding="utf-8"))["sha256"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return (state_dir / "data" / EXAMPLE_MANIFEST).resolve(), EXAMPLE_MANIFEST
+
+
 def export_yaml(
     settings: Any,
     output: Path,
@@ -52,12 +64,13 @@ def export_yaml(
     output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)
     env = entities.training_environment(cfg, training_dir.parent)
-    data_dir = Path(settings.state_dir).resolve() / "data" / "<manifest-sha256>"
+    # The newest dataset prepared in the state folder, else placeholders to replace.
+    data_dir, manifest_sha256 = _latest_dataset(Path(settings.state_dir))
     spec = TrainingJobSpec(
         recipe=Path(settings.training.recipe),
         train_file=Path(train_file) if train_file else data_dir / "train.jsonl",
         eval_file=Path(eval_file) if eval_file else data_dir / "test.jsonl",
-        manifest_sha256=EXAMPLE_MANIFEST,
+        manifest_sha256=manifest_sha256,
         overrides=dict(settings.training.overrides),
         experiment=cfg.experiment_name,
     )
@@ -96,7 +109,7 @@ def _export_command(args: argparse.Namespace) -> int:
         "\nWith the Azure CLI (ml extension), in this order:\n"
         f"  az ml environment create -f {out / 'environment.yml'}\n"
         f"  az ml compute create -f {out / 'compute.yml'}\n"
-        f"  az ml job create -f {out / 'job.yml'}     (replace {EXAMPLE_MANIFEST} with the dataset's hash)\n"
+        f"  az ml job create -f {out / 'job.yml'}     (with the data of `finetune-phi prepare-data`)\n"
         f"  az ml online-endpoint create -f {out / 'endpoint.yml'}\n"
         f"  az ml online-deployment create -f {out / 'deployment.yml'}   (after registering the model)"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 from pathlib import Path
 
 from azure.ai.ml import load_compute, load_environment, load_job, load_online_deployment, load_online_endpoint
@@ -20,11 +21,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_export_yaml_writes_files_that_az_ml_can_load(tmp_path, training_dir, capsys) -> None:
     out = tmp_path / "azureml-yaml"
+    prepared = tmp_path / "state" / "data" / "0123456789abcdef"  # what `finetune-phi prepare-data` leaves
+    prepared.mkdir(parents=True)
+    (prepared / "manifest.json").write_text(json.dumps({"sha256": "0123456789abcdef" * 4}))
+    for name in ("train.jsonl", "test.jsonl"):
+        (prepared / name).write_text('{"messages": []}\n')
     recipe = training_dir / "recipes" / "phi3.5-mini_full_gpu.yaml"
     args = _parser().parse_args(
         [
             "azureml", "export-yaml", "--config", str(REPO_ROOT / "configs" / "azureml.yaml"), "--output", str(out),
             "--training-dir", str(training_dir), "--set", f"training.recipe={recipe}",
+            "--set", f"state_dir={tmp_path / 'state'}",
             "--train-file", "azureml://datastores/workspaceblobstore/paths/chat/train.jsonl",
         ]
     )  # fmt: skip
@@ -36,6 +43,8 @@ def test_export_yaml_writes_files_that_az_ml_can_load(tmp_path, training_dir, ca
     assert job.command.startswith("python sft.py --config recipes/phi3.5-mini_full_gpu.yaml --train_file")
     assert job.inputs["train_file"].path == "azureml://datastores/workspaceblobstore/paths/chat/train.jsonl"
     assert (out / job.code).resolve() == training_dir.resolve()  # relative, so the folder can move with the repo
+    assert (out / job.inputs["eval_file"].path).resolve() == (prepared / "test.jsonl").resolve()
+    assert "--manifest_sha256 " + "0123456789abcdef" * 4 in job.command
     endpoint = load_online_endpoint(out / "endpoint.yml")
     assert endpoint.auth_mode == "key" and endpoint.identity.type == "user_assigned"
     deployment = load_online_deployment(out / "deployment.yml")
