@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+# One model load at a time: transformers' lazy imports are not safe across threads, and loads compete for memory.
+_LOAD_LOCK = threading.Lock()
+MIN_TEMPERATURE = 1e-4
 
 
 class InputTooLongError(ValueError):
@@ -87,14 +90,15 @@ class ModelRunner:
     """A causal LM and its tokenizer, plus the batching worker. Thread-safe ``submit``."""
 
     def __init__(self, model_path: str | Path, *, max_batch_size: int, batch_wait_ms: float) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        with _LOAD_LOCK:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self._torch = torch
-        model_dir, tokenizer_dir = find_hf_folders(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.model.eval()
+            self._torch = torch
+            model_dir, tokenizer_dir = find_hf_folders(model_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            self.model.eval()
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
@@ -200,19 +204,27 @@ class ModelRunner:
         torch = self._torch
         logits = logits.float()
         greedy = logits.argmax(dim=-1)
-        sampled_rows = [i for i, s in enumerate(rows) if s.params.do_sample and s.params.temperature > 0]
+        # Below MIN_TEMPERATURE sampling is argmax anyway, and logits / temperature would overflow.
+        sampled_rows = [
+            i for i, s in enumerate(rows) if s.params.do_sample and s.params.temperature >= MIN_TEMPERATURE
+        ]
         if not sampled_rows:
             return greedy
         idx = torch.tensor(sampled_rows)
         sub = logits[idx]
         temps = torch.tensor([rows[i].params.temperature for i in sampled_rows]).unsqueeze(-1)
-        probs = torch.softmax(sub / temps, dim=-1)
+        probs = torch.softmax(sub / temps, dim=-1).nan_to_num(0.0)
         top_ps = torch.tensor([rows[i].params.top_p for i in sampled_rows]).unsqueeze(-1)
         if bool((top_ps < 1.0).any()):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
-            sorted_probs = sorted_probs.masked_fill(before >= top_ps, 0.0)
+            drop = before >= top_ps
+            drop[:, 0] = False  # the most likely token always stays (a top_p that underflows to 0 keeps one)
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        if not bool(usable.all()):  # degenerate settings (extreme temperature/top_p): that row decodes greedily
+            probs[~usable] = torch.nn.functional.one_hot(greedy[idx][~usable], probs.shape[-1]).to(probs.dtype)
         choice = torch.multinomial(probs, 1).squeeze(-1)
         out = greedy.clone()
         out[idx] = choice

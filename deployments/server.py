@@ -46,7 +46,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
@@ -125,7 +125,7 @@ class ScoreParams(_Body):
 
 
 class ScoreRequest(_Body):
-    input_data: list[str | list[ChatTurn]] = Field(..., min_length=1)
+    input_data: list[str | Annotated[list[ChatTurn], Field(min_length=1)]] = Field(..., min_length=1)
     params: ScoreParams = Field(default_factory=ScoreParams)
 
 
@@ -620,7 +620,12 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         return [Sequence(ids, p) for ids, p in zip(prompts, params, strict=True)]
 
     def encode(runner: ModelRunner, messages: list[dict[str, str]], param: str) -> list[int]:
-        ids = runner.encode_chat(messages)
+        try:
+            ids = runner.encode_chat(messages)
+        except Exception as exc:  # the model's chat template refuses the conversation (empty, roles out of order)
+            raise ApiError(
+                400, "InvalidConversation", f"the model's chat template cannot render this input: {exc}", param=param
+            ) from None
         try:
             runner.check_fits(ids)
         except InputTooLongError as exc:

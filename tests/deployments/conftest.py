@@ -1,0 +1,164 @@
+"""Shared set-up for the endpoint tests: a tiny model folder and real servers on free loopback ports.
+
+Each server is a real ``python -m deployments.server`` process started with :func:`deployments.service.start_server`
+and stopped by PID at the end of its module (few servers: they are shared by every test of a module).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.client import EndpointAdminClient
+from deployments.keys import read_keys
+from deployments.service import start_server, stop_server
+from tasks.config import Settings
+from tasks.state import state_paths
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sample_texts() -> list[str]:
+    texts = []
+    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts.extend(m["content"] for m in row.get("messages", []))
+    return texts
+
+
+def _build_fallback_model(folder: Path, texts: list[str]) -> Path:
+    """A random-init tiny Phi-3 with a small BPE tokenizer and a Phi-3 chat template (``<|end|>`` ends a turn).
+
+    Used only until ``training.tiny_model.build_tiny_model`` exists in the tree.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    )
+    tokenizer.save_pretrained(folder)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    config = Phi3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        eos_token_id=[end, tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = Phi3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[end, tokenizer.eos_token_id], pad_token_id=config.pad_token_id
+    )
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_model(folder: Path) -> Path:
+    """An untrained tiny model folder: it generates tokens (bounded by max_new_tokens), which most tests need."""
+    try:
+        from training.tiny_model import build_tiny_model
+    except ModuleNotFoundError:
+        return _build_fallback_model(folder, sample_texts())
+    result = build_tiny_model(folder, sample_texts())
+    return Path(result) if isinstance(result, str | Path) else folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@dataclass
+class LiveEndpoint:
+    """A running server: its settings, URL, keys and an admin client."""
+
+    settings: Settings
+    pid: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.endpoint.host}:{self.settings.endpoint.port}"
+
+    @property
+    def endpoint_dir(self) -> Path:
+        return state_paths(self.settings.state_dir).endpoint
+
+    @property
+    def keys(self) -> dict[str, str]:
+        return read_keys(self.endpoint_dir)
+
+    def headers(self, key: str = "primary", **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[key]}", **extra}
+
+    @property
+    def admin(self) -> EndpointAdminClient:
+        return EndpointAdminClient(self.url, self.keys["admin"])
+
+    def deploy(self, model_dir: Path, traffic: dict[str, int], timeout_s: float = 120.0) -> None:
+        for name in traffic:
+            self.admin.create_deployment(name, str(model_dir), "1")
+        for name in traffic:
+            self.admin.wait_ready(name, timeout_s)
+        self.admin.set_traffic(traffic)
+
+    @property
+    def log_text(self) -> str:
+        return (self.endpoint_dir / "server.log").read_text(encoding="utf-8", errors="replace")
+
+
+def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
+    return Settings.model_validate(
+        {
+            "state_dir": str(state_dir),
+            "data": {"path": str(SAMPLE)},
+            "endpoint": {"port": free_port(), "startup_timeout_s": 60, "stop_grace_s": 10, **endpoint},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LiveEndpoint]]:
+    """Start servers for a module (``launch(**endpoint_fields)``); every one is stopped by PID afterwards."""
+    started: list[Settings] = []
+
+    def _launch(**endpoint: Any) -> LiveEndpoint:
+        settings = make_settings(tmp_path_factory.mktemp("state"), **endpoint)
+        pid = start_server(settings)
+        started.append(settings)
+        return LiveEndpoint(settings, pid)
+
+    yield _launch
+    for settings in started:
+        stop_server(settings, grace_s=10)
