@@ -113,6 +113,17 @@ def _version_from_model_ref(model: Any) -> str | None:
     return match.group(1) if match else None
 
 
+def _tokenizer_beside_weights(root: Path) -> None:
+    """MLflow's transformers flavour keeps the tokenizer in ``components/tokenizer/`` beside ``model/``: copy it
+    into ``model/`` so that folder loads on its own with ``from_pretrained`` (our private download, not the asset)."""
+    for tokenizer in root.rglob("components/tokenizer"):
+        weights = tokenizer.parent.parent / "model"
+        if tokenizer.is_dir() and (weights / "config.json").is_file():
+            for item in tokenizer.iterdir():
+                if item.is_file() and not (weights / item.name).exists():
+                    shutil.copy2(item, weights / item.name)
+
+
 class _UniformRng:
     """Adapts a ``random.random``-style callable to the ``uniform(a, b)`` that :mod:`tasks.retry` draws from."""
 
@@ -496,6 +507,7 @@ class AzureMLBackend:
                     version.version,
                     download_path=str(tmp),
                 )
+                _tokenizer_beside_weights(tmp)
                 atomic_write_text(tmp / ".complete", version.uri)
                 if root.exists():
                     shutil.rmtree(root)

@@ -149,6 +149,32 @@ def training_command_line(spec: TrainingJobSpec, training_dir: Path = TRAINING_D
     return " ".join(parts)
 
 
+def mlflow_export_step(subpath: str) -> str:
+    """Bash run after ``sft.py`` in the job: save ``model/`` as an MLflow model in ``model_output/<subpath>``.
+
+    Registering it as an ``mlflow_model`` lets Azure ML deploy it without a scoring script (the sample's route);
+    ``sft.py`` logs the model to the MLflow run, but an MLflow 3 logged model is not a job output folder we can
+    register by path. Saving from the folder copies the weights without loading them (weak point 5). Rank 0 only:
+    with PyTorchDistribution every process runs the command.
+    """
+    output = f"${{{{outputs.{MODEL_OUTPUT}}}}}"
+    code = (
+        "import contextlib, sys, mlflow, sft; "
+        "stack = contextlib.ExitStack(); "
+        "stack.enter_context(getattr(sft, '_pipeline_impl_as_class', contextlib.nullcontext)()); "
+        "mlflow.transformers.save_model(transformers_model=sys.argv[1], path=sys.argv[2], "
+        "task='text-generation', pip_requirements=sft.MLFLOW_PIP_REQUIREMENTS)"
+    )
+    return f'if [ "${{RANK:-0}}" = "0" ]; then python -c "{code}" {output}/model {output}/{subpath.strip("/")}; fi'
+
+
+def job_command(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = TRAINING_DIR) -> str:
+    """The job's command: the training command line, then the MLflow export when a subpath is configured."""
+    line = training_command_line(spec, training_dir)
+    subpath = cfg.model_output_subpath.strip("/")
+    return f"{line} && {mlflow_export_step(subpath)}" if subpath else line
+
+
 def job_name(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = TRAINING_DIR, attempt: int = 1) -> str:
     """A job name derived from what the job computes (data, recipe, code, overrides, cluster).
 
@@ -192,7 +218,7 @@ def training_command(
         description="finetune-phi: training/sft.py on the prepared chat dataset",
         experiment_name=spec.experiment or cfg.experiment_name,
         code=str(training_dir),
-        command=training_command_line(spec, training_dir),
+        command=job_command(spec, cfg, training_dir),
         environment=environment,
         compute=cfg.compute.name,
         inputs={

@@ -218,10 +218,13 @@ class Models(_Ops):
 
     def download(self, name: str, version: str, download_path: str = ".") -> None:
         self._enter("download", name, version)
-        folder = Path(download_path) / name / "model_output"
+        # The layout of an MLflow transformers model saved from a folder: weights and tokenizer apart.
+        folder = Path(download_path) / name / "mlflow_model"
         (folder / "model").mkdir(parents=True, exist_ok=True)
+        (folder / "components" / "tokenizer").mkdir(parents=True, exist_ok=True)
         (folder / "MLmodel").write_text("flavors: {transformers: {}}\n")
         (folder / "model" / "config.json").write_text('{"model_type": "phi3"}')
+        (folder / "components" / "tokenizer" / "tokenizer_config.json").write_text("{}")
 
 
 class OnlineEndpoints(_Ops):

@@ -255,6 +255,7 @@ def test_model_folder_downloads_once_and_finds_the_hugging_face_files(backend, f
     version = backend.register_model("job-a", {})
     folder = backend.model_folder(version)
     assert (folder / "config.json").is_file()
+    assert (folder / "tokenizer_config.json").is_file()  # from components/tokenizer: the folder loads on its own
     assert backend.model_folder(version) == folder
     assert len(fake.called("models.download")) == 1
 

@@ -33,11 +33,13 @@ def test_command_job_round_trips_with_the_same_command_line(tmp_path, settings, 
     out = tmp_path / "yaml"
     loaded = load_job(_write(tmp_path, "job.yml", entities.to_yaml_dict(job, "job", out)))
 
-    assert loaded.command == (
+    training_line, export_step = loaded.command.split(" && ", 1)
+    assert training_line == (
         "python sft.py --config recipes/phi3.5-mini_full_gpu.yaml --train_file ${{inputs.train_file}} "
         "--eval_file ${{inputs.eval_file}} --output_dir ${{outputs.model_output}} "
         f"--manifest_sha256 {spec.manifest_sha256} --max_steps 20"
     )
+    assert export_step.endswith("${{outputs.model_output}}/model ${{outputs.model_output}}/mlflow_model; fi")
     assert (out / loaded.code).resolve() == training_dir.resolve()  # relative to the YAML file, as az ml reads it
     assert loaded.compute == cfg.compute.name
     assert loaded.environment.removeprefix("azureml:") == "finetune-phi-train:1"
