@@ -89,10 +89,15 @@ def find_hf_folders(root: str | Path) -> tuple[Path, Path]:
 class ModelRunner:
     """A causal LM and its tokenizer, plus the batching worker. Thread-safe ``submit``."""
 
-    def __init__(self, model_path: str | Path, *, max_batch_size: int, batch_wait_ms: float) -> None:
+    def __init__(
+        self, model_path: str | Path, *, max_batch_size: int, batch_wait_ms: float, torch_threads: int = 0
+    ) -> None:
         with _LOAD_LOCK:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            if torch_threads > 0:
+                torch.set_num_threads(torch_threads)  # process-wide; see EndpointConfig.torch_threads
 
             self._torch = torch
             model_dir, tokenizer_dir = find_hf_folders(model_path)

@@ -333,6 +333,7 @@ class Endpoint:
                 deployment.model_path,
                 max_batch_size=self.config.max_batch_size,
                 batch_wait_ms=self.config.batch_wait_ms,
+                torch_threads=self.config.torch_threads,
             )
         except Exception as exc:
             log.warning("deployment %s failed to load %s: %s", deployment.name, deployment.model_path, exc)

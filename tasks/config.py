@@ -106,6 +106,9 @@ class EndpointConfig(_Section):
     batch_wait_ms: float = Field(3.0, ge=0)  # how long the batching worker waits for more requests to join
     default_max_new_tokens: int = Field(128, gt=0)  # when a request names none
     stop_grace_s: float = Field(30.0, gt=0)  # stop: SIGTERM, in-flight requests finish, then SIGKILL after this
+    # torch intra-op threads in the server. 1 suits small models and shared CPUs (2 threads stalled the batching
+    # worker 10-50x on a busy 2-core machine); 0 keeps torch's default (one per core) for big models.
+    torch_threads: int = Field(1, ge=0)
 
 
 class RolloutConfig(_Section):
