@@ -176,7 +176,7 @@ def job_command(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = 
 
 
 def job_name(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = TRAINING_DIR, attempt: int = 1) -> str:
-    """A job name derived from what the job computes (data, recipe, code, overrides, cluster).
+    """A job name derived from what the job computes (data, recipe, code, overrides, cluster, environment).
 
     The same inputs give the same name, so a re-run after a crash finds the job it already submitted instead of
     paying for a second one. ``attempt`` > 1 names a fresh try after a failed or canceled job.
@@ -192,6 +192,10 @@ def job_name(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = TRA
         data_location(spec.eval_file),
         cfg.compute.name,
         f"{cfg.instance_count}x{cfg.processes_per_node}",
+        environment_version(cfg, training_dir.parent)
+        if (training_dir.parent / cfg.environment.conda_file).is_file()
+        else "",
+        cfg.model_output_subpath,
     ):
         digest.update(part.encode() + b"\0")
     prefix = re.sub(r"[^a-z0-9_-]+", "-", (spec.experiment or cfg.experiment_name).lower()).strip("-") or "job"

@@ -86,7 +86,10 @@ def test_job_name_is_stable_for_the_same_inputs_and_changes_with_them(settings, 
     changed = TrainingJobSpec(spec.recipe, spec.train_file, spec.eval_file, "ff" * 32, spec.overrides)
     assert entities.job_name(changed, cfg, training_dir) != first
     (training_dir / "sft.py").write_text("print('edited')\n")
-    assert entities.job_name(spec, cfg, training_dir) != first
+    second = entities.job_name(spec, cfg, training_dir)
+    assert second != first
+    (training_dir / "conda.yml").write_text("name: x\ndependencies:\n  - python=3.12\n")  # a new environment
+    assert entities.job_name(spec, cfg, training_dir) != second
 
 
 def test_endpoint_round_trips_with_identity_and_auth_mode(tmp_path, settings) -> None:
