@@ -60,9 +60,15 @@ def test_the_job_command_trains_and_leaves_a_registrable_mlflow_model(tmp_path, 
     out = tmp_path / "model_output"
     spec = TrainingJobSpec(TINY_RECIPE, train, test, "ab" * 32, overrides={"max_steps": 1})
     command = _bind(entities.job_command(spec, settings.azureml), train, test, out)
-    done = subprocess.run(
-        ["bash", "-c", command], cwd=TRAINING, env=_env(tmp_path, "0"), capture_output=True, text=True, timeout=600
+    # An SQLite store puts artifacts in ./mlruns of the working directory (training/) unless the experiment says
+    # otherwise: make the experiment first, with its artifacts in tmp_path (on Azure the workspace holds them).
+    import mlflow
+
+    env = _env(tmp_path, "0")
+    mlflow.tracking.MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment(
+        "finetune-phi", artifact_location=(tmp_path / "artifacts").as_uri()
     )
+    done = subprocess.run(["bash", "-c", command], cwd=TRAINING, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 1 and metrics["manifest_sha256"] == "ab" * 32 and "eval_loss" in metrics
