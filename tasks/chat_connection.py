@@ -10,8 +10,9 @@ against some endpoints, microsoft/promptflow#1672; the OpenAI route is the one s
 
 Prompt flow keeps its home, its connections database and its config in the state folder (``PF_HOME_DIRECTORY``),
 with telemetry off and traces nowhere (``telemetry.enabled: false``, ``trace.destination: none`` in its
-``pf.yaml``), and the connections' encryption key in a plain-text keyring file (``keyrings.alt``) so it works on a
-machine with no desktop keyring. ``env.sh`` beside it sets the same variables for a shell that runs ``pf``.
+``pf.yaml``), no call home (Azure Monitor's control plane off, the PyPI version check marked done), and the
+connections' encryption key in a plain-text keyring file (``keyrings.alt``) so it works on a machine with no
+desktop keyring. ``env.sh`` beside it sets the same variables for a shell that runs ``pf``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,28 @@ import yaml
 
 from tasks.backends.base import BackendError
 from tasks.config import Settings, load_config
-from tasks.state import StatePaths, atomic_write_text, configure_environment
+from tasks.state import StatePaths, atomic_write_json, atomic_write_text, configure_environment, read_json
 
 CONNECTION_NAME = "finetune_phi_endpoint"  # flow_chat/flow.dag.yaml names it
 KEY_ENV = "FINETUNE_PHI_ENDPOINT_KEY"
 ENV_FILE = "env.sh"
-# Variables a shell needs so `pf` finds the connection and stays quiet (set by tasks.state.configure_environment).
-PF_ENV_VARS = ("PF_HOME_DIRECTORY", "PF_DISABLE_TRACING", "PYTHON_KEYRING_BACKEND", "XDG_DATA_HOME")
+# Prompt flow builds its Application Insights log exporter even with telemetry off, and the exporter's "control
+# plane" asks settings.sdk.monitor.azure.com for configuration at start-up; this variable switches that off.
+NO_CONTROL_PLANE = {"APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true"}
+# Variables a shell needs so `pf` finds the connection and stays quiet (most set by tasks.state.configure_environment).
+PF_ENV_VARS = (
+    "PF_HOME_DIRECTORY",
+    "PF_DISABLE_TRACING",
+    "PYTHON_KEYRING_BACKEND",
+    "XDG_DATA_HOME",
+    *NO_CONTROL_PLANE,
+)
 # Prompt flow's own settings (`pf config set ...`), kept in <PF_HOME_DIRECTORY>/pf.yaml.
 PF_CONFIG = {"telemetry": {"enabled": False}, "trace": {"destination": "none"}}
+# Prompt flow asks PyPI for a newer release on `pf flow test` and batch runs, whatever the telemetry setting, at most
+# weekly after the time in this file (promptflow/_sdk/_version_hint_utils.py). The version is pinned on purpose and
+# Prompt flow is retiring: a check dated far ahead means nothing leaves the machine.
+PF_VERSION_CHECK = ("pf_version_check.json", "last_check_time", "9999-01-01 00:00:00.000000")
 
 
 @dataclass(frozen=True)
@@ -53,12 +67,21 @@ def configure_promptflow(state_dir: str | Path) -> StatePaths:
     Call before the first ``import promptflow`` in a process: Prompt flow reads ``PF_HOME_DIRECTORY`` once, at import.
     """
     paths = configure_environment(state_dir)
-    config_file = Path(os.environ["PF_HOME_DIRECTORY"]) / "pf.yaml"
+    for name, value in NO_CONTROL_PLANE.items():
+        os.environ.setdefault(name, value)
+    home = Path(os.environ["PF_HOME_DIRECTORY"])
+    home.mkdir(parents=True, exist_ok=True)
+    config_file = home / "pf.yaml"
     current = (yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None) or {}
     merged = {**current, **{k: {**(current.get(k) or {}), **v} for k, v in PF_CONFIG.items()}}
     if merged != current:
         # Prompt flow writes this file 0600 (it may hold an installation id); keep it so.
         atomic_write_text(config_file, yaml.safe_dump(merged, sort_keys=True), permissions=0o600)
+    check_file, check_key, far_ahead = PF_VERSION_CHECK
+    checks = read_json(home / check_file, default=None)
+    checks = checks if isinstance(checks, dict) else {}
+    if checks.get(check_key) != far_ahead:
+        atomic_write_json(home / check_file, {**checks, check_key: far_ahead}, permissions=0o600)
     lines = [f"export {name}={shlex.quote(os.environ[name])}" for name in PF_ENV_VARS if os.environ.get(name)]
     atomic_write_text(
         paths.promptflow / ENV_FILE,

@@ -65,8 +65,17 @@ def test_prompt_flow_is_headless_quiet_and_self_contained(tmp_path: Path) -> Non
     assert stat.S_IMODE((home / "pf.yaml").stat().st_mode) == 0o600
     # The plain-text keyring, so connections work without a desktop keyring.
     assert os.environ["PYTHON_KEYRING_BACKEND"] == "keyrings.alt.file.PlaintextKeyring"
+    # No call home: Azure Monitor's control plane is off and the PyPI version check is marked as done.
+    assert os.environ["APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED"] == "true"
+    assert json.loads((home / "pf_version_check.json").read_text())["last_check_time"].startswith("9999")
     env_sh = (paths.promptflow / "env.sh").read_text()
-    for name in ("PF_HOME_DIRECTORY", "PYTHON_KEYRING_BACKEND", "XDG_DATA_HOME", "PF_DISABLE_TRACING"):
+    for name in (
+        "PF_HOME_DIRECTORY",
+        "PYTHON_KEYRING_BACKEND",
+        "XDG_DATA_HOME",
+        "PF_DISABLE_TRACING",
+        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED",
+    ):
         assert f"export {name}=" in env_sh
 
 
