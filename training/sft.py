@@ -58,7 +58,9 @@ class FinetuneScriptArguments(ScriptArguments):
     mlflow_tracking_uri: str | None = field(
         default=None, metadata={"help": "MLflow tracking URI; default: MLFLOW_TRACKING_URI, else no MLflow."}
     )
-    mlflow_experiment: str = field(default="finetune-phi", metadata={"help": "MLflow experiment name."})
+    mlflow_experiment: str | None = field(
+        default=None, metadata={"help": "MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else finetune-phi."}
+    )
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "Build a tiny Phi-3 model and tokenizer from the training split instead of loading one."},
@@ -346,6 +348,13 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def save_final_model(trainer: Any, tokenizer: Any, output_dir: Path, script_args: FinetuneScriptArguments) -> Path:
     """Save the model for serving in ``output_dir/model``; a LoRA adapter is kept in ``adapter/`` and merged."""
     model_dir = output_dir / MODEL_SUBDIR
@@ -375,9 +384,11 @@ class MlflowRun:
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
         id_file = output_dir / MLFLOW_RUN_FILE
         previous = id_file.read_text().strip() if id_file.is_file() else None
+        # Inside an Azure ML job MLFLOW_RUN_ID names the job's own run: start_run() attaches to it.
+        if not previous and not os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_experiment(experiment)
         self.run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -526,7 +537,8 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
     tracking_uri = script_args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     run = None
     if tracking_uri and output_dir.name:
-        run = MlflowRun(tracking_uri, script_args.mlflow_experiment, output_dir, script_args.recipe_name or "sft")
+        experiment = script_args.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "finetune-phi"
+        run = MlflowRun(tracking_uri, experiment, output_dir, script_args.recipe_name or "sft")
     try:
         trainer, tokenizer, base_name = build_trainer(script_args, training_args, model_args, run)
         if run is not None:
@@ -563,6 +575,7 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
                 "wall_time_s": round(time.monotonic() - started, 2),
                 "train_time_s": round(train_seconds, 2),
                 "peak_memory_mb": round(peak_memory_mb(), 1),
+                "cpu_time_s": round(cpu_seconds(), 1),  # unlike wall time, barely moved by other load on the machine
                 "manifest_sha256": script_args.manifest_sha256,
                 "recipe": script_args.recipe_name,
                 "base_model": "tiny" if script_args.build_tiny_model else base_name,
