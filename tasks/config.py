@@ -73,6 +73,9 @@ class EvaluationConfig(_Section):
     num_prompts: int = Field(8, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     latency_budget_s: float = Field(30.0, gt=0)
+    # Optional last step: flow_chat/ over the test split through the live endpoint (tasks/batch_eval.py).
+    chat_flow_eval: bool = False
+    chat_flow_max_rows: int | None = Field(None, gt=0)  # None: the whole test split
 
 
 class GateConfig(_Section):
