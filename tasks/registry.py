@@ -38,6 +38,15 @@ _LINEAGE_KEYS = ("recipe", "manifest_sha256", "dataset_manifest_sha256", "base_m
 # What the serving environment needs; MLflow's inference would add torchvision, which is not installed.
 PIP_REQUIREMENTS = ("torch", "transformers>=5", "tokenizers", "accelerate", "safetensors")
 
+# The sample's generation params, with defaults, as the logged model's signature declares them.
+SIGNATURE_PARAMS = (
+    ("max_new_tokens", 128),
+    ("temperature", 0.7),
+    ("top_p", 1.0),
+    ("do_sample", False),
+    ("return_full_text", False),
+)
+
 _lock = threading.Lock()
 
 
@@ -140,12 +149,28 @@ def _pipeline_impl_as_class() -> Iterator[None]:
         pipelines.check_task = original
 
 
+def _experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id, created with its artifacts beside a SQLite store (MLflow's default for a SQLite store
+    is ``./mlruns`` in whatever folder the process runs in)."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    folder = _sqlite_folder(tracking_uri)
+    location = (folder / "artifacts").as_uri() if folder else None
+    return client.create_experiment(name, artifact_location=location)
+
+
 def _log_folder(model_dir: Path, model_name: str, job_id: str) -> str:
     """Log a saved Hugging Face folder as an MLflow transformers model, by path (no load). Returns its URI."""
     import mlflow
+    from mlflow.models import infer_signature
 
-    experiment = mlflow.set_experiment(model_name)
-    with mlflow.start_run(experiment_id=experiment.experiment_id, run_name=f"register-{job_id}") as run:
+    experiment_id = _experiment_id(mlflow.get_tracking_uri(), model_name)
+    # Declared params: MLflow's scoring server (and Azure's no-code MLflow deployment) silently drop params that
+    # are not in the signature, so the sample's max_new_tokens/temperature would otherwise be ignored.
+    signature = infer_signature("question", "answer", params=dict(SIGNATURE_PARAMS))
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{job_id}") as run:
         mlflow.set_tag(TAG_JOB_ID, job_id)
         with _pipeline_impl_as_class():
             info = mlflow.transformers.log_model(
@@ -153,6 +178,7 @@ def _log_folder(model_dir: Path, model_name: str, job_id: str) -> str:
                 name="model",
                 task="text-generation",
                 pip_requirements=list(PIP_REQUIREMENTS),
+                signature=signature,
             )
         log.info("logged %s as %s (run %s)", model_dir, info.model_uri, run.info.run_id)
         return info.model_uri

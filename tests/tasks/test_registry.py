@@ -42,6 +42,11 @@ def registered(job_output: Path, tracking_uri: str):
     return version
 
 
+def test_artifacts_stay_beside_the_sqlite_store(registered, tracking_uri: str) -> None:
+    store = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    assert any((store / "artifacts").rglob("model.safetensors"))
+
+
 def test_registration_carries_lineage_tags(registered, job_output: Path) -> None:
     assert registered.name == MODEL and registered.version == "1" and registered.uri == f"models:/{MODEL}/1"
     assert registered.source_job_id == "job-1"
@@ -89,6 +94,8 @@ def test_model_folder_downloads_when_the_job_folder_is_gone(registered, tracking
     detached = dataclasses.replace(registered, local_path=None, tags={})  # as if the job folder were deleted
     folder = registry.model_folder(detached, tracking_uri=tracking_uri, download_dir=tmp_path)
     assert (folder / "MLmodel").is_file()
+    # the signature declares the sample's params, or MLflow's scoring server would drop max_new_tokens
+    assert "max_new_tokens" in (folder / "MLmodel").read_text(encoding="utf-8")
     model_dir, tokenizer_dir = find_hf_folders(folder)
     assert (model_dir / "config.json").is_file() and (tokenizer_dir / "tokenizer_config.json").is_file()
 
