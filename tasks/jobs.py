@@ -371,7 +371,8 @@ class LogFollower:
             return []
         self.offset += end + 1
         # tqdm-style bars rewrite one line with carriage returns: keep what the line finally said.
-        return [line.split("\r")[-1] for line in chunk[: end + 1].decode("utf-8", "replace").splitlines()]
+        text = chunk[:end].decode("utf-8", "replace")
+        return [line.rstrip("\r").split("\r")[-1] for line in text.split("\n")]
 
 
 def read_text_or_none(path: Path) -> str | None:
