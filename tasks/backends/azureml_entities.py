@@ -123,6 +123,8 @@ def compute_cluster(cfg: AzureMLConfig) -> AmlCompute:
 def recipe_in_code(recipe: Path, training_dir: Path = TRAINING_DIR) -> str:
     """The recipe's path relative to ``training/`` (the job's code folder, uploaded as is)."""
     resolved = (recipe if recipe.is_absolute() else REPO_ROOT / recipe).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"recipe {recipe} not found; set training.recipe to a file in training/recipes/")
     try:
         return resolved.relative_to(training_dir.resolve()).as_posix()
     except ValueError:

@@ -76,6 +76,11 @@ def test_recipe_outside_training_folder_is_refused(settings, spec, training_dir,
     stray.write_text("x: 1\n")
     with pytest.raises(ValueError, match="outside"):
         entities.training_command_line(TrainingJobSpec(stray, spec.train_file, spec.eval_file, "00"), training_dir)
+    with pytest.raises(FileNotFoundError, match=r"training\.recipe"):
+        entities.training_command_line(
+            TrainingJobSpec(training_dir / "recipes" / "nope.yaml", spec.train_file, spec.eval_file, "00"),
+            training_dir,
+        )
 
 
 def test_job_name_is_stable_for_the_same_inputs_and_changes_with_them(settings, spec, training_dir) -> None:
