@@ -176,3 +176,14 @@ def test_low_priority_compute_reaches_the_rest_request(settings) -> None:
     rest = cluster._to_rest_object().properties.properties
     assert rest.vm_priority == "LowPriority"
     assert (rest.scale_settings.min_node_count, rest.scale_settings.max_node_count) == (0, 4)
+
+
+def test_the_shipped_azure_config_names_a_shipped_recipe() -> None:
+    from tasks.config import load_config
+    from tests.tasks.backends.conftest import REPO_ROOT
+
+    settings = load_config(REPO_ROOT / "configs" / "azureml.yaml", environ={})
+    assert entities.recipe_in_code(settings.training.recipe) == "recipes/phi3.5-mini_full_gpu.yaml"
+    assert (
+        settings.azureml.subscription_id == "00000000-0000-0000-0000-000000000000"
+    )  # a placeholder, never a real one
