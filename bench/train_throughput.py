@@ -40,10 +40,10 @@ SAMPLE_SETTINGS = {
     "packing": "true",
     "attn_implementation": "eager",
     "per_device_train_batch_size": "4",
-    "gradient_checkpointing": "true",
+    "activation_checkpointing": "true",
     "learning_rate": "5e-6",
     "lr_scheduler_type": "cosine",
-    "warmup_ratio": "0.2",
+    "warmup_steps": "0.2",
     "max_length": "2048",
 }
 

@@ -166,8 +166,10 @@ def parse_args(argv: list[str]) -> tuple[FinetuneScriptArguments, FinetuneSFTCon
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as exc:
-        where = f"recipe {recipe}" if recipe else "the command line"
-        raise UsageError(f"{where} is not valid: {exc}") from None
+        if "not used by the HfArgumentParser" in str(exc):  # recipe keys were checked above: these are flags
+            raise UsageError(f"unknown command-line flags ({exc}); check the names with --help") from None
+        where = f"recipe {recipe} with these flags" if recipe else "these flags"
+        raise UsageError(f"{where} cannot be used: {exc}; change the recipe or override on the command line") from None
     if script_args.recipe_name is None and recipe is not None:
         script_args.recipe_name = recipe.stem
     return script_args, training_args, model_args
@@ -448,7 +450,7 @@ def run_params(script_args: Any, training_args: Any, model_args: Any) -> dict[st
     keys = (
         "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
         "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "packing", "padding_free",
-        "assistant_only_loss", "bf16", "gradient_checkpointing", "weight_decay", "seed", "save_steps",
+        "assistant_only_loss", "bf16", "activation_checkpointing", "weight_decay", "seed", "save_steps",
     )  # fmt: skip
     params: dict[str, Any] = {k: getattr(training_args, k) for k in keys}
     params.update(
