@@ -152,3 +152,27 @@ def test_help_is_quick_and_lists_the_project_fields() -> None:
 def test_gpu_recipes_parse_as_written_on_a_gpu(recipe: Path) -> None:
     _, training_args, _ = sft.parse_args(["--config", str(recipe), "--output_dir", "/x"])
     assert training_args.bf16
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        spec = line.split("#")[0].strip().lstrip("- ").strip()
+        if "==" in spec:
+            name, version = spec.split("==")
+            pins[name.lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_training_environment_pins_match_the_project_constraints() -> None:
+    import yaml
+
+    constraints = _pins((REPO_ROOT / "constraints.txt").read_text().splitlines())
+    requirements = _pins((TRAINING / "requirements.txt").read_text().splitlines())
+    conda = yaml.safe_load((TRAINING / "conda.yml").read_text())
+    conda_pins = _pins(next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict)))
+    assert requirements == conda_pins
+    assert {"torch", "transformers", "trl", "peft", "mlflow"} <= set(requirements)
+    assert int(requirements["transformers"].split(".")[0]) >= 5
+    for name, version in requirements.items():
+        assert constraints.get(name) == version, name
