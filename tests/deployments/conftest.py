@@ -40,59 +40,14 @@ def sample_texts() -> list[str]:
     return texts
 
 
-def _build_fallback_model(folder: Path, texts: list[str]) -> Path:
-    """A random-init tiny Phi-3 with a small BPE tokenizer and a Phi-3 chat template (``<|end|>`` ends a turn).
-
-    Used only until ``training.tiny_model.build_tiny_model`` exists in the tree.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + '<|end|>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-    )
-    tokenizer.save_pretrained(folder)
-    end = tokenizer.convert_tokens_to_ids("<|end|>")
-    config = Phi3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        eos_token_id=[end, tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    model = Phi3ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[end, tokenizer.eos_token_id], pad_token_id=config.pad_token_id
-    )
-    model.save_pretrained(folder)
-    return folder
-
-
 def build_model(folder: Path) -> Path:
-    """An untrained tiny model folder: it generates tokens (bounded by max_new_tokens), which most tests need."""
-    try:
-        from training.tiny_model import build_tiny_model
-    except ModuleNotFoundError:
-        return _build_fallback_model(folder, sample_texts())
-    result = build_tiny_model(folder, sample_texts())
-    return Path(result) if isinstance(result, str | Path) else folder
+    """An untrained tiny Phi-3 folder (smaller than the recipe's: serving tests only need tokens, bounded by
+    max_new_tokens). Its replies rarely end; tests that need an ending use ``trained_tiny_model``."""
+    from training.tiny_model import build_tiny_model
+
+    return Path(
+        build_tiny_model(folder, sample_texts(), hidden_size=64, num_layers=2, intermediate_size=128, vocab_size=1024)
+    )
 
 
 @pytest.fixture(scope="session")

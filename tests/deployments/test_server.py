@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from tasks.backends.base import BackendError
 from tests.deployments.conftest import LiveEndpoint
 
-CAP = 24  # endpoint.max_new_tokens_cap on this server: keeps every generation short
+CAP = 64  # endpoint.max_new_tokens_cap on this server: keeps generations short, long enough for an answer
 BODY_LIMIT = 64_000
 SAMPLE_BODY = {  # the sample's own request (Prompt flow node)
     "input_data": ["What is a Prefect flow?"],
@@ -65,6 +65,27 @@ def test_chat_turns_and_strings_in_one_request(live: LiveEndpoint) -> None:
     # greedy by default: the same input gives the same reply
     again = post(live, "/score", {"input_data": [turns], "params": {"max_new_tokens": 5}}).json()
     assert again == [replies[0]["text"]]
+
+
+@pytest.mark.slow
+def test_trained_model_replies_end(live: LiveEndpoint, trained_tiny_model: Path, sample_split) -> None:
+    """The tiny recipe's model, trained once per session, answers training questions and stops at <|end|>."""
+    rows = [json.loads(line) for line in Path(sample_split.train_path).read_text(encoding="utf-8").splitlines()]
+    questions = [next(m["content"] for m in row["messages"] if m["role"] == "user") for row in rows[:6]]
+    live.admin.create_deployment("trained", str(trained_tiny_model / "model"), "trained")
+    live.admin.wait_ready("trained", 120)
+    pin = live.headers(**{"azureml-model-deployment": "trained"})
+    body = {"input_data": questions, "params": {"max_new_tokens": CAP, "return_finish_reason": True}}
+    response = post(live, "/score", body, pin)
+    assert response.status_code == 200
+    replies = response.json()
+    ended = [r for r in replies if r["finish_reason"] == "stop"]
+    assert len(ended) >= len(questions) // 2, replies
+    assert all(r["text"].strip() and "<|end|>" not in r["text"] for r in ended)
+    chat = post(live, "/v1/chat/completions", {"messages": [{"role": "user", "content": questions[0]}],
+                                               "temperature": 0, "max_tokens": CAP}, pin)  # fmt: skip
+    assert chat.json()["choices"][0]["finish_reason"] == replies[0]["finish_reason"]
+    live.admin.delete_deployment("trained")
 
 
 def test_openai_client_chat_and_streaming(live: LiveEndpoint) -> None:
