@@ -2,8 +2,8 @@
 
 It talks to the endpoint's OpenAI-compatible ``POST {base_url}/chat/completions`` through an OpenAI-type Prompt
 flow connection (``api_key`` + ``base_url``), the route Prompt flow supports for OpenAI-compatible servers
-(microsoft/promptflow#3785; custom connections fail against some endpoints, #1672). The same code works against
-the local endpoint and an Azure ML online endpoint whose scoring server speaks the OpenAI protocol.
+(microsoft/promptflow#3785; custom connections fail against some endpoints, #1672). Where a deployment serves only
+the sample's ``POST /score`` (Azure ML's no-code MLflow deployments), the same chat turns go there instead.
 
 Failures reach the person as one sentence (:class:`ChatEndpointError`): endpoint down, wrong key, timeout,
 no deployment, overload. ``finish_reason`` and the latency come back beside the answer so the batch evaluation
@@ -124,6 +124,45 @@ def _explain(exc: Exception, base_url: str, timeout_s: float) -> str:
     return f"The call to the endpoint at {base_url} failed ({type(exc).__name__}): {exc}"
 
 
+def _chat_completions(
+    client: openai.OpenAI, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
+) -> tuple[str, str | None]:
+    response = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=temperature
+    )
+    if not response.choices:
+        raise ChatEndpointError(f"The endpoint at {client.base_url} answered with no choices; see its logs.")
+    choice = response.choices[0]
+    return choice.message.content or "", choice.finish_reason
+
+
+def _score(
+    client: openai.OpenAI, messages: list[dict[str, str]], max_tokens: int, temperature: float
+) -> tuple[str, str | None]:
+    """The sample's ``/score`` contract, with the chat turns as the one input. It does not say why a reply ended."""
+    body = {
+        "input_data": [messages],
+        "params": {
+            "max_new_tokens": max_tokens,
+            "temperature": temperature,
+            "do_sample": temperature > 0,
+            "return_full_text": False,
+        },
+    }
+    result = client.post("/score", cast_to=object, body=body)
+    first = result[0] if isinstance(result, list) and result else result
+    if isinstance(first, dict):  # MLflow's text-generation output: {"generated_text": ...}
+        first = first.get("generated_text", first.get("answer"))
+    if not isinstance(first, str):
+        raise ChatEndpointError(f"The endpoint's /score answered {str(result)[:200]!r}, not a list of texts.")
+    return first, None
+
+
+def _root(base_url: str) -> str:
+    """The endpoint's root: ``https://host/v1`` -> ``https://host`` (where ``/score`` lives)."""
+    return base_url[: -len("/v1")] if base_url.endswith("/v1") else base_url
+
+
 @tool
 def chat(
     question: str,
@@ -135,39 +174,44 @@ def chat(
     system_prompt: str = "",
     deployment: str = "",
     timeout_s: float = 120.0,
+    route: str = "auto",
 ) -> dict:
-    """Ask the model; return ``{"answer", "finish_reason", "latency_s"}`` or raise :class:`ChatEndpointError`."""
+    """Ask the model; return ``{"answer", "finish_reason", "latency_s"}`` or raise :class:`ChatEndpointError`.
+
+    ``route``: ``chat`` (``{base_url}/chat/completions``), ``score`` (``/score`` beside ``/v1``: Azure ML's no-code
+    MLflow deployments serve only that), or ``auto``: chat, and ``/score`` when the chat route is not there (404).
+    """
     base_url = (connection.base_url or "").rstrip("/")
     if not base_url:
         raise ChatEndpointError(
             "The Prompt flow connection has no base_url; create it with `finetune-phi chat-connection`."
         )
-    client = openai.OpenAI(
-        base_url=base_url,
-        api_key=connection.api_key,
-        timeout=timeout_s,
-        max_retries=0,  # a person is waiting: one clear error beats minutes of silent retries
-        default_headers={PIN_HEADER: deployment} if deployment else None,
-    )
+    if route not in ("auto", "chat", "score"):
+        raise ChatEndpointError(f"The node input 'route' is {route!r}; use auto, chat or score.")
+    options: dict[str, Any] = {
+        "api_key": connection.api_key,
+        "timeout": timeout_s,
+        "max_retries": 0,  # a person is waiting: one clear error beats minutes of silent retries
+        "default_headers": {PIN_HEADER: deployment} if deployment else None,
+    }
+    messages = build_messages(question, chat_history, system_prompt)
     started = time.perf_counter()
+    where = base_url
     try:
-        response = client.chat.completions.create(
-            model=model,
-            messages=build_messages(question, chat_history, system_prompt),
-            max_tokens=max_tokens,
-            temperature=temperature,
-        )
+        if route != "score":
+            try:
+                with openai.OpenAI(base_url=base_url, **options) as client:
+                    answer, finish_reason = _chat_completions(client, model, messages, max_tokens, temperature)
+            except openai.NotFoundError:
+                if route == "chat":
+                    raise
+                route = "score"
+        if route == "score":
+            where = _root(base_url) + "/score"
+            started = time.perf_counter()
+            with openai.OpenAI(base_url=_root(base_url), **options) as client:
+                answer, finish_reason = _score(client, messages, max_tokens, temperature)
     except openai.OpenAIError as exc:
         # `from None`: Prompt flow prints the chain; the sentence is the whole story.
-        raise ChatEndpointError(_explain(exc, base_url, timeout_s)) from None
-    finally:
-        client.close()
-    latency_s = time.perf_counter() - started
-    if not response.choices:
-        raise ChatEndpointError(f"The endpoint at {base_url} answered with no choices; see its logs.")
-    choice = response.choices[0]
-    return {
-        "answer": choice.message.content or "",
-        "finish_reason": choice.finish_reason,
-        "latency_s": round(latency_s, 4),
-    }
+        raise ChatEndpointError(_explain(exc, where, timeout_s)) from None
+    return {"answer": answer, "finish_reason": finish_reason, "latency_s": round(time.perf_counter() - started, 4)}

@@ -1,8 +1,8 @@
 """A real HTTP server on a free loopback port that records every request body it receives.
 
 Two modes:
-- ``upstream=None``: it answers ``POST /v1/chat/completions`` itself (a scripted reply that quotes the turns it
-  got), checks ``Authorization: Bearer <key>`` and answers 401 otherwise; ``delay_s`` makes it slow.
+- ``upstream=None``: it answers ``POST /v1/chat/completions`` and ``POST /score`` itself (scripted replies that
+  count the turns it got), checks ``Authorization: Bearer <key>`` and answers 401 otherwise; ``delay_s`` makes it slow.
 - ``upstream="http://127.0.0.1:PORT"``: a recording proxy in front of the real endpoint; requests and answers
   pass through unchanged, so a test can assert on exactly what the endpoint received.
 """
@@ -19,8 +19,11 @@ from typing import Any
 
 
 class RecordingServer:
-    def __init__(self, *, key: str = "test-key", upstream: str | None = None, delay_s: float = 0.0) -> None:
+    def __init__(
+        self, *, key: str = "test-key", upstream: str | None = None, delay_s: float = 0.0, chat_route: bool = True
+    ) -> None:
         self.key = key
+        self.chat_route = chat_route  # False: only /score exists, like an Azure ML no-code MLflow deployment
         self.upstream = upstream.rstrip("/") if upstream else None
         self.delay_s = delay_s
         self.requests: list[dict[str, Any]] = []  # {"path", "headers" (lower-case names), "body"}
@@ -102,6 +105,13 @@ class RecordingServer:
                     return
                 if outer.delay_s:
                     time.sleep(outer.delay_s)
+                if self.path.endswith("/score"):
+                    inputs = body.get("input_data", []) if isinstance(body, dict) else []
+                    self._send(200, json.dumps([f"scored {len(i)} turns" for i in inputs]).encode())
+                    return
+                if not outer.chat_route:
+                    self._send(404, b'{"detail": "Not Found"}')
+                    return
                 turns = body.get("messages", []) if isinstance(body, dict) else []
                 reply = f"heard {len(turns)} turns; last: {turns[-1]['content'] if turns else ''}"
                 payload = {

@@ -95,3 +95,28 @@ def test_missing_base_url_names_the_command(tool) -> None:
 
     with pytest.raises(tool.ChatEndpointError, match="finetune-phi chat-connection"):
         tool.chat(question="hi", chat_history=[], connection=OpenAIConnection(api_key=KEY))
+
+
+def test_auto_route_falls_back_to_score_where_only_score_exists(tool) -> None:
+    """Azure ML's no-code MLflow deployments serve only /score: the same turns go there, in the sample's body."""
+    history = [{"inputs": {"question": "first?"}, "outputs": {"answer": "one"}}]
+    with RecordingServer(key=KEY, chat_route=False) as server:
+        result = tool.chat(question="second?", chat_history=history, connection=_connection(server.base_url))
+        paths = [r["path"] for r in server.requests]
+        (score_body,) = server.bodies("/score")
+    assert paths == ["/v1/chat/completions", "/score"]
+    assert score_body["input_data"] == [
+        [
+            {"role": "user", "content": "first?"},
+            {"role": "assistant", "content": "one"},
+            {"role": "user", "content": "second?"},
+        ]
+    ]
+    assert score_body["params"]["max_new_tokens"] == 128 and score_body["params"]["return_full_text"] is False
+    assert result["answer"] == "scored 3 turns" and result["finish_reason"] is None
+
+
+def test_chat_route_only_reports_the_404(tool) -> None:
+    with RecordingServer(key=KEY, chat_route=False) as server, pytest.raises(tool.ChatEndpointError) as caught:
+        tool.chat(question="hi", chat_history=[], connection=_connection(server.base_url), route="chat")
+    assert "answered HTTP 404" in str(caught.value) and len(server.requests) == 1

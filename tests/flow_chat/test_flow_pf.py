@@ -187,6 +187,24 @@ def test_pf_flow_serve_answers_a_post(chat_endpoint: ChatEndpoint, tmp_path: Pat
     ]
 
 
+def test_score_route_sends_the_turns_to_the_endpoints_score(chat_endpoint: ChatEndpoint) -> None:
+    """The tool on its own (no pf process) against the endpoint's /score, the sample's contract, with chat turns."""
+    from promptflow.connections import OpenAIConnection
+
+    from tests.flow_chat.helpers import load_tool_module
+
+    tool = load_tool_module()
+    connection = OpenAIConnection(api_key=chat_endpoint.key, base_url=chat_endpoint.recorder.base_url)
+    history = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
+    result = tool.chat(
+        question="What is MLflow?", chat_history=history, connection=connection, route="score", max_tokens=16
+    )
+    (sent,) = chat_endpoint.recorder.bodies("/score")[-1:]
+    assert sent["input_data"][0][-1] == {"role": "user", "content": "What is MLflow?"}
+    assert len(sent["input_data"][0]) == 3
+    assert isinstance(result["answer"], str) and result["finish_reason"] is None
+
+
 def test_wrong_key_gives_the_clear_sentence(chat_endpoint: ChatEndpoint) -> None:
     wrong = "not-the-endpoint-key-42"
     chat_endpoint.connect(key=wrong)
