@@ -157,11 +157,17 @@ def create_or_update_connection(
     connection = OpenAIConnection(name=name, api_key=target.key, base_url=target.base_url)
     try:
         PFClient().connections.create_or_update(connection)
-    except Exception as exc:  # keyring and store failures: say which, never echo the secret
+    except Exception as exc:  # the message is Prompt flow's, with the key scrubbed should it ever appear
+        detail = str(exc).replace(target.key, "***")[:500]
+        hint = (
+            "; on a machine without a desktop keyring set PYTHON_KEYRING_BACKEND=keyrings.alt.file.PlaintextKeyring"
+            if "keyring" in f"{type(exc).__name__} {detail}".lower() or "encryption" in detail.lower()
+            else ""
+        )
         raise BackendError(
-            f"Prompt flow could not store connection {name!r} ({type(exc).__name__}); on a machine without a desktop "
-            "keyring keep PYTHON_KEYRING_BACKEND=keyrings.alt.file.PlaintextKeyring (set by this command)"
-        ) from exc
+            f"Prompt flow could not store connection {name!r} in {os.environ['PF_HOME_DIRECTORY']} "
+            f"({type(exc).__name__}: {detail}){hint}"
+        ) from None
     return {"name": name, "base_url": target.base_url, "backend": target.backend}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,23 @@ def test_azureml_endpoint_gives_its_openai_base_url_and_scoring_key(
     assert target.base_url == f"https://{settings.endpoint.name}.eastus2.inference.ml.azure.com/v1"
     assert (target.key, target.backend) == (fake.endpoint_key, "azureml")
     assert fake.endpoint_key not in repr(target)
+
+
+def test_without_a_usable_keyring_the_command_says_how_to_fix_it(tmp_path: Path) -> None:
+    """The failure users hit on a headless machine (StoreConnectionEncryptionKeyError), as one sentence."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PF_HOME_DIRECTORY", "XDG_DATA_HOME")}
+    env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"  # keyring's own "no backend" stand-in
+    config = write_config(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "chat-connection", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
+    key = json.loads((tmp_path / "state" / "endpoint" / "keys.json").read_text())["primary"]
+    assert result.returncode == 2
+    assert "StoreConnectionEncryptionKeyError" in result.stderr
+    assert "PYTHON_KEYRING_BACKEND=keyrings.alt.file.PlaintextKeyring" in result.stderr
+    assert "Traceback" not in result.stderr and key not in result.stderr + result.stdout
