@@ -262,18 +262,25 @@ def make_callbacks(run: Any) -> list[Any]:
     from transformers import TrainerCallback
 
     class ProgressLines(TrainerCallback):
+        tokens_per_second: float | None = None  # real tokens per second of training in this attempt
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.t0, self.step0, self.tokens0 = time.monotonic(), state.global_step, state.num_input_tokens_seen or 0
-            if state.global_step:
+            if state.global_step and state.is_world_process_zero:
                 print(f"resumed at step {state.global_step}/{state.max_steps}", flush=True)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            tokens = (state.num_input_tokens_seen or 0) - self.tokens0
+            if tokens > 0:
+                self.tokens_per_second = tokens / max(time.monotonic() - self.t0, 1e-9)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             logs = logs or {}
             elapsed = max(time.monotonic() - self.t0, 1e-9)
             steps = state.global_step - self.step0
             tokens = (state.num_input_tokens_seen or 0) - self.tokens0
-            if "loss" not in logs and "eval_loss" not in logs:
-                return  # the end-of-training summary: metrics.json and the final line carry it
+            if ("loss" not in logs and "eval_loss" not in logs) or not state.is_world_process_zero:
+                return  # the end-of-training summary (metrics.json has it), or not the main process
             parts = [f"step {state.global_step}/{state.max_steps}"]
             if "loss" in logs:
                 parts.append(f"loss {logs['loss']:.4f}")
@@ -350,6 +357,14 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _rate(trainer: Any) -> float | None:
+    for callback in trainer.callback_handler.callbacks:
+        rate = getattr(callback, "tokens_per_second", None)
+        if rate:
+            return round(rate, 1)
+    return None
+
+
 def cpu_seconds() -> float:
     import resource
 
@@ -361,7 +376,13 @@ def save_final_model(trainer: Any, tokenizer: Any, output_dir: Path, script_args
     """Save the model for serving in ``output_dir/model``; a LoRA adapter is kept in ``adapter/`` and merged."""
     model_dir = output_dir / MODEL_SUBDIR
     model = trainer.model
-    if hasattr(model, "merge_and_unload") and script_args.merge_adapter:
+    if not hasattr(model, "merge_and_unload") or not script_args.merge_adapter:
+        trainer.save_model(str(model_dir))  # every process calls it: it gathers sharded weights, rank 0 writes
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(model_dir)
+        return model_dir
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
         model.save_pretrained(output_dir / "adapter")
         if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
             # QLoRA: the 4-bit base cannot take the merge; reload it unquantised and apply the adapter.
@@ -371,8 +392,9 @@ def save_final_model(trainer: Any, tokenizer: Any, output_dir: Path, script_args
             plain = load_model(base, ModelConfig(model_name_or_path=base, dtype="bfloat16"), trainer.args)
             model = PeftModel.from_pretrained(plain, output_dir / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tokenizer.save_pretrained(model_dir)
+    trainer.accelerator.wait_for_everyone()
     return model_dir
 
 
@@ -538,7 +560,8 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
     output_dir = Path(training_args.output_dir or "")
     tracking_uri = script_args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     run = None
-    if tracking_uri and output_dir.name:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if tracking_uri and output_dir.name and main_process:
         experiment = script_args.mlflow_experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "finetune-phi"
         run = MlflowRun(tracking_uri, experiment, output_dir, script_args.recipe_name or "sft")
     try:
@@ -558,7 +581,7 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
         metrics: dict[str, Any] = {
             "train_loss": result.training_loss,
             "steps": trainer.state.global_step,
-            "tokens_per_second": result.metrics.get("train_tokens_per_second"),
+            "tokens_per_second": _rate(trainer),
         }
         history = trainer.state.log_history
         losses = [h["loss"] for h in history if "loss" in h]
@@ -568,8 +591,10 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
             eval_loss = trainer.evaluate()["eval_loss"]
             metrics.update({"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))})
 
-        # Save and log
+        # Save and log (files and MLflow from the main process only)
         model_dir = save_final_model(trainer, tokenizer, output_dir, script_args)
+        if not trainer.is_world_process_zero():
+            return metrics
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png", script_args.recipe_name or "sft")
         write_json(output_dir / "log_history.json", trainer.state.log_history)
         metrics.update(
@@ -586,9 +611,6 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
                 "mlflow_model_uri": None,
             }
         )
-        if metrics["tokens_per_second"] is None:
-            seen = trainer.state.num_input_tokens_seen or 0
-            metrics["tokens_per_second"] = round(seen / max(train_seconds, 1e-9), 1) if seen else None
         if run is not None:
             numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             run.log_metrics(numbers, step=metrics["steps"])
