@@ -73,7 +73,8 @@ def wait_for_job(backend: Backend, job_id: str, settings: Settings) -> JobInfo:
         tail = backend.job_log_tail(job_id, 20)
         fresh = tail[len(tail) - _new_lines(seen, tail) :] if tail else []
         for line in fresh:
-            logger.info("[%s] %s", job_id, line)
+            if line.strip():
+                logger.info("[%s] %s", job_id, line)
         seen = tail
         if job.status.is_terminal:
             break
@@ -283,7 +284,7 @@ def finetune_and_deploy(
     endpoint = backend.get_endpoint()
     if failure is None and endpoint is not None and endpoint.traffic:
         smoke = smoke_test_task(settings, None, "smoke-test")
-        chat = how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri)
+        chat = how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=config_path)
 
     markdown = render_summary(
         dataset=dataset,
@@ -357,7 +358,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if endpoint is not None:
         print(f"Endpoint: {endpoint.scoring_uri} (traffic {endpoint.traffic})")
         print(f"OpenAI-compatible base URL: {endpoint.openai_base_url}")
-        print(how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri))
+        print(how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=args.config))
         if settings.backend == "local":
             print("The local endpoint server keeps running; stop it with `finetune-phi endpoint stop`.")
     return 0

@@ -378,6 +378,8 @@ def run_rollout(
     deploy``) asks for a fresh deployment of it.
     """
     logger = get_run_logger()
+    # Create the endpoint if missing (locally: start the server, which reloads its deployments); never delete it.
+    call_with_retry(backend.ensure_endpoint, policy=settings.retry, what="ensure endpoint")
     champion = call_with_retry(backend.get_model_by_alias, CHAMPION, policy=settings.retry, what="get champion")
     actions = reconcile_task(backend, champion, settings)
     endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")

@@ -177,7 +177,10 @@ def smoke_test_task(
     backend = get_backend(settings)
     endpoint = backend.get_endpoint()
     if endpoint is None:
-        raise SmokeTestFailed(f"endpoint {settings.endpoint.name!r} does not exist; run `finetune-phi run` first")
+        raise SmokeTestFailed(
+            f"endpoint {settings.endpoint.name!r} is not up; start it (`finetune-phi endpoint start`) "
+            "or create it with `finetune-phi run`"
+        )
     report = smoke_test(endpoint.openai_base_url, backend.scoring_key(), settings.smoke, deployment=deployment)
     if artifact_key:
         publish_smoke_table(report, artifact_key)

@@ -21,21 +21,23 @@ LOSS_CURVE_KEY = "loss-curve"
 MAX_INLINE_IMAGE_BYTES = 400_000
 
 
-def how_to_chat(openai_base_url: str, scoring_uri: str, model: str = "default") -> str:
+def how_to_chat(openai_base_url: str, scoring_uri: str, model: str = "default", config: str | None = None) -> str:
     """Copy-paste commands for the OpenAI client, curl on /score and Prompt flow. The key is read, never shown."""
-    key = "$(finetune-phi endpoint keys --primary)"
+    extra = f" --config {config}" if config and config != "configs/local.yaml" else ""
+    # `finetune-phi endpoint keys` prints "primary: <key>" lines; the key goes straight into the header.
+    key_cmd = f"finetune-phi endpoint keys{extra} | sed -n 's/^primary: //p'"
+    key = f"$({key_cmd})"
     return "\n".join(
         [
             "OpenAI client (any OpenAI-compatible tool works the same way):",
-            f'  python -c "from openai import OpenAI; import subprocess; '
-            f"k=subprocess.check_output(['finetune-phi','endpoint','keys','--primary'],text=True).strip(); "
-            f"print(OpenAI(base_url='{openai_base_url}', api_key=k).chat.completions.create(model='{model}', "
+            f'  OPENAI_API_KEY="{key}" python -c "from openai import OpenAI; '
+            f"print(OpenAI(base_url='{openai_base_url}').chat.completions.create(model='{model}', "
             f"messages=[{{'role':'user','content':'What is a Prefect flow?'}}]).choices[0].message.content)\"",
             "curl, with the sample's body on /score:",
             f'  curl -s {scoring_uri} -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\',
             '    -d \'{"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 64}}\'',
             "Prompt flow (chat flow in flow_chat/):",
-            "  finetune-phi chat-connection && \\",
+            f"  finetune-phi chat-connection{extra} && \\",
             "    pf flow test --flow flow_chat --inputs question='What is a Prefect flow?'",
         ]
     )

@@ -13,6 +13,7 @@ flow) and everything else into a :class:`BackendError` that says what to do.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,12 +157,22 @@ class LocalBackend:
             with _translated("starting the endpoint server"):
                 start_server(self.settings)
             self._admin = None
+            self._wait_loaded(self.settings.endpoint.startup_timeout_s)
         info = self.get_endpoint()
         if info is None:
             raise BackendError(
                 f"the endpoint server on {self.base_url} did not come up; see `finetune-phi endpoint logs`"
             )
         return info
+
+    def _wait_loaded(self, timeout_s: float) -> None:
+        """After a (re)start the server reloads its deployments: wait until none is still loading."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            info = self.get_endpoint()
+            if info is not None and all(d.state != "creating" for d in info.deployments):
+                return
+            time.sleep(0.5)
 
     def get_endpoint(self) -> EndpointInfo | None:
         if not self._server_running():

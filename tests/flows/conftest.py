@@ -1,0 +1,77 @@
+"""Shared, expensive set-up of the flow tests: one Prefect test harness, one run of the whole flow on the tiny
+recipe (real training subprocess, MLflow on SQLite in tmp, the real endpoint server on a free loopback port).
+
+Every test in this folder reuses that run's trained model and live endpoint; tests that change the endpoint put
+it back (that is what they test). The endpoint server is stopped by PID at the end of the session.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.config import Settings, load_config
+
+# Few steps keep CI fast; the smoke test's prompts are training questions, so the tiny model answers and stops.
+TRAINING_OVERRIDES: dict[str, Any] = {"max_steps": 120}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_flow_config(repo_root: Path, folder: Path) -> Path:
+    """configs/local.yaml with the state folder in tmp, a free endpoint port and a short training."""
+    config = yaml.safe_load((repo_root / "configs" / "local.yaml").read_text(encoding="utf-8"))
+    config["state_dir"] = str(folder / "state")
+    config["data"]["path"] = str(repo_root / config["data"]["path"])
+    config["training"]["recipe"] = str(repo_root / config["training"]["recipe"])
+    config["training"]["overrides"] = dict(TRAINING_OVERRIDES)
+    config["training"]["poll_interval_s"] = 0.5
+    config["evaluation"] = {"num_prompts": 2, "max_new_tokens": 48}
+    config["endpoint"]["port"] = free_port()
+    config["rollout"]["requests_per_step"] = 2
+    config["smoke"]["max_new_tokens"] = 48
+    path = folder / "flow.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A temporary Prefect server and database for the session; results persist under tmp. Yields the API URL."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def flow_config(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_flow_config(repo_root, tmp_path_factory.mktemp("flow"))
+
+
+@pytest.fixture(scope="session")
+def flow_settings(flow_config: Path) -> Settings:
+    return load_config(flow_config)
+
+
+@pytest.fixture(scope="session")
+def first_run(prefect_harness: str, flow_config: Path, flow_settings: Settings) -> Iterator[dict[str, Any]]:
+    """The whole flow once, from nothing to a live endpoint. The endpoint server is stopped afterwards."""
+    from deployments.service import stop_server
+    from flows.finetune_deploy import finetune_and_deploy
+
+    try:
+        yield finetune_and_deploy(str(flow_config))
+    finally:
+        stop_server(flow_settings)

@@ -1,0 +1,225 @@
+"""The product end to end: the whole flow on the tiny recipe, the unchanged re-run, and the rollout's failure modes
+(a model that fails to load, a smoke test failing at the 50% step, a process killed mid-rollout), each against
+the real endpoint server with requests flowing throughout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect import flow
+
+from tasks.backends import get_backend
+from tasks.backends.base import Backend, ModelVersion
+from tasks.config import Settings, SmokeConfig
+from tasks.rollout import CHAMPION, RolloutFailed, default_step_check, live_traffic, run_rollout
+from tasks.smoke import SmokeReport
+
+pytestmark = pytest.mark.slow
+SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 16, "do_sample": False}}
+
+
+class Traffic:
+    """Sends the sample's /score request in a loop from a thread, as users would during a rollout."""
+
+    def __init__(self, backend: Backend) -> None:
+        endpoint = backend.get_endpoint()
+        assert endpoint is not None
+        self.url = endpoint.scoring_uri
+        self.headers = {"Authorization": f"Bearer {backend.scoring_key()}"}
+        self.statuses: list[int | str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(self.url, json=SAMPLE_BODY, headers=self.headers)
+                    ok = response.status_code == 200 and isinstance(response.json(), list) and response.json()[0]
+                    self.statuses.append(200 if ok else response.status_code)
+                except httpx.HTTPError as exc:
+                    self.statuses.append(type(exc).__name__)
+                time.sleep(0.05)
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=90)
+
+
+def _consistent(backend: Backend) -> dict[str, int]:
+    """Traffic sums to 100 over ready deployments and every deployment is ready; returns the live weights."""
+    endpoint = backend.get_endpoint()
+    assert endpoint is not None
+    states = {d.name: d.state for d in endpoint.deployments}
+    traffic = live_traffic(endpoint)
+    assert sum(traffic.values()) == 100, traffic
+    assert all(states.get(name) == "ready" for name in traffic), (traffic, states)
+    assert all(state == "ready" for state in states.values()), states
+    return traffic
+
+
+def _names(backend: Backend) -> set[str]:
+    endpoint = backend.get_endpoint()
+    return {d.name for d in endpoint.deployments} if endpoint else set()
+
+
+@flow(name="rollout-under-test")
+def _rollout_flow(config_path: str, version: ModelVersion, fail_at: int | None, force: bool) -> dict[str, Any]:
+    """The flow's rollout on its own; ``fail_at`` runs the step check at that step with a smoke configuration the
+    model cannot pass (one new token: its replies cannot end), which is a real failed check, not a simulated one."""
+    from tasks.config import load_config
+
+    settings = load_config(config_path)
+    backend = get_backend(settings)
+
+    def check(backend: Backend, settings: Settings, name: str, percent: int) -> tuple[SmokeReport, SmokeReport]:
+        strict = SmokeConfig(prompts=settings.smoke.prompts, max_new_tokens=1) if percent == fail_at else None
+        return default_step_check(backend, settings, name, percent, strict)
+
+    return run_rollout(backend, version, settings, check=check, force=force).to_dict()
+
+
+@pytest.fixture()
+def backend(first_run: dict[str, Any], flow_settings: Settings) -> Iterator[Backend]:
+    backend = get_backend(flow_settings)
+    yield backend
+    _consistent(backend)  # every test leaves the endpoint consistent
+
+
+def test_first_run_trains_gates_and_rolls_out_to_a_live_endpoint(first_run, backend) -> None:
+    assert first_run["gate"]["promote"], first_run["gate"]
+    assert first_run["candidate"]["loss"] > 0 and first_run["candidate"]["perplexity"] > 1
+    rollout = first_run["rollout"]
+    assert not rollout["skipped"] and rollout["traffic_before"] == {}
+    assert rollout["traffic_after"] == {rollout["deployment"]: 100}
+    assert first_run["smoke"]["passed"]
+    champion = backend.get_model_by_alias(CHAMPION)
+    assert champion is not None and champion.version == first_run["version"]
+
+    # A request through the endpoint, with the sample's own body and its own client code.
+    traffic = Traffic(backend)
+    response = httpx.post(traffic.url, json=SAMPLE_BODY, headers=traffic.headers, timeout=60)
+    assert response.status_code == 200
+    answer = response.json()
+    assert isinstance(answer, list) and len(answer) == 1 and answer[0].strip()
+
+    from prefect.artifacts import Artifact
+
+    summary = Artifact.get("finetune-run-summary")
+    assert summary is not None and "PROMOTE" in summary.data and first_run["rollout"]["deployment"] in summary.data
+    assert Artifact.get("smoke-test") is not None
+
+
+def test_unchanged_rerun_skips_data_training_and_deployment(first_run, flow_config, backend) -> None:
+    from flows.finetune_deploy import finetune_and_deploy
+
+    again = finetune_and_deploy(str(flow_config))
+    assert again["states"] == {"data": "Cached", "training": "Cached"}
+    assert again["version"] == first_run["version"]
+    assert again["rollout"]["skipped"]
+    assert _consistent(backend) == first_run["rollout"]["traffic_after"]
+
+
+def test_a_model_that_fails_to_load_is_rolled_back_while_the_old_one_keeps_answering(
+    first_run, flow_config, backend, tmp_path: Path
+) -> None:
+    before = _consistent(backend)
+    champion = backend.get_model_by_alias(CHAMPION)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(backend.model_folder(champion), broken)
+    (broken / "config.json").write_text('{"model_type": "phi3", "hidden_size": "not a number"', encoding="utf-8")
+    version = ModelVersion(champion.name, "900", "no-job", "models:/broken/900", local_path=broken)
+
+    with Traffic(backend) as users:
+        state = _rollout_flow(str(flow_config), version, None, False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RolloutFailed, match="rolled back"):
+        state.result()
+    assert _consistent(backend) == before
+    assert "model-v900" not in _names(backend)
+    assert backend.get_model_by_alias(CHAMPION).version == champion.version
+    assert users.statuses and set(users.statuses) == {200}, users.statuses
+
+
+def test_a_smoke_failure_at_50_percent_restores_traffic_and_deletes_the_new_deployment(
+    first_run, flow_config, backend
+) -> None:
+    before = _consistent(backend)
+    names_before = _names(backend)
+    champion = backend.get_model_by_alias(CHAMPION)
+    with Traffic(backend) as users:
+        state = _rollout_flow(str(flow_config), champion, 50, True, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RolloutFailed, match="at 50%"):
+        state.result()
+    assert _consistent(backend) == before
+    assert _names(backend) == names_before  # the new deployment is gone
+    assert users.statuses and set(users.statuses) == {200}, users.statuses
+
+
+KILL_SCRIPT = """
+import sys
+from prefect import flow
+from tasks.backends import get_backend
+from tasks.config import load_config
+from tasks.rollout import CHAMPION, run_rollout
+
+@flow(name="rollout-to-be-killed")
+def go(config_path):
+    settings = load_config(config_path)
+    backend = get_backend(settings)
+    run_rollout(backend, backend.get_model_by_alias(CHAMPION), settings, force=True)
+
+go(sys.argv[1])
+"""
+
+
+def test_a_rollout_killed_mid_way_converges_on_the_next_run(
+    first_run, prefect_harness, flow_config, backend, repo_root, tmp_path
+) -> None:
+    before = _consistent(backend)
+    names_before = _names(backend)
+    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PYTHONPATH": str(repo_root)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(flow_config)], cwd=repo_root, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        split: dict[str, int] = {}
+        while time.monotonic() < deadline and process.poll() is None:
+            split = live_traffic(backend.get_endpoint())
+            if len(split) == 2:  # traffic has moved to 10% of the new deployment
+                break
+            time.sleep(0.05)
+        assert len(split) == 2, f"the rollout never split traffic (exit {process.poll()})"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    orphans = set(split) - set(before)
+    assert orphans <= _names(backend)  # the crash left a deployment nobody owns, with traffic on it
+
+    from flows.finetune_deploy import finetune_and_deploy
+
+    again = finetune_and_deploy(str(flow_config))
+    assert any("deleted" in action for action in again["rollout"]["reconcile"]), again["rollout"]
+    assert _consistent(backend) == before
+    assert not orphans & _names(backend)
+    assert _names(backend) == names_before
