@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import time
@@ -217,6 +218,12 @@ def evaluate_chat_flow(
     started = time.perf_counter()
     outputs, run_name = run_flow_batch(out / "eval_input.jsonl", flow_dir=flow_dir, run_name=f"chat_eval_{stamp}")
     scored = score_rows(rows, outputs)
+    if not outputs:
+        log = Path(os.environ["PF_HOME_DIRECTORY"]) / ".runs" / run_name / "logs.txt"
+        raise BackendError(
+            f"the chat flow failed on all {len(rows)} rows: the endpoint did not answer it (see {log}); "
+            "check `finetune-phi endpoint status` and run `finetune-phi chat-connection` again"
+        )
     metrics = {
         **aggregate(scored),
         "wall_s": round(time.perf_counter() - started, 2),
@@ -259,10 +266,28 @@ def evaluate_chat_flow_task(
     return metrics
 
 
+def maybe_evaluate_chat_flow(settings: Settings, test_file: str | Path) -> dict[str, Any] | None:
+    """The main flow's optional step (``evaluation.chat_flow_eval``): the metrics, or None when off or failed.
+
+    It runs after the rollout, against what users now get: a failure is logged as a warning and never fails the
+    run or undoes a good deployment. Call it inside a flow run.
+    """
+    if not settings.evaluation.chat_flow_eval:
+        return None
+    state = evaluate_chat_flow_task(
+        settings, str(test_file), max_rows=settings.evaluation.chat_flow_max_rows, return_state=True
+    )
+    if state.is_completed():
+        return state.result()
+    get_run_logger().warning("the chat flow evaluation did not complete (%s); the deployment stands", state.message)
+    return None
+
+
 __all__ = [
     "aggregate",
     "evaluate_chat_flow",
     "evaluate_chat_flow_task",
+    "maybe_evaluate_chat_flow",
     "prepare_eval_data",
     "run_flow_batch",
     "score_rows",

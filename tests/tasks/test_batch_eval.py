@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.batch_eval import aggregate, prepare_eval_data, score_rows, to_eval_row, token_f1
-from tests.flow_chat.helpers import REPO_ROOT, settings_for
+from tests.flow_chat.helpers import REPO_ROOT, free_port, settings_for
 from tests.flow_chat.recording_server import RecordingServer
 
 SAMPLE = REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"
@@ -98,12 +98,13 @@ def test_failed_rows_count_against_f1_and_ended_share() -> None:
     assert (metrics["latency_p50_s"], metrics["latency_max_s"]) == (0.2, 0.4)
 
 
+@pytest.mark.slow
 def test_prefect_task_runs_the_flow_in_batch_and_publishes_the_aggregate(tmp_path: Path) -> None:
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.batch_eval import ARTIFACT_KEY, evaluate_chat_flow_task
+    from tasks.batch_eval import ARTIFACT_KEY, evaluate_chat_flow_task, maybe_evaluate_chat_flow
     from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 
     settings = settings_for(tmp_path)
@@ -114,12 +115,23 @@ def test_prefect_task_runs_the_flow_in_batch_and_publishes_the_aggregate(tmp_pat
     def evaluate(test_file: str) -> dict:
         return evaluate_chat_flow_task(settings, test_file, max_rows=6, out_dir=str(out_dir), refresh_connection=False)
 
+    @flow
+    def main_flow_step(flag: bool, test_file: str) -> dict | None:
+        """As the main flow calls it: off by default; with no endpoint at all it must not crash the run."""
+        flagged = settings.model_copy(deep=True)
+        flagged.evaluation.chat_flow_eval = flag
+        flagged.evaluation.chat_flow_max_rows = 2
+        flagged.endpoint.port = free_port()  # nothing listens there
+        return maybe_evaluate_chat_flow(flagged, test_file)
+
     with RecordingServer(key="batch-key") as server, prefect_test_harness(server_startup_timeout=90):
         create_or_update_connection(settings, target=EndpointTarget(server.base_url, "batch-key", "local"))
         metrics = evaluate(str(SAMPLE))
         with get_client(sync_client=True) as client:
             artifact = client.read_latest_artifacts()
         received = server.bodies()
+        assert main_flow_step(False, str(SAMPLE)) is None
+        assert main_flow_step(True, str(SAMPLE)) is None  # every row failed: a warning, and the run goes on
 
     assert len(received) == 6 and metrics["rows"] == 6 and metrics["failed"] == 0
     assert metrics["ended_share"] == 1.0  # the server always says finish_reason "stop"
