@@ -272,6 +272,7 @@ def finetune_and_deploy(
     rollout: dict[str, Any] | None = None
     smoke: dict[str, Any] | None = None
     chat: str | None = None
+    chat_eval: dict[str, Any] | None = None
     failure: Exception | None = None
     if decision["promote"]:
         try:
@@ -285,6 +286,10 @@ def finetune_and_deploy(
     if failure is None and endpoint is not None and endpoint.traffic:
         smoke = smoke_test_task(settings, None, "smoke-test")
         chat = how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=config_path)
+        # Optional (evaluation.chat_flow_eval): the Prompt flow chat over the test split; a failure only warns.
+        from tasks.batch_eval import maybe_evaluate_chat_flow
+
+        chat_eval = maybe_evaluate_chat_flow(settings, dataset["test_path"])
 
     markdown = render_summary(
         dataset=dataset,
@@ -311,6 +316,7 @@ def finetune_and_deploy(
         "gate": decision,
         "rollout": rollout,
         "smoke": smoke,
+        "chat_eval": chat_eval,
         "endpoint": None if endpoint is None else {"scoring_uri": endpoint.scoring_uri, "traffic": endpoint.traffic},
         "states": {"data": data_state.name, "training": train_state.name},
     }
