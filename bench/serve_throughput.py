@@ -1,7 +1,7 @@
 """Serving throughput: our endpoint against ``mlflow models serve`` on the same registered tiny model.
 
     .venv/bin/python bench/serve_throughput.py                       # 1, 4, 16 clients, 32 new tokens
-    .venv/bin/python bench/serve_throughput.py --concurrency 1 4 16 --max-new-tokens 32 --requests-per-client 4
+    .venv/bin/python bench/serve_throughput.py --concurrency 1 4 16 --max-new-tokens 32 --requests-per-client 8
 
 One run registers a tiny Phi-3 model (the ``tiny`` recipe's architecture, random weights so that every reply
 runs to ``max_new_tokens``; ``--model-dir`` serves another folder) in an MLflow SQLite store, serves it with
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--requests-per-client", type=int, default=4, help="requests per client (at least 16 a level)")
+    parser.add_argument("--requests-per-client", type=int, default=8, help="requests per client (at least 32 a level)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (OMP_NUM_THREADS)")
     parser.add_argument("--model-dir", type=Path, help="serve this Hugging Face folder instead of a fresh tiny model")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results")
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         for target in (mlflow_target, ours_target):  # warm-up: first requests pay for lazy initialisation
             run_level(target, PROMPTS, 2, 4, tokenizer)
         for clients in args.concurrency:
-            total = max(16, clients * args.requests_per_client)
+            total = max(32, clients * args.requests_per_client)
             for target in (mlflow_target, ours_target):
                 result = run_level(target, PROMPTS, clients, total, tokenizer)
                 results.append(result)
