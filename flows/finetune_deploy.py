@@ -64,7 +64,24 @@ def prepare_data_task(settings: Settings, content_key: str) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------- training
 def wait_for_job(backend: Backend, job_id: str, settings: Settings) -> JobInfo:
-    """Poll until the job ends or ``training.timeout_s`` passes (then cancel it). Streams new log lines."""
+    """Poll until the job ends or ``training.timeout_s`` passes (then cancel it). Streams new log lines.
+
+    A flow run that is canceled, killed by Prefect (``TerminationSignal``) or interrupted while it waits cancels the
+    job too: a job left running keeps a GPU (and, on Azure ML, the bill) busy. An ordinary error (status polling
+    that kept failing) leaves the job alone, so a retry of this step picks it up again.
+    """
+    try:
+        return _poll_job(backend, job_id, settings)
+    except Exception:
+        raise
+    except BaseException:
+        get_run_logger().warning("flow run stopped while training job %s runs: canceling the job", job_id)
+        with contextlib.suppress(Exception):
+            backend.cancel_job(job_id)
+        raise
+
+
+def _poll_job(backend: Backend, job_id: str, settings: Settings) -> JobInfo:
     logger = get_run_logger()
     deadline = time.monotonic() + settings.training.timeout_s
     seen: list[str] = []
@@ -111,7 +128,9 @@ def train(settings: Settings, dataset: dict[str, Any]) -> dict[str, Any]:
         manifest_sha256=dataset["sha256"],
         overrides=dict(settings.training.overrides),
         experiment=settings.registry.model_name,
-        tracking_uri=settings.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+        # The store the backend registers from (local: the state folder's SQLite unless registry.tracking_uri), never
+        # a MLFLOW_TRACKING_URI left in the environment by another state folder: the model is registered from there.
+        tracking_uri=getattr(backend, "tracking_uri", None) or settings.registry.tracking_uri,
     )
     job = call_with_retry(backend.submit_training, spec, policy=settings.retry, what="submit training job")
     get_run_logger().info("training job %s submitted (%s)", job.job_id, job.url or "no URL")

@@ -110,6 +110,19 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _exit_reason(exit_code: int | None) -> str:
+    """How a job's process ended, in words: a negative code is a signal (Popen's convention), e.g. the OOM killer."""
+    if exit_code is None:
+        return "was killed (no exit code recorded)"
+    if exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        return f"was killed by {name} (exit code {exit_code}; SIGKILL is often the out-of-memory killer)"
+    return f"exited with code {exit_code}"
+
+
 class LocalJobRunner:
     """Starts, tracks and cancels training jobs under ``jobs_root``; the record on disk is the source of truth."""
 
@@ -260,7 +273,7 @@ class LocalJobRunner:
             record["status"] = JobStatus.COMPLETED.value
         else:
             record["status"] = JobStatus.FAILED.value
-            why = f"exited with code {exit_code}" if exit_code is not None else "was killed (no exit code recorded)"
+            why = _exit_reason(exit_code)
             tail = "\n".join(self.log_tail(job_id, FAILURE_TAIL_LINES))
             record["error"] = (
                 f"training job {job_id} {why}; its log is {record['log_path']}; last {FAILURE_TAIL_LINES} lines:\n"

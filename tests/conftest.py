@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,16 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Prompt flow fixes its home (connections, keyring) once, at its first import, and several test modules import it.
+# One home per pytest process, named before anything imports Prompt flow, so that first import and every later
+# tasks.chat_connection.configure_promptflow (which keeps a PF_HOME_DIRECTORY already set) agree.
+if "PF_HOME_DIRECTORY" not in os.environ:
+    _PF_ROOT = Path(tempfile.mkdtemp(prefix="finetune-phi-tests-pf-"))
+    atexit.register(shutil.rmtree, _PF_ROOT, ignore_errors=True)
+    os.environ["PF_HOME_DIRECTORY"] = str(_PF_ROOT / "promptflow")
+    os.environ.setdefault("XDG_DATA_HOME", str(_PF_ROOT / "xdg"))
+    os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyrings.alt.file.PlaintextKeyring")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -173,3 +173,33 @@ def test_scoring_key_is_kept_in_a_prefect_secret_block(settings, fake, training_
     backend.ensure_endpoint()
     assert backend.scoring_key() == fake.endpoint_key
     assert Secret.load(backend.secret_block_name).get() == fake.endpoint_key
+
+
+def test_an_interrupted_wait_cancels_the_azure_job(backend, fake, settings, spec, monkeypatch) -> None:
+    """Ctrl-C on ``finetune-phi run`` (KeyboardInterrupt); Prefect's cancellation arrives the same way, as a
+    BaseException (TerminationSignal), which is not raised here because Prefect re-sends it to the process."""
+    from flows.finetune_deploy import wait_for_job
+
+    fake.job_statuses = ["Queued"] + ["Running"] * 1000
+    job = backend.submit_training(spec).job_id
+    polls: list[str] = []
+    real_get_job = backend.get_job
+
+    def get_job_then_interrupt(job_id: str):
+        polls.append(job_id)
+        if len(polls) == 3:
+            raise KeyboardInterrupt
+        return real_get_job(job_id)
+
+    monkeypatch.setattr(backend, "get_job", get_job_then_interrupt)
+    quick = settings.model_copy(update={"training": settings.training.model_copy(update={"poll_interval_s": 0.01})})
+
+    @flow
+    def wait() -> None:
+        wait_for_job(backend, job, quick)
+
+    with pytest.raises(KeyboardInterrupt):
+        wait()
+    assert len(polls) == 3
+    assert fake.called("jobs.begin_cancel") == [("jobs.begin_cancel", job)]
+    assert fake.jobs.store[job].status in ("CancelRequested", "Canceled")
