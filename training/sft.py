@@ -12,8 +12,10 @@ last one), ``model/`` (the final model and tokenizer, safetensors; LoRA adapters
 ``MLFLOW_TRACKING_URI`` in the environment, as inside an Azure ML job) it also logs an MLflow run: parameters,
 per-step metrics, the dataset manifest hash, and ``model/`` as an MLflow transformers model.
 
-Bad input (unknown recipe key, wrong type, missing or empty data file, a base model that cannot be loaded) stops
-with one sentence on stderr and exit code 2.
+Bad input (unknown recipe key, wrong type, missing or empty data file, a base model that cannot be loaded, a
+tokenizer without a chat template, or ``assistant_only_loss`` with a template that lacks ``{% generation %}``
+marks) stops with one sentence on stderr and exit code 2. A pad token missing or equal to the end-of-turn token is
+replaced (unknown token, else ``<|endoftext|>``, else a new ``<|pad|>``), so ``<|end|>`` is never treated as padding.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -176,6 +179,15 @@ def parse_args(argv: list[str]) -> tuple[FinetuneScriptArguments, FinetuneSFTCon
 
 
 # ------------------------------------------------------------------------------------------------------- data
+def check_data_files(script_args: FinetuneScriptArguments) -> None:
+    if not script_args.train_file:
+        raise UsageError("--train_file is required: a chat JSONL file from the data preparation step")
+    for what in ("train_file", "eval_file"):
+        value = getattr(script_args, what)
+        if value and not Path(value).is_file():
+            raise UsageError(f"{what} {value} does not exist; run the data preparation step or fix --{what}")
+
+
 def read_chats(path: Path, what: str, system_message: str | None) -> list[dict[str, Any]]:
     """Rows of a chat JSONL file as ``{"messages": [...]}`` only (a `prompt` column would make TRL see
     prompt-completion rows); ``system_message`` is inserted where a conversation has no system turn."""
@@ -249,6 +261,51 @@ def load_model(name: str, model_args: ModelConfig, training_args: FinetuneSFTCon
         if Path(name).is_dir():
             raise UsageError(f"the model in {name} cannot be loaded ({exc}); check the folder") from None
         raise UsageError(_offline_hint(name)) from None
+
+
+END_OF_TURN = "<|end|>"  # Phi-3's end of a turn: what generation stops on, so it must stay in the labels
+PAD_FALLBACK = "<|pad|>"
+GENERATION_MARK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # where TRL's assistant-only loss finds the replies
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token a reply ends with: Phi-3's ``<|end|>`` when the vocabulary has it, else the end-of-sequence token."""
+    vocab = tokenizer.get_vocab()
+    return vocab.get(END_OF_TURN, tokenizer.eos_token_id)
+
+
+def ensure_distinct_pad_token(tokenizer: Any) -> str | None:
+    """Give the tokenizer a pad token that is not its end-of-turn token; return the new pad token, None if unchanged.
+
+    A pad token equal to the end token is the classic cause of fine-tuned models that never stop (the end token
+    gets treated as padding); TRL would fall back to the end-of-sequence token when there is no pad token at all.
+    Candidates in order: the unknown token (the Azure sample's choice), ``<|endoftext|>``, then a new ``<|pad|>``
+    (the caller then resizes the embeddings)."""
+    end = end_of_turn_id(tokenizer)
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != end:
+        return None
+    vocab = tokenizer.get_vocab()
+    for candidate in (tokenizer.unk_token, "<|endoftext|>"):
+        if candidate and candidate in vocab and vocab[candidate] != end:
+            tokenizer.pad_token = candidate
+            return candidate
+    tokenizer.add_special_tokens({"pad_token": PAD_FALLBACK})
+    return PAD_FALLBACK
+
+
+def check_chat_template(tokenizer: Any, name: str, assistant_only_loss: bool) -> None:
+    """The tokenizer must have a chat template, with ``{% generation %}`` marks when only the replies are learnt."""
+    template = tokenizer.chat_template
+    if not template:
+        raise UsageError(
+            f"the tokenizer of {name} has no chat template, so conversations cannot be formatted; use a chat "
+            "(instruct) model or a model folder whose tokenizer_config.json has a chat_template"
+        )
+    if assistant_only_loss and not GENERATION_MARK.search(str(template)):
+        raise UsageError(
+            f"assistant_only_loss needs {{% generation %}} marks in the chat template and the template of {name} has "
+            "none; set assistant_only_loss: false or give the tokenizer a template with the marks"
+        )
 
 
 # -------------------------------------------------------------------------------------------------- callbacks
@@ -412,7 +469,7 @@ class MlflowRun:
         previous = id_file.read_text().strip() if id_file.is_file() else None
         # Inside an Azure ML job MLFLOW_RUN_ID names the job's own run: start_run() attaches to it.
         if not previous and not os.environ.get("MLFLOW_RUN_ID"):
-            mlflow.set_experiment(experiment)
+            mlflow.set_experiment(experiment_id=experiment_id(tracking_uri, experiment))
         self.run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=run_name)
         self.run_id = self.run.info.run_id
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -441,6 +498,34 @@ class MlflowRun:
 
     def end(self, status: str = "FINISHED") -> None:
         self.mlflow.end_run(status=status)
+
+
+def sqlite_artifact_location(tracking_uri: str) -> str | None:
+    """``artifacts/`` beside a SQLite store's file (as ``tasks/registry.py`` does), None for any other store.
+
+    MLflow's default artifact root for a SQLite store is ``./mlruns`` of the process's working folder, which for a
+    job is this code folder: every model logged from it would land in ``training/mlruns/``."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a tracking server or Azure ML has its own artifact store
+    return (Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
+
+
+def experiment_id(tracking_uri: str, name: str) -> str:
+    """The experiment's id; a new one gets its artifacts in the tracking store's own place, never ``./mlruns``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=sqlite_artifact_location(tracking_uri))
+    except MlflowException:  # another process created it in between
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 @contextlib.contextmanager
@@ -537,7 +622,13 @@ def build_trainer(
     else:
         raise UsageError("no base model: set model_name_or_path in the recipe, or build_tiny_model: true")
     tokenizer = load_tokenizer(base_name)
+    check_chat_template(tokenizer, base_name, training_args.assistant_only_loss)
     model = load_model(base_name, model_args, training_args)
+    pad = ensure_distinct_pad_token(tokenizer)
+    if pad is not None:
+        print(f"pad token set to {pad!r}: the tokenizer's own was missing or was its end-of-turn token", flush=True)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer))
 
     # Trainer
     trainer = SFTTrainer(
@@ -558,6 +649,7 @@ def main(script_args: FinetuneScriptArguments, training_args: FinetuneSFTConfig,
 
     started = time.monotonic()
     output_dir = Path(training_args.output_dir or "")
+    check_data_files(script_args)  # before MLflow: a typo in a path must not leave a failed run behind
     tracking_uri = script_args.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     run = None
     main_process = int(os.environ.get("RANK", "0")) == 0
