@@ -121,6 +121,10 @@ class RolloutConfig(_Section):
     keep_previous: int = Field(1, ge=0)  # old deployments kept (at 0 traffic) after a successful rollout
     ready_timeout_s: float = Field(600.0, gt=0)
     require_approval: bool = False  # pause the flow run for a human before traffic moves
+    # Azure ML only: mirror this share of live traffic (at most 50, Azure's limit) to the new deployment, whose
+    # answers are discarded, for mirror_duration_s before its pinned smoke test; dropped before live traffic moves.
+    mirror_percent: int = Field(0, ge=0, le=50)
+    mirror_duration_s: float = Field(300.0, ge=0)
 
     @field_validator("traffic_steps")
     @classmethod
@@ -137,6 +141,9 @@ class SmokeConfig(_Section):
     max_new_tokens: int = Field(64, gt=0)
     latency_budget_s: float = Field(30.0, gt=0)
     timeout_s: float = Field(60.0, gt=0)
+    # chat: /v1/chat/completions (finish_reason says whether a reply ended); score: the sample's /score, all an
+    # Azure ML no-code MLflow deployment serves; auto: score on the azureml backend, chat otherwise.
+    route: Literal["auto", "chat", "score"] = "auto"
 
 
 class RetryConfig(_Section):
@@ -196,7 +203,6 @@ class AzureMLConfig(_Section):
     deployment: AzureDeploymentConfig = Field(default_factory=AzureDeploymentConfig)
     instance_count: int = Field(1, ge=1)  # training nodes
     processes_per_node: int = Field(1, ge=1)  # GPUs per node, for PyTorchDistribution
-    mirror_traffic_percent: int = Field(0, ge=0, le=50)
     experiment_name: str = "finetune-phi"
     # The job's model_output folder (training/sft.py's --output_dir: model/, metrics.json, checkpoints) and the
     # MLflow model inside it that is registered and deployed without a scoring script ("" for the folder itself).
@@ -227,6 +233,11 @@ class Settings(_Section):
         if self.backend == "azureml" and self.azureml is None:
             raise ValueError(
                 "backend 'azureml' needs an 'azureml:' section (subscription_id, resource_group, workspace)"
+            )
+        if self.backend == "local" and self.rollout.mirror_percent:
+            raise ValueError(
+                "rollout.mirror_percent needs the azureml backend (the local endpoint server cannot mirror "
+                "traffic); set it to 0"
             )
         return self
 

@@ -10,11 +10,14 @@ The order of a rollout, each step a Prefect task inside one transaction:
 1. reconcile: bring the endpoint back to what the ``champion`` alias says (a crash mid-rollout leaves traffic
    split and a deployment nobody owns; the alias only moves after a rollout completed);
 2. create the new deployment next to the live one (traffic 0) and wait until it is ready;
-3. smoke-test it pinned with the ``azureml-model-deployment`` header: no traffic moves to a deployment that
-   failed this;
-4. shift traffic in steps (``rollout.traffic_steps``, default 10/50/100), each followed by a pinned smoke test
+3. optionally (``rollout.mirror_percent``, azureml only) mirror that share of live traffic to it for
+   ``rollout.mirror_duration_s`` (its answers are discarded: users see only the live deployment's), so it meets
+   real load before any user depends on it; the mirror is dropped before live traffic moves;
+4. smoke-test it pinned with the ``azureml-model-deployment`` header (after the mirror window, while still
+   mirrored): no traffic moves to a deployment that failed this;
+5. shift traffic in steps (``rollout.traffic_steps``, default 10/50/100), each followed by a pinned smoke test
    and an error-rate check of unpinned requests (what users get at that split);
-5. move the ``champion`` alias; after the transaction commits, retire older deployments beyond
+6. move the ``champion`` alias; after the transaction commits, retire older deployments beyond
    ``rollout.keep_previous``.
 
 Any failure once the new deployment exists rolls the transaction back: the ``on_rollback`` hooks restore the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,7 +41,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 from tasks.backends.base import Backend, BackendError, DeploymentFailedError, EndpointInfo, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.retry import call_with_retry
-from tasks.smoke import SmokeReport, smoke_test
+from tasks.smoke import SmokeReport, smoke_endpoint
 
 DEPLOYMENT_PREFIX = "model-v"
 CHAMPION = "champion"
@@ -215,9 +219,10 @@ def default_step_check(
     if endpoint is None:
         raise RolloutFailed(f"endpoint {settings.endpoint.name!r} disappeared during the rollout")
     key = backend.scoring_key()
-    pinned = smoke_test(endpoint.openai_base_url, key, smoke, deployment=new)
+    name = getattr(backend, "name", settings.backend)
+    pinned = smoke_endpoint(endpoint, key, smoke, name, deployment=new)
     prompts = [smoke.prompts[i % len(smoke.prompts)] for i in range(settings.rollout.requests_per_step)]
-    unpinned = smoke_test(endpoint.openai_base_url, key, smoke, prompts=prompts)
+    unpinned = smoke_endpoint(endpoint, key, smoke, name, prompts=prompts)
     return pinned, unpinned
 
 
@@ -236,6 +241,7 @@ class RolloutResult:
     steps: list[dict[str, Any]] = field(default_factory=list)
     retired: list[str] = field(default_factory=list)
     previous_champion: str | None = None
+    mirror: dict[str, Any] | None = None  # {"percent", "duration_s", "deployment"} when traffic was mirrored
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -292,12 +298,53 @@ def wait_ready_task(backend: Backend, name: str, timeout_s: float) -> str:
     return info.state
 
 
+def can_mirror(backend: Backend) -> bool:
+    """Mirroring is not part of the Backend protocol: only Azure ML endpoints mirror traffic."""
+    return callable(getattr(backend, "set_mirror_traffic", None))
+
+
+@task(name="mirror-traffic", cache_policy=NO_CACHE, persist_result=False)
+def mirror_task(
+    backend: Backend, name: str, settings: Settings, sleep: Callable[[float], None] = time.sleep
+) -> dict[str, int]:
+    """Mirror ``rollout.mirror_percent`` of live traffic to ``name`` and hold it for ``rollout.mirror_duration_s``.
+
+    Azure ML sends the copies and discards the new deployment's answers; we cannot read them, so the window's
+    verdict is the pinned smoke test that follows (the deployment still answers, and answers well, after meeting
+    real load) plus what the deployment's metrics in Azure Monitor show a person watching."""
+    percent, hold = settings.rollout.mirror_percent, settings.rollout.mirror_duration_s
+    mirrored = call_with_retry(
+        backend.set_mirror_traffic, name, percent, policy=settings.retry, what=f"mirror traffic to {name}"
+    )
+    get_run_logger().info(
+        "mirroring %d%% of live traffic to %s for %.0f s (its answers are discarded)", percent, name, hold
+    )
+    sleep(hold)
+    return mirrored
+
+
+@mirror_task.on_rollback
+def _drop_mirror(txn: Transaction) -> None:
+    backend: Backend = txn.get("backend")
+    try:
+        backend.set_mirror_traffic(None)  # type: ignore[attr-defined]
+    except Exception as exc:  # deleting the deployment drops its mirror too (the next hook)
+        _hook_logger(txn).error("could not stop mirroring traffic (%s); deleting the deployment stops it", exc)
+
+
+@task(name="end-mirror", cache_policy=NO_CACHE, persist_result=False)
+def end_mirror_task(backend: Backend, settings: Settings) -> dict[str, int]:
+    """Stop mirroring before live traffic moves (Azure ML refuses live and mirrored traffic on one deployment)."""
+    return call_with_retry(backend.set_mirror_traffic, None, policy=settings.retry, what="stop mirroring traffic")
+
+
 @task(name="pinned-smoke-test", cache_policy=NO_CACHE, persist_result=False)
 def pinned_smoke_task(backend: Backend, name: str, settings: Settings) -> dict[str, Any]:
     endpoint = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
     if endpoint is None:
         raise RolloutFailed(f"endpoint {settings.endpoint.name!r} disappeared during the rollout")
-    report = smoke_test(endpoint.openai_base_url, backend.scoring_key(), settings.smoke, deployment=name)
+    backend_name = getattr(backend, "name", settings.backend)
+    report = smoke_endpoint(endpoint, backend.scoring_key(), settings.smoke, backend_name, deployment=name)
     get_run_logger().info(report.summary())
     if not report.passed:
         raise RolloutFailed(f"the new deployment failed its pinned smoke test; no traffic moved: {report.summary()}")
@@ -378,6 +425,12 @@ def run_rollout(
     deploy``) asks for a fresh deployment of it.
     """
     logger = get_run_logger()
+    mirror = settings.rollout.mirror_percent
+    if mirror and not can_mirror(backend):
+        raise RolloutFailed(
+            f"rollout.mirror_percent is {mirror} but the {getattr(backend, 'name', settings.backend)} backend cannot "
+            "mirror traffic (only Azure ML endpoints can); set rollout.mirror_percent to 0"
+        )
     # Create the endpoint if missing (locally: start the server, which reloads its deployments); never delete it.
     call_with_retry(backend.ensure_endpoint, policy=settings.retry, what="ensure endpoint")
     champion = call_with_retry(backend.get_model_by_alias, CHAMPION, policy=settings.retry, what="get champion")
@@ -408,7 +461,21 @@ def run_rollout(
             txn.set("previous_champion", champion)
             create_deployment_task(backend, name, version, settings)
             wait_ready_task(backend, name, settings.rollout.ready_timeout_s)
+            # Mirroring copies live traffic: on a first rollout there is none to copy.
+            if mirror and before:
+                mirror_task(backend, name, settings)
+                result.mirror = {
+                    "percent": mirror,
+                    "duration_s": settings.rollout.mirror_duration_s,
+                    "deployment": name,
+                }
+            elif mirror:
+                logger.info(
+                    "rollout.mirror_percent is set but no deployment takes live traffic yet: nothing to mirror"
+                )
             result.pinned_smoke = pinned_smoke_task(backend, name, settings)
+            if result.mirror:
+                end_mirror_task(backend, settings)
             for percent in steps:
                 weights = shift_traffic_task(backend, name, percent, settings)
                 result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
@@ -432,6 +499,7 @@ __all__ = [
     "CHAMPION",
     "RolloutFailed",
     "RolloutResult",
+    "can_mirror",
     "default_step_check",
     "deployment_name",
     "is_live",

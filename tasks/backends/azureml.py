@@ -729,12 +729,14 @@ class AzureMLBackend:
         return {k: int(v) for k, v in (updated.traffic or {}).items()}
 
     def set_mirror_traffic(self, name: str | None, percent: int | None = None) -> dict[str, int]:
-        """Mirror ``percent`` (default ``azureml.mirror_traffic_percent``, at most 50) of live traffic to a deployment
-        that takes no live traffic; its answers are never returned. ``None`` stops mirroring."""
+        """Mirror ``percent`` (default ``rollout.mirror_percent``, at most 50) of live traffic to a deployment that
+        takes no live traffic; its answers are never returned. ``None`` stops mirroring."""
         endpoint = self._get_endpoint_entity()
         if endpoint is None:
             raise BackendError(f"endpoint {self.endpoint_name} does not exist; cannot mirror traffic")
-        percent = self.cfg.mirror_traffic_percent if percent is None else int(percent)
+        percent = self.settings.rollout.mirror_percent if percent is None else int(percent)
+        if not 0 <= percent <= 50:
+            raise BackendError(f"mirror traffic {percent}% is out of range: Azure ML mirrors 0 to 50% of traffic")
         if name is not None and int((endpoint.traffic or {}).get(name, 0)) > 0:
             raise BackendError(f"deployment {name} takes live traffic; Azure ML mirrors only to one that does not")
         endpoint.mirror_traffic = {name: percent} if name is not None and percent > 0 else {}

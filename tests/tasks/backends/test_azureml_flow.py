@@ -1,13 +1,16 @@
 """The flow's own code (tasks/rollout.py, flows/finetune_deploy.py) driving the azureml backend over the fake client.
 
-A real Prefect (test harness) runs the rollout's tasks and transaction hooks; the endpoint's OpenAI-compatible routes
-that the smoke test calls are a real HTTP server on loopback standing in for the managed endpoint's host.
+A real Prefect (test harness) runs the rollout's tasks and transaction hooks; the endpoint's routes that the smoke test
+calls are a real HTTP server on loopback standing in for the managed endpoint's host: ``/score`` as a no-code MLflow
+deployment answers it (a JSON list, nothing about why a reply ended), and ``/v1/chat/completions`` for a deployment
+that serves it.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
@@ -16,6 +19,7 @@ from prefect import flow
 from prefect.testing.utilities import prefect_test_harness
 
 from tasks.backends.base import JobFailedError, ModelVersion
+from tasks.config import ConfigError, load_config
 from tasks.rollout import CHAMPION, RolloutFailed, reconcile, run_rollout
 
 
@@ -26,23 +30,35 @@ def prefect_harness():
 
 
 class _Endpoint(BaseHTTPRequestHandler):
-    """``/v1/chat/completions`` as the deployments would answer; ``broken`` deployments never stop generating."""
+    """The managed endpoint's routes. ``broken`` deployments never stop generating on the chat route and fail with
+    HTTP 424 (Azure's answer when the scoring container errors) on ``/score``."""
 
     key: ClassVar[str] = ""
     broken: ClassVar[set[str]] = set()
-    served: ClassVar[list[str]] = []
+    served: ClassVar[list[tuple[str, str]]] = []  # (path, deployment)
+    bodies: ClassVar[list[dict[str, Any]]] = []
+    probe: ClassVar[Callable[[], None] | None] = None  # called on each request (to see the endpoint's state then)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", 0))
-        self.rfile.read(length)
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if self.probe is not None:
+            type(self).probe()
         if self.headers.get("Authorization") != f"Bearer {self.key}":
-            return self._send(401, {"error": {"message": "bad key"}}, None)
+            return self._send(401, {"message": "Invalid key"}, None)
         deployment = self.headers.get("azureml-model-deployment") or "live"
-        type(self).served.append(deployment)
+        type(self).served.append((self.path, deployment))
+        type(self).bodies.append(body)
+        if self.path == "/score":
+            if deployment in self.broken:
+                return self._send(424, {"message": "An unexpected error occurred in scoring script."}, deployment)
+            return self._send(200, ["Hello."] * len(body["input_data"]), deployment)
+        if self.path != "/v1/chat/completions":
+            return self._send(404, {"message": "no such route"}, None)
         finish = "length" if deployment in self.broken else "stop"
         self._send(200, {"choices": [{"message": {"content": "Hello."}, "finish_reason": finish}]}, deployment)
 
-    def _send(self, status: int, body: dict[str, Any], deployment: str | None) -> None:
+    def _send(self, status: int, body: Any, deployment: str | None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -58,7 +74,8 @@ class _Endpoint(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def scoring_host(fake):
-    _Endpoint.key, _Endpoint.broken, _Endpoint.served = fake.endpoint_key, set(), []
+    _Endpoint.key, _Endpoint.broken, _Endpoint.served, _Endpoint.bodies = fake.endpoint_key, set(), [], []
+    _Endpoint.probe = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -88,6 +105,12 @@ def _rollout(backend, version, settings):
     return run_rollout(backend, version, settings)
 
 
+def _table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    from tasks.smoke import SmokeCase, SmokeReport
+
+    return SmokeReport(report["target"], [SmokeCase(**c) for c in report["cases"]], report["route"]).table()
+
+
 def test_rollout_shifts_traffic_in_steps_and_promotes(backend, fake, settings, scoring_host) -> None:
     _live_v1(backend, fake, settings)
     v2 = backend.register_model("job-2", {"manifest_sha256": "cd"})
@@ -99,7 +122,12 @@ def test_rollout_shifts_traffic_in_steps_and_promotes(backend, fake, settings, s
     assert result.traffic_after == {"model-v2": 100}
     assert [step["percent"] for step in result.steps] == [10, 50, 100]
     assert backend.get_model_by_alias(CHAMPION).version == "2"
-    assert "model-v2" in scoring_host.served  # the pinned smoke test reached the new deployment
+    # On azureml the smoke test goes to /score (auto route), with the sample's body, pinned to the new deployment.
+    assert ("/score", "model-v2") in scoring_host.served
+    assert {path for path, _ in scoring_host.served} == {"/score"}
+    assert scoring_host.bodies[0]["input_data"] == [settings.smoke.prompts[0]]
+    assert scoring_host.bodies[0]["params"]["return_full_text"] is False
+    assert {case["result"] for case in _table(result.pinned_smoke)} == {"ok (end not reported)"}
     assert {d.name for d in backend.get_endpoint().deployments} == {"model-v1", "model-v2"}  # keep_previous: 1
 
 
@@ -120,14 +148,113 @@ def test_a_deployment_that_fails_leaves_traffic_unchanged_and_is_deleted(backend
     assert not fake.called("online_endpoints.begin_delete")  # the endpoint is never deleted
 
 
-def test_a_new_deployment_failing_its_smoke_test_moves_no_traffic(backend, fake, settings, scoring_host) -> None:
+@pytest.mark.parametrize(("route", "finding"), [("auto", "HTTP 424"), ("chat", "did not end")])
+def test_a_new_deployment_failing_its_smoke_test_moves_no_traffic(
+    backend, fake, settings, scoring_host, route, finding
+) -> None:
+    """On /score (the azureml default) a failing scoring container is caught; a model that never stops is caught
+    only where the endpoint reports why replies end (the chat route of a deployment that serves it)."""
     _live_v1(backend, fake, settings)
+    settings.smoke.route = route
     v2 = backend.register_model("job-2", {})
     scoring_host.broken.add("model-v2")
-    with pytest.raises(RolloutFailed, match="did not end"):
+    with pytest.raises(RolloutFailed, match=finding):
         _rollout(backend, v2, settings)
     assert backend.get_endpoint().traffic == {"model-v1": 100}
     assert [d.name for d in backend.get_endpoint().deployments] == ["model-v1"]
+    assert {path for path, _ in scoring_host.served} == {"/score" if route == "auto" else "/v1/chat/completions"}
+
+
+def _record_endpoint_updates(fake, monkeypatch) -> list[tuple[dict[str, int], dict[str, int]]]:
+    """(traffic, mirror traffic) after each endpoint update the backend makes."""
+    history: list[tuple[dict[str, int], dict[str, int]]] = []
+    real = fake.online_endpoints.begin_create_or_update
+
+    def recording(endpoint, **kwargs):
+        poller = real(endpoint, **kwargs)
+        stored = fake.online_endpoints.store[endpoint.name]
+        history.append(({k: v for k, v in stored.traffic.items() if v}, dict(stored.mirror_traffic)))
+        return poller
+
+    monkeypatch.setattr(fake.online_endpoints, "begin_create_or_update", recording)
+    return history
+
+
+def test_mirror_traffic_during_the_pinned_smoke_test_then_dropped_before_live_traffic_moves(
+    backend, fake, settings, scoring_host, monkeypatch
+) -> None:
+    _live_v1(backend, fake, settings)
+    settings.rollout.mirror_percent, settings.rollout.mirror_duration_s = 10, 0.05
+    history = _record_endpoint_updates(fake, monkeypatch)
+    mirrors_seen: list[dict[str, int]] = []
+    scoring_host.probe = lambda: mirrors_seen.append(
+        dict(fake.online_endpoints.store[settings.endpoint.name].mirror_traffic)
+    )
+    v2 = backend.register_model("job-2", {})
+    result = _rollout(backend, v2, settings)
+    assert history == [
+        ({"model-v1": 100}, {"model-v2": 10}),  # mirror on, no live traffic to the new deployment
+        ({"model-v1": 100}, {}),  # mirror off before traffic moves
+        ({"model-v1": 90, "model-v2": 10}, {}),
+        ({"model-v1": 50, "model-v2": 50}, {}),
+        ({"model-v2": 100}, {}),
+    ]
+    # The pinned smoke test ran while the mirror was on (its requests are the first ones the endpoint saw).
+    pinned = len(settings.smoke.prompts)
+    assert mirrors_seen[:pinned] == [{"model-v2": 10}] * pinned and mirrors_seen[pinned:] == [{}] * (
+        len(mirrors_seen) - pinned
+    )
+    assert result.mirror == {"percent": 10, "duration_s": 0.05, "deployment": "model-v2"}
+    assert result.traffic_after == {"model-v2": 100}
+
+
+def test_a_mirrored_deployment_failing_its_smoke_test_is_rolled_back_with_its_mirror(
+    backend, fake, settings, scoring_host, monkeypatch
+) -> None:
+    _live_v1(backend, fake, settings)
+    settings.rollout.mirror_percent, settings.rollout.mirror_duration_s = 20, 0.0
+    history = _record_endpoint_updates(fake, monkeypatch)
+    scoring_host.broken.add("model-v2")
+    with pytest.raises(RolloutFailed, match="HTTP 424"):
+        _rollout(backend, backend.register_model("job-2", {}), settings)
+    assert history[0] == ({"model-v1": 100}, {"model-v2": 20})
+    stored = fake.online_endpoints.store[settings.endpoint.name]
+    assert stored.traffic == {"model-v1": 100} and stored.mirror_traffic == {}
+    assert [d.name for d in backend.get_endpoint().deployments] == ["model-v1"]
+    assert backend.get_model_by_alias(CHAMPION).version == "1"
+
+
+def test_mirroring_is_skipped_on_a_first_rollout_and_refused_where_it_cannot_happen(
+    backend, fake, settings, scoring_host, repo_root
+) -> None:
+    settings.rollout.mirror_percent, settings.rollout.mirror_duration_s = 10, 0.0
+    # No live traffic to copy: the first rollout goes straight to 100% without touching mirror traffic.
+    v1 = backend.register_model("job-1", {})
+    result = _rollout(backend, v1, settings)
+    assert result.mirror is None and result.traffic_after == {"model-v1": 100}
+    assert all(not e.mirror_traffic for e in fake.online_endpoints.store.values())
+
+    # The local backend cannot mirror: the config is refused when it is loaded, before any work.
+    with pytest.raises(ConfigError, match="cannot mirror traffic"):
+        load_config(repo_root / "configs" / "local.yaml", {"rollout.mirror_percent": 10}, environ={})
+
+    # A backend without set_mirror_traffic is refused before the rollout touches anything.
+    class NoMirror:
+        name = "other"
+
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, attr: str) -> Any:
+            if attr in ("set_mirror_traffic", "inner") or attr.startswith("__"):
+                raise AttributeError(attr)
+            return getattr(self.inner, attr)
+
+    v2 = backend.register_model("job-2", {})
+    fake.calls.clear()
+    with pytest.raises(RolloutFailed, match="cannot mirror traffic"):
+        _rollout(NoMirror(backend), v2, settings)
+    assert fake.calls == []
 
 
 def test_a_rerun_after_a_crash_converges(backend, fake, settings) -> None:
