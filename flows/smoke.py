@@ -1,7 +1,9 @@
 """A smoke test of the live endpoint as a flow of its own, for schedules (``prefect.yaml``'s ``smoke-test``).
 
 Sends the configured prompts through the endpoint as users would (no pinned deployment) and checks HTTP 200,
-non-empty replies that end, and the latency budget; publishes the prompts and answers as a table artifact.
+non-empty replies that end, and the latency budget; publishes the prompts and answers as a table artifact. The
+route follows ``smoke.route`` (``auto``: ``/v1/chat/completions`` locally, ``/score`` on Azure ML, where whether a
+reply ended is not reported and so not checked; see :mod:`tasks.smoke`).
 The run fails when any case fails, so a schedule turns a broken endpoint into a failed, visible run.
 
     finetune-phi smoke --config configs/local.yaml
@@ -15,7 +17,7 @@ from typing import Any
 from prefect import flow
 
 from tasks.config import load_config
-from tasks.smoke import smoke_test_task
+from tasks.smoke import ROUTE_PATHS, smoke_test_task
 from tasks.state import configure_environment
 
 
@@ -36,9 +38,11 @@ def _smoke_command(args: argparse.Namespace) -> int:
         state = smoke_test(args.config, normalise_overrides(args.set) or None, return_state=True)
     if state.is_completed():
         report = state.result()
-        print(f"smoke test passed: {sum(1 for c in report['cases'] if c['problem'] is None)} replies ok")
+        route = ROUTE_PATHS[report.get("route", "chat")]
+        print(f"smoke test passed via {route}: {sum(1 for c in report['cases'] if c['problem'] is None)} replies ok")
         for case in report["cases"]:
-            print(f"  {case['prompt']!r} -> {case['reply'][:80]!r} ({case['latency_s']:.2f} s)")
+            ended = case["finish_reason"] or "end not reported"
+            print(f"  {case['prompt']!r} -> {case['reply'][:80]!r} ({case['latency_s']:.2f} s, {ended})")
         return 0
     try:
         state.result()

@@ -348,6 +348,7 @@ class SmokeTestFailed(RuntimeError):
 __all__ = [
     "FINISH_HEADER",
     "PIN_HEADER",
+    "ROUTE_PATHS",
     "SmokeCase",
     "SmokeReport",
     "SmokeTestFailed",

@@ -2,11 +2,14 @@
 
 The server (``prefect server start`` on a free loopback port, PREFECT_HOME in tmp), the work pool, ``prefect
 deploy --all``, ``prefect deployment run`` and a process worker polling once are the commands of the README;
-the smoke-test deployment is run against the live endpoint of the session's flow run, and must complete.
+the smoke-test deployment is run against the live endpoint of the session's flow run, and must complete. It runs
+with ``smoke.route=score`` (a parameter override): the flow run itself smoke-tested the chat route, so this covers the
+``/score`` route, the one Azure ML deployments serve, against the real local server and its ``x-finish-reason``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -98,7 +101,7 @@ def test_deploy_all_and_run_the_smoke_deployment_on_a_process_worker(
     for name in ("finetune-and-deploy-local", "finetune-and-deploy-azureml", "smoke-test"):
         assert name in out
 
-    params = f'{{"config_path": "{flow_config}"}}'
+    params = json.dumps({"config_path": str(flow_config), "overrides": {"smoke.route": "score"}})
     out = _prefect(["deployment", "run", "smoke-test/smoke-test", "--params", params], env, repo_root)
     run_id = re.search(r"flow-run/([0-9a-f-]{36})", out)
     assert run_id, out
@@ -107,3 +110,10 @@ def test_deploy_all_and_run_the_smoke_deployment_on_a_process_worker(
     api = env["PREFECT_API_URL"]
     state = httpx.get(f"{api}/flow_runs/{run_id.group(1)}", timeout=10).json()["state"]
     assert state["type"] == "COMPLETED", state
+    # The smoke table artifact of that run: /score, and every reply's end checked (the local server reports it).
+    query = {"artifacts": {"flow_run_id": {"any_": [run_id.group(1)]}, "key": {"any_": ["smoke-test"]}}}
+    artifacts = httpx.post(f"{api}/artifacts/filter", json=query, timeout=10).json()
+    assert len(artifacts) == 1, artifacts
+    assert "via /score" in artifacts[0]["description"] and "without an end check" not in artifacts[0]["description"]
+    rows = artifacts[0]["data"] if isinstance(artifacts[0]["data"], list) else json.loads(artifacts[0]["data"])
+    assert rows and all(row["finish_reason"] == "stop" and row["result"] == "ok" for row in rows), rows
