@@ -327,6 +327,14 @@ def test_traffic_and_mirror_rules(backend, fake, settings) -> None:
         backend.wait_deployment_ready(f"model-v{n}", 60)
     assert backend.set_traffic({"model-v1": 100, "model-v2": 0}) == {"model-v1": 100, "model-v2": 0}
     assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
+    settings.rollout.mirror_percent = 25  # the default share is the rollout's
+    assert backend.set_mirror_traffic("model-v2") == {"model-v2": 25}
+    with pytest.raises(BackendError, match="0 to 50%"):
+        backend.set_mirror_traffic("model-v2", 60)
+    with pytest.raises(BackendError, match="takes live traffic"):
+        backend.set_mirror_traffic("model-v1", 10)
+    assert backend.set_mirror_traffic(None) == {}
+    assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
     with pytest.raises(BackendError, match="add up to 100"):
         backend.set_traffic({"model-v1": 50})
     with pytest.raises(BackendError, match="no such deployment"):
