@@ -38,6 +38,7 @@ def how_to_chat(openai_base_url: str, scoring_uri: str, model: str = "default", 
             '    -d \'{"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 64}}\'',
             "Prompt flow (chat flow in flow_chat/):",
             f"  finetune-phi chat-connection{extra} && \\",
+            f'    eval "$(finetune-phi chat-connection{extra} --print-env)" && \\',
             "    pf flow test --flow flow_chat --inputs question='What is a Prefect flow?'",
         ]
     )

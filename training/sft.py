@@ -186,6 +186,13 @@ def check_data_files(script_args: FinetuneScriptArguments) -> None:
         value = getattr(script_args, what)
         if value and not Path(value).is_file():
             raise UsageError(f"{what} {value} does not exist; run the data preparation step or fix --{what}")
+        if value and not _has_a_line(Path(value)):
+            raise UsageError(f"{what} {value} holds no conversations; check the data preparation report")
+
+
+def _has_a_line(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return any(line.strip() for line in handle)
 
 
 def read_chats(path: Path, what: str, system_message: str | None) -> list[dict[str, Any]]:

@@ -55,8 +55,19 @@ def test_burst_over_the_limits_gets_429_with_retry_after(tight: LiveEndpoint) ->
 
 
 def test_openai_route_uses_the_openai_error_shape_for_limits(tight: LiveEndpoint) -> None:
-    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 480}
-    response = httpx.post(f"{tight.url}/v1/chat/completions", json=body, headers=tight.headers(), timeout=30)
-    assert response.status_code == 408
-    error = response.json()["error"]
+    # The model is untrained: a greedy reply to one prompt may happen to hit <|end|> within the 400 ms budget (seen
+    # on some CPUs), so a few prompts are tried; a reply that ends in time must say so, and one of them must run long.
+    prompts = ["Tell me a long story.", "Describe every Prefect feature.", "List all numbers.", "Say hello.", "Why?"]
+    timed_out = None
+    for prompt in prompts:
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 480}
+        response = httpx.post(f"{tight.url}/v1/chat/completions", json=body, headers=tight.headers(), timeout=30)
+        if response.status_code == 200:
+            assert response.json()["choices"][0]["finish_reason"] == "stop", response.text
+            continue
+        timed_out = response
+        break
+    assert timed_out is not None, "every prompt ended within 400 ms: no reply ran long enough to time out"
+    assert timed_out.status_code == 408, timed_out.text
+    error = timed_out.json()["error"]
     assert set(error) >= {"message", "type", "code", "param"} and error["type"] == "timeout_error"

@@ -101,7 +101,7 @@ def backend(first_run: dict[str, Any], flow_settings: Settings) -> Iterator[Back
     _consistent(backend)  # every test leaves the endpoint consistent
 
 
-def test_first_run_trains_gates_and_rolls_out_to_a_live_endpoint(first_run, backend) -> None:
+def test_first_run_trains_gates_and_rolls_out_to_a_live_endpoint(first_run, backend, flow_settings) -> None:
     assert first_run["gate"]["promote"], first_run["gate"]
     assert first_run["candidate"]["loss"] > 0 and first_run["candidate"]["perplexity"] > 1
     rollout = first_run["rollout"]
@@ -123,6 +123,13 @@ def test_first_run_trains_gates_and_rolls_out_to_a_live_endpoint(first_run, back
     summary = Artifact.get("finetune-run-summary")
     assert summary is not None and "PROMOTE" in summary.data and first_run["rollout"]["deployment"] in summary.data
     assert Artifact.get("smoke-test") is not None
+    # The summary tells how to chat by reading the key, never by showing it.
+    from deployments.keys import read_keys
+    from tasks.state import state_paths
+
+    keys = read_keys(state_paths(flow_settings.state_dir).endpoint)
+    assert keys and all(key not in summary.data for key in keys.values())
+    assert "finetune-phi endpoint keys" in summary.data
 
 
 def test_unchanged_rerun_skips_data_training_and_deployment(first_run, flow_config, backend) -> None:
