@@ -176,3 +176,76 @@ def test_training_environment_pins_match_the_project_constraints() -> None:
     assert int(requirements["transformers"].split(".")[0]) >= 5
     for name, version in requirements.items():
         assert constraints.get(name) == version, name
+
+
+# ------------------------------------------------------------------------------------ tokenizer and chat template
+def _tokenizer(special: list[str], **tokens: str):
+    """A small byte-level BPE with only the given special tokens (no tiny-model defaults)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, show_progress=False)
+    bpe.train_from_iterator(["hello there", "what is LoRA", "low-rank adapters"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **tokens)
+
+
+def test_a_pad_token_equal_to_the_end_token_is_replaced() -> None:
+    from tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(["hello there", "what is LoRA"], vocab_size=300)
+    assert sft.ensure_distinct_pad_token(tokenizer) is None  # the tiny tokenizer's pad is already distinct
+    tokenizer.pad_token = "<|end|>"
+    assert sft.ensure_distinct_pad_token(tokenizer) == "<|endoftext|>"
+    assert tokenizer.pad_token_id != tokenizer.convert_tokens_to_ids("<|end|>")
+
+    # The Azure sample's choice first: the unknown token, where there is one.
+    with_unk = _tokenizer(["<unk>", "<|end|>"], unk_token="<unk>", eos_token="<|end|>", pad_token="<|end|>")
+    assert sft.ensure_distinct_pad_token(with_unk) == "<unk>"
+
+    # Nothing suitable in the vocabulary: a new <|pad|> token (build_trainer then resizes the embeddings).
+    bare = _tokenizer(["<|end|>"], eos_token="<|end|>")
+    size = len(bare)
+    assert sft.ensure_distinct_pad_token(bare) == "<|pad|>"
+    assert len(bare) == size + 1 and bare.pad_token_id not in (None, bare.convert_tokens_to_ids("<|end|>"))
+
+
+def test_chat_template_problems_are_one_sentence() -> None:
+    from tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(["hello there", "what is LoRA"], vocab_size=300)
+    sft.check_chat_template(tokenizer, "tiny", assistant_only_loss=True)  # the tiny template has the marks
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
+    sft.check_chat_template(tokenizer, "base", assistant_only_loss=False)
+    with pytest.raises(sft.UsageError, match=r"assistant_only_loss needs .* set assistant_only_loss: false"):
+        sft.check_chat_template(tokenizer, "base", assistant_only_loss=True)
+    tokenizer.chat_template = None
+    with pytest.raises(sft.UsageError, match="has no chat template"):
+        sft.check_chat_template(tokenizer, "base", assistant_only_loss=False)
+
+
+def test_a_malformed_data_line_names_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n" + '{"prompt": "x"}\n')
+    with pytest.raises(sft.UsageError) as caught:
+        sft.read_chats(bad, "train_file", None)
+    assert f"train_file {bad} line 2 is not a chat row" in str(caught.value)
+
+
+def test_new_experiments_keep_artifacts_beside_the_sqlite_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's own default would be ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    experiment_id = sft.experiment_id(uri, "finetune-phi")
+    assert sft.experiment_id(uri, "finetune-phi") == experiment_id  # found, not created twice
+    location = MlflowClient(tracking_uri=uri).get_experiment(experiment_id).artifact_location
+    assert location == (tmp_path / "store" / "artifacts").as_uri()
+    assert not (tmp_path / "mlruns").exists()
+    assert sft.sqlite_artifact_location("http://127.0.0.1:5000") is None
