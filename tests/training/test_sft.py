@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,6 +57,16 @@ def test_tiny_run_writes_model_metrics_and_curve(trained_tiny_model: Path, sampl
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "tokenizer.json").is_file()
 
 
+PROGRESS_LINE = re.compile(r"^step (\d+)/120 \| loss \d+\.\d{4} \| [\d,]+ tok/s \| ETA \d+:\d\d:\d\d$", re.M)
+
+
+def test_progress_lines_give_step_total_loss_tokens_per_second_and_eta(trained_tiny_model: Path) -> None:
+    log = (trained_tiny_model.parent / "train.log").read_text()
+    steps = [int(step) for step in PROGRESS_LINE.findall(log)]
+    assert steps == [20, 40, 60, 80, 100], log[-2000:]  # the last step has no ETA left to give
+    assert re.search(r"^step 120/120 \| loss \d+\.\d{4} \| [\d,]+ tok/s$", log, re.M)
+
+
 def test_greedy_reply_to_a_training_prompt_stops_on_end_token(trained_tiny_model: Path, sample_split) -> None:
     new_tokens, tokenizer = _greedy(trained_tiny_model / "model", _first_question(sample_split.train_path))
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
@@ -96,6 +107,8 @@ def test_mlflow_run_and_model_logged_from_the_saved_folder(trained_tiny_model: P
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    # Artifacts beside the SQLite store, not in ./mlruns of the job's working folder (training/).
+    assert run.info.artifact_uri.startswith((trained_tiny_model.parents[2] / "artifacts").as_uri() + "/")
     assert run.data.params["learning_rate"] == "0.002"
     assert run.data.params["manifest_sha256"] == run.data.tags["manifest_sha256"] == sample_split.sha256
     history = client.get_metric_history(run.info.run_id, "loss")
