@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import shlex
 import signal
@@ -36,7 +37,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from tasks.backends.base import BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
-from tasks.state import atomic_write_json, read_json
+from tasks.state import atomic_write_json, read_json, sha256_file, sha256_text, sha256_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_DIR = REPO_ROOT / "training"
@@ -78,6 +79,39 @@ def training_argv(spec: TrainingJobSpec, output_dir: Path, training_dir: Path = 
     for key, value in sorted(spec.overrides.items()):
         argv += [f"--{key}", str(value)]
     return argv
+
+
+def training_job_id(spec: TrainingJobSpec, training_dir: Path = TRAINING_DIR) -> str:
+    """``train-<12 hex>`` from what the job computes: data manifest, recipe (path and bytes), the training code,
+    overrides, data paths and where it logs (MLflow URI, experiment).
+
+    The same inputs give the same id, so a flow re-run after a crash finds the job it already started, as
+    ``tasks.backends.azureml_entities.job_name`` does on Azure ML. Override values count as the command line
+    shows them (``5`` and ``"5"`` are the same job).
+    """
+    recipe = (spec.recipe if spec.recipe.is_absolute() else REPO_ROOT / spec.recipe).resolve()
+    document = {
+        "manifest": spec.manifest_sha256,
+        "recipe": str(recipe),
+        "recipe_sha256": sha256_file(recipe) if recipe.is_file() else "missing",
+        "code": sha256_tree(training_dir) if Path(training_dir).is_dir() else "missing",
+        "overrides": {str(k): str(v) for k, v in spec.overrides.items()},
+        "train_file": str(Path(spec.train_file).resolve()),
+        "eval_file": str(Path(spec.eval_file).resolve()),
+        "tracking_uri": spec.tracking_uri or "",
+        "experiment": spec.experiment,
+    }
+    return f"train-{sha256_text(json.dumps(document, sort_keys=True))[:12]}"
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The ``checkpoint-N`` folder with the highest N in ``output_dir`` (where ``sft.py`` resumes), if any."""
+    steps = {
+        int(p.name.rsplit("-", 1)[1]): p
+        for p in Path(output_dir).glob("checkpoint-*")
+        if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit()
+    }
+    return steps[max(steps)] if steps else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -143,6 +177,13 @@ class LocalJobRunner:
     # ------------------------------------------------------------------ paths and records
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_root / job_id
+
+    def exists(self, job_id: str) -> bool:
+        return (self.job_dir(job_id) / RECORD_NAME).is_file()
+
+    def attempts(self, job_id: str) -> int:
+        """How many times the job's command has been launched (1 for a job never restarted)."""
+        return int(self._record(job_id).get("attempt", 0))
 
     def _record(self, job_id: str) -> dict[str, Any]:
         record = read_json(self.job_dir(job_id) / RECORD_NAME)
@@ -437,7 +478,9 @@ def wait_for_training_job(
 __all__ = [
     "LocalJobRunner",
     "LogFollower",
+    "last_checkpoint",
     "submit_training_job",
     "training_argv",
+    "training_job_id",
     "wait_for_training_job",
 ]
