@@ -128,6 +128,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_launcher(pid: int, folder: Path) -> bool:
+    """False when ``pid`` now belongs to another program: pids are reused after a reboot or a container restart, and
+    a stale record must neither keep a flow waiting nor let cancel kill a stranger. The job's launcher names the
+    job folder's exit-code file on its command line."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc to ask (or the process just ended): trust the pid, the next poll settles it
+    return str((folder / EXIT_CODE_NAME).resolve()).encode() in cmdline
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -299,7 +310,7 @@ class LocalJobRunner:
         proc = self._procs.get(job_id)
         if proc is not None:
             proc.poll()  # reap our own child
-        if _pid_alive(int(record["pid"])):
+        if _pid_alive(int(record["pid"])) and _is_launcher(int(record["pid"]), self.job_dir(job_id)):
             return self._info(record)
         code_text = read_text_or_none(self.job_dir(job_id) / EXIT_CODE_NAME)
         exit_code = int(code_text) if code_text and code_text.strip().lstrip("-").isdigit() else None

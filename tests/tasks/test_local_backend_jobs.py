@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -183,6 +185,33 @@ def test_after_a_kill_9_of_the_job_the_next_submit_resumes_it_from_its_last_chec
     assert "step 3/6" in before and "step 4/6" not in before
     assert f"resuming from {Path(job.output_dir) / 'checkpoint-3'}" in after
     assert "step 1/6" not in after and "step 3/6" not in after and "step 6/6" in after  # no step ran twice
+
+
+def test_a_record_whose_pid_now_belongs_to_another_program_is_restarted_not_waited_for(
+    runners: Runners, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="finetune_phi.local")
+    first = runners.fresh()
+    job = submit_or_resume(first, _spec(runners.training))
+    assert first.wait(job.job_id, timeout_s=30, poll_interval_s=0.05).status == JobStatus.COMPLETED
+    # The machine rebooted mid-training: the record still says running, and its pid is now someone else's.
+    stranger = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        record = first._record(job.job_id)
+        record.update({"status": "running", "pid": stranger.pid, "exit_code": None, "finished_at": None})
+        first._save(record)
+        # As if it died after step 5, before it wrote an exit code.
+        shutil.rmtree(Path(job.output_dir) / "checkpoint-6")
+        (first.job_dir(job.job_id) / "exit_code").unlink()
+        resumed = submit_or_resume(runners.fresh(), _spec(runners.training))
+        assert resumed.status == JobStatus.RUNNING and runners.made[-1].attempts(job.job_id) == 2
+        assert "restarted it as attempt 2" in caplog.text and "resuming from checkpoint-5" in caplog.text
+        assert stranger.poll() is None  # the stranger was left alone
+        done = runners.made[-1].wait(job.job_id, timeout_s=30, poll_interval_s=0.05)
+        assert done.status == JobStatus.COMPLETED
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_a_canceled_job_is_restarted_and_a_job_failing_every_time_stops_after_the_bounded_attempts(
