@@ -19,7 +19,7 @@ Two routes (``smoke.route``; ``auto`` picks by backend):
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -146,18 +146,43 @@ def ask(
     deployment: str | None = None,
 ) -> SmokeCase:
     """One chat completion, judged. Transport errors are a failed case, not an exception: they are the finding."""
-    headers = {"Authorization": f"Bearer {key}"}
-    if deployment:
-        headers[PIN_HEADER] = deployment
+    headers = _pinned_headers(key, deployment)
     body = {
         "model": deployment or "default",
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_new_tokens,
         "temperature": 0.0,
     }
+    url = f"{openai_base_url.rstrip('/')}/chat/completions"
+    return _post_and_judge(
+        client,
+        url,
+        body,
+        headers,
+        prompt,
+        lambda response, payload, latency: _judge(response.status_code, payload, latency, latency_budget_s),
+    )
+
+
+# (response, parsed JSON body or None, latency in s) -> (reply, finish reason or None, problem or None)
+Judge = Callable[[httpx.Response, Any, float], tuple[str, str | None, str | None]]
+
+
+def _pinned_headers(key: str, deployment: str | None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {key}"}
+    if deployment:
+        headers[PIN_HEADER] = deployment
+    return headers
+
+
+def _post_and_judge(
+    client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str], prompt: str, judge: Judge
+) -> SmokeCase:
+    """POST, time it and judge the answer. Transport errors are a failed case, not an exception: they are the
+    finding."""
     started = time.perf_counter()
     try:
-        response = client.post(f"{openai_base_url.rstrip('/')}/chat/completions", json=body, headers=headers)
+        response = client.post(url, json=body, headers=headers)
     except httpx.HTTPError as exc:
         elapsed = time.perf_counter() - started
         return SmokeCase(prompt, None, "", None, elapsed, None, f"no answer ({type(exc).__name__}: {exc})")
@@ -166,7 +191,7 @@ def ask(
         payload = response.json()
     except ValueError:
         payload = None
-    reply, finish, problem = _judge(response.status_code, payload, latency, latency_budget_s)
+    reply, finish, problem = judge(response, payload, latency)
     served_by = response.headers.get(PIN_HEADER)
     return SmokeCase(prompt, response.status_code, reply, finish, latency, served_by, problem)
 
@@ -227,30 +252,22 @@ def ask_score(
     deployment: str | None = None,
 ) -> SmokeCase:
     """One /score request with the sample's body (greedy, reply only), judged like :func:`ask`."""
-    headers = {"Authorization": f"Bearer {key}"}
-    if deployment:
-        headers[PIN_HEADER] = deployment
+    headers = _pinned_headers(key, deployment)
     # No temperature: with do_sample false it is unused, and some pipelines refuse 0.
     body = {
         "input_data": [prompt],
         "params": {"max_new_tokens": max_new_tokens, "do_sample": False, "return_full_text": False},
     }
-    started = time.perf_counter()
-    try:
-        response = client.post(scoring_uri, json=body, headers=headers)
-    except httpx.HTTPError as exc:
-        elapsed = time.perf_counter() - started
-        return SmokeCase(prompt, None, "", None, elapsed, None, f"no answer ({type(exc).__name__}: {exc})")
-    latency = time.perf_counter() - started
-    try:
-        payload = response.json()
-    except ValueError:
-        payload = None
-    reply, finish, problem = _judge_score(
-        response.status_code, payload, response.headers.get(FINISH_HEADER), latency, latency_budget_s
+    return _post_and_judge(
+        client,
+        scoring_uri,
+        body,
+        headers,
+        prompt,
+        lambda response, payload, latency: _judge_score(
+            response.status_code, payload, response.headers.get(FINISH_HEADER), latency, latency_budget_s
+        ),
     )
-    served_by = response.headers.get(PIN_HEADER)
-    return SmokeCase(prompt, response.status_code, reply, finish, latency, served_by, problem)
 
 
 def scoring_uri_of(openai_base_url: str) -> str:

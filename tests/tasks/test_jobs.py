@@ -18,11 +18,11 @@ from tasks.jobs import LocalJobRunner, LogFollower, training_argv
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _training_dir(tmp_path: Path, body: str) -> Path:
-    """A stand-in for training/: ``sft.py`` with ``body`` and an empty recipe."""
+def _training_dir(tmp_path: Path, body: str, recipe_text: str = "max_steps: 1\n") -> Path:
+    """A stand-in for training/: ``sft.py`` with ``body`` and a one-line recipe."""
     folder = tmp_path / "training"
     (folder / "recipes").mkdir(parents=True)
-    (folder / "recipes" / "r.yaml").write_text("max_steps: 1\n")
+    (folder / "recipes" / "r.yaml").write_text(recipe_text)
     (folder / "sft.py").write_text(textwrap.dedent(body))
     return folder
 

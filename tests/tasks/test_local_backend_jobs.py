@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,8 @@ import pytest
 from tasks.backends.base import BackendError, JobStatus, TrainingJobSpec
 from tasks.backends.local import MAX_JOB_ATTEMPTS, LocalBackend, submit_or_resume
 from tasks.jobs import LocalJobRunner, training_job_id
+from tests.tasks.test_jobs import _live_members, _spec
+from tests.tasks.test_jobs import _training_dir as _stand_in_training_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,33 +48,7 @@ for step in range(start + 1, total + 1):
 
 
 def _training_dir(tmp_path: Path, body: str = CHECKPOINTING_SCRIPT) -> Path:
-    folder = tmp_path / "training"
-    (folder / "recipes").mkdir(parents=True)
-    (folder / "recipes" / "r.yaml").write_text("max_steps: 6\n")
-    (folder / "sft.py").write_text(textwrap.dedent(body))
-    return folder
-
-
-def _spec(training_dir: Path, **overrides: object) -> TrainingJobSpec:
-    return TrainingJobSpec(
-        recipe=training_dir / "recipes" / "r.yaml",
-        train_file=training_dir / "train.jsonl",
-        eval_file=training_dir / "test.jsonl",
-        manifest_sha256="abc123",
-        overrides=dict(overrides),
-    )
-
-
-def _live_members(pgid: int) -> list[int]:
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
+    return _stand_in_training_dir(tmp_path, body, recipe_text="max_steps: 6\n")
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
