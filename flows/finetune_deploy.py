@@ -118,7 +118,7 @@ def _new_lines(seen: list[str], tail: list[str]) -> int:
     return len(tail)
 
 
-def train(settings: Settings, dataset: dict[str, Any]) -> dict[str, Any]:
+def train(settings: Settings, dataset: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
     """Submit the training job with the dataset's files and wait for it; return its id, folder and metrics."""
     backend = get_backend(settings)
     spec = TrainingJobSpec(
@@ -131,6 +131,7 @@ def train(settings: Settings, dataset: dict[str, Any]) -> dict[str, Any]:
         # The store the backend registers from (local: the state folder's SQLite unless registry.tracking_uri), never
         # a MLFLOW_TRACKING_URI left in the environment by another state folder: the model is registered from there.
         tracking_uri=getattr(backend, "tracking_uri", None) or settings.registry.tracking_uri,
+        fresh=fresh,
     )
     job = call_with_retry(backend.submit_training, spec, policy=settings.retry, what="submit training job")
     get_run_logger().info("training job %s submitted (%s)", job.job_id, job.url or "no URL")
@@ -145,8 +146,8 @@ def train(settings: Settings, dataset: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(name="train-model", cache_key_fn=content_key_fn, persist_result=True, retry_condition_fn=retry_condition_fn)
-def train_task(settings: Settings, dataset: dict[str, Any], content_key: str) -> dict[str, Any]:
-    return train(settings, dataset)
+def train_task(settings: Settings, dataset: dict[str, Any], content_key: str, fresh: bool = False) -> dict[str, Any]:
+    return train(settings, dataset, fresh)
 
 
 # ------------------------------------------------------------------------------------ register, evaluate
@@ -254,7 +255,7 @@ def finetune_and_deploy(
     trainer = train_task.with_options(
         refresh_cache="training" in wanted, timeout_seconds=settings.training.timeout_s + 120
     )
-    train_state = trainer(settings, dataset, train_key, return_state=True)
+    train_state = trainer(settings, dataset, train_key, "training" in wanted, return_state=True)
     training = train_state.result()
     if _cached(train_state) and training.get("output_dir") and not Path(training["output_dir"]).exists():
         logger.warning("cached training result points at a deleted job folder; training again")

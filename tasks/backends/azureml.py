@@ -311,6 +311,8 @@ class AzureMLBackend:
             job = self._call(f"get job {name}", self.client.jobs.get, name, missing_ok=True)
             if job is None:
                 return name, None
+            if spec.fresh:
+                continue  # refresh asked: the next free attempt name, a new job
             if map_job_status(job.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
                 return name, job  # running or completed: same data, recipe and code, so the same result
         raise BackendError(

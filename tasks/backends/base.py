@@ -56,6 +56,8 @@ class TrainingJobSpec:
     overrides: dict[str, Any] = field(default_factory=dict)  # extra --flag value pairs for the script
     experiment: str = "finetune-phi"
     tracking_uri: str | None = None  # MLflow tracking URI the job logs to
+    # True (the flow's refresh=["training"]): train again from scratch, even where a job with these inputs exists.
+    fresh: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ flow) and everything else into a :class:`BackendError` that says what to do.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import logging
 import time
@@ -79,6 +80,12 @@ def submit_or_resume(runner: Any, spec: TrainingJobSpec, max_attempts: int = MAX
 
     log = _logger()
     job_id = training_job_id(spec, runner.training_dir)
+    if spec.fresh:
+        # A forced re-train gets a folder of its own: the job for these inputs (and its checkpoints) stays as it was.
+        job_id = f"{job_id}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+        info = runner.submit(spec, job_id=job_id)
+        log.info("training job %s: refresh asked, started a fresh job (log: %s)", job_id, info.url)
+        return info
     with _job_lock(runner.jobs_root, job_id):
         if not runner.exists(job_id):
             info = runner.submit(spec, job_id=job_id)

@@ -4,6 +4,7 @@ flow process with a fresh :class:`LocalJobRunner` on the same folder (it knows t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -132,6 +133,13 @@ def test_same_inputs_while_running_give_the_same_job_and_one_process_then_the_co
     assert third.attempts(job.job_id) == 1 and "attempt 2" not in _log(third, job.job_id)
     assert "already completed: reusing its outputs" in caplog.text
     assert [j.job_id for j in third.list_jobs()] == [job.job_id]
+
+    # refresh=["training"]: a fresh job in a folder of its own, from scratch; the completed one is left as it was.
+    forced = submit_or_resume(runners.fresh(), dataclasses.replace(_spec(runners.training), fresh=True))
+    assert forced.job_id.startswith(f"{job.job_id}-") and forced.output_dir != done.output_dir
+    assert third.wait(forced.job_id, timeout_s=30, poll_interval_s=0.05).status == JobStatus.COMPLETED
+    assert "resuming" not in _log(third, forced.job_id) and len(starts.read_text().split()) == 1
+    assert "refresh asked, started a fresh job" in caplog.text
 
 
 def test_after_a_kill_9_of_the_job_the_next_submit_resumes_it_from_its_last_checkpoint(

@@ -94,6 +94,15 @@ def test_a_failed_job_with_the_same_inputs_gets_a_fresh_name(backend, fake, spec
     assert len(fake.jobs.submitted) == 2
 
 
+def test_a_refresh_submits_a_new_job_next_to_a_running_one(backend, fake, spec) -> None:
+    import dataclasses
+
+    first = backend.submit_training(spec).job_id
+    assert backend.submit_training(spec).job_id == first  # same inputs: the same job
+    forced = backend.submit_training(dataclasses.replace(spec, fresh=True)).job_id
+    assert forced == f"{first}-2" and len(fake.jobs.submitted) == 2
+
+
 def test_a_submit_whose_answer_was_lost_uses_the_job_azure_created(backend, fake, spec) -> None:
     real_create = fake.jobs.create_or_update
 
