@@ -27,14 +27,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from tasks.batch_eval import token_f1  # the same F1 as the chat flow's batch evaluation
 
 REPO = Path(__file__).resolve().parent.parent
 TRAINING = REPO / "training"
@@ -53,19 +53,6 @@ SAMPLE_SETTINGS = {
     "warmup_steps": "0.2",
     "max_length": "2048",
 }
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1: lower-cased word tokens, punctuation dropped, multiset overlap."""
-    pred = re.findall(r"\w+", prediction.lower())
-    ref = re.findall(r"\w+", reference.lower())
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
 
 
 def training_prompts(path: Path, n: int = 20) -> list[tuple[str, str]]:

@@ -60,6 +60,17 @@ class Sequence:
         self.cancelled = True
 
 
+def _first_folder_with(root: Path, marker: str, candidates: list[Path], what: str) -> Path:
+    """The first of ``candidates`` holding ``marker``; else the first folder under ``root`` that does."""
+    found = next((c for c in candidates if (c / marker).is_file()), None)
+    if found is not None:
+        return found
+    anywhere = sorted(p.parent for p in root.rglob(marker))
+    if not anywhere:
+        raise FileNotFoundError(f"no {what} ({marker}) under {root}")
+    return anywhere[0]
+
+
 def find_hf_folders(root: str | Path) -> tuple[Path, Path]:
     """The folders holding the model weights and the tokenizer under ``root``.
 
@@ -69,20 +80,12 @@ def find_hf_folders(root: str | Path) -> tuple[Path, Path]:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"model folder {root} does not exist; register the model again or fix the path")
-    candidates = [root, root / "model", root / "data" / "model"]
-    model_dir = next((c for c in candidates if (c / "config.json").is_file()), None)
-    if model_dir is None:
-        found = sorted(p.parent for p in root.rglob("config.json"))
-        if not found:
-            raise FileNotFoundError(f"no Hugging Face model (config.json) under {root}")
-        model_dir = found[0]
-    tok_candidates = [model_dir, root / "components" / "tokenizer", root]
-    tokenizer_dir = next((c for c in tok_candidates if (c / "tokenizer_config.json").is_file()), None)
-    if tokenizer_dir is None:
-        found = sorted(p.parent for p in root.rglob("tokenizer_config.json"))
-        if not found:
-            raise FileNotFoundError(f"no tokenizer (tokenizer_config.json) under {root}")
-        tokenizer_dir = found[0]
+    model_dir = _first_folder_with(
+        root, "config.json", [root, root / "model", root / "data" / "model"], "Hugging Face model"
+    )
+    tokenizer_dir = _first_folder_with(
+        root, "tokenizer_config.json", [model_dir, root / "components" / "tokenizer", root], "tokenizer"
+    )
     return model_dir, tokenizer_dir
 
 
