@@ -118,6 +118,12 @@ def render_summary(
         ]
         if rollout.get("reconcile"):
             lines.append(f"- reconciled first: {'; '.join(rollout['reconcile'])}")
+        if rollout.get("mirror"):
+            mirror = rollout["mirror"]
+            lines.append(
+                f"- mirrored {mirror['percent']}% of live traffic to `{mirror['deployment']}` for "
+                f"{mirror['duration_s']:.0f} s before its smoke test"
+            )
         for step in rollout.get("steps", []):
             lines.append(
                 f"- step {step['percent']}%: {'passed' if step['passed'] else step['reason']} "
