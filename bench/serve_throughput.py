@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.service import start_server, stop_server
     from tasks import registry
     from tasks.config import Settings
+    from tasks.jobs import stop_process_group
 
     # A tiny model, registered as the flow registers a job's model
     if args.model_dir is None:
@@ -309,13 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result), flush=True)
     finally:
         stop_server(settings, grace_s=10)
-        if mlflow_process.poll() is None:
-            os.killpg(mlflow_process.pid, signal.SIGTERM)
-            try:
-                mlflow_process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(mlflow_process.pid, signal.SIGKILL)
-                mlflow_process.wait()
+        stop_process_group(mlflow_process, grace_s=20)
         mlflow_log.close()
         if mlflow_process.returncode not in (None, 0, -signal.SIGTERM):
             print((work / "mlflow-serve.log").read_text(errors="replace")[-3000:], file=sys.stderr)

@@ -139,6 +139,19 @@ def _is_launcher(pid: int, folder: Path) -> bool:
     return str((folder / EXIT_CODE_NAME).resolve()).encode() in cmdline
 
 
+def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
+    """Stop the process group that ``process`` leads (started with ``start_new_session=True``): SIGTERM, then
+    SIGKILL if it is still there after ``grace_s``. For servers and tools run beside a job (tests, benchmarks)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace_s)
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)

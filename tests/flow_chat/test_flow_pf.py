@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import time
 import urllib.error
@@ -26,6 +24,7 @@ import pytest
 
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
+from tasks.jobs import stop_process_group
 from tests.flow_chat.helpers import FLOW_DIR, PF_BIN, REPO_ROOT, free_port, pf_env, settings_for
 from tests.flow_chat.recording_server import RecordingServer
 
@@ -174,12 +173,7 @@ def test_pf_flow_serve_answers_a_post(chat_endpoint: ChatEndpoint, tmp_path: Pat
                 assert time.monotonic() < deadline, "pf flow serve did not answer within 90 s"
                 time.sleep(0.3)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=5)
+        stop_process_group(server, grace_s=15)
     assert status == 200 and isinstance(answer["answer"], str) and "finish_reason" in answer
     assert chat_endpoint.recorder.bodies()[-1]["messages"][:2] == [
         {"role": "user", "content": "Hi"},

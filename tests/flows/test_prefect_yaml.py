@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 import pytest
 import yaml
 
+from tasks.jobs import stop_process_group
 from tests.flows.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -77,12 +77,7 @@ def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
             pytest.fail("the temporary Prefect server did not become healthy in 90 s")
         yield env
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        stop_process_group(server, grace_s=20)
         log.close()
 
 
