@@ -5,9 +5,11 @@
     python3 scripts/dev.py test    # install, then run the whole test suite
     python3 scripts/dev.py setup   # install only
 
-Needs only Python 3.10+. On a machine without an NVIDIA GPU it installs the CPU build of torch
-(torch==2.13.0) instead of letting a dependency pull a multi-GB CUDA build. Set FINETUNE_PHI_TORCH_SPEC
-to choose another torch requirement, and FINETUNE_PHI_PIP_ARGS for extra pip arguments (an index URL).
+Needs only Python 3.10+. On a Linux machine without an NVIDIA GPU it installs the CPU build of torch
+(torch==2.13.0+cpu, from PyTorch's CPU index or a local wheel) instead of letting a dependency pull the
+multi-GB CUDA build that PyPI serves for Linux; macOS and Windows wheels on PyPI are CPU builds already.
+Set FINETUNE_PHI_TORCH_SPEC to choose another torch requirement (then no index is added),
+FINETUNE_PHI_TORCH_INDEX for another torch index, and FINETUNE_PHI_PIP_ARGS for extra pip arguments.
 The install is skipped when pyproject.toml and constraints.txt have not changed since the last one.
 """
 
@@ -27,6 +29,24 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".finetune-phi-installed"
 TORCH_SPEC = os.environ.get("FINETUNE_PHI_TORCH_SPEC", "torch==2.13.0")
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _torch_index_args() -> list[str]:
+    """Extra pip arguments that make the torch install take a CPU build where PyPI would give a CUDA one.
+
+    PyPI's Linux torch wheels bundle CUDA (several GB). With PyTorch's CPU index added, ``torch==2.13.0`` resolves
+    to ``2.13.0+cpu`` (a local version sorts above the plain one); a local ``+cpu`` wheel in pip's find-links
+    wins the same way, so an offline machine with the wheel on disk only pays pip's retries on the index.
+    """
+    if "FINETUNE_PHI_TORCH_INDEX" in os.environ:
+        index = os.environ["FINETUNE_PHI_TORCH_INDEX"]
+        return ["--extra-index-url", index] if index else []
+    if "FINETUNE_PHI_TORCH_SPEC" in os.environ or not sys.platform.startswith("linux"):
+        return []
+    if shutil.which("nvidia-smi") is not None:
+        return []  # a GPU machine: PyPI's CUDA build is the one wanted
+    return ["--extra-index-url", CPU_TORCH_INDEX]
 
 
 def _run(*args: str | Path, env: dict[str, str] | None = None) -> None:
@@ -35,7 +55,7 @@ def _run(*args: str | Path, env: dict[str, str] | None = None) -> None:
 
 
 def _install_fingerprint() -> str:
-    digest = hashlib.sha256(TORCH_SPEC.encode())
+    digest = hashlib.sha256(" ".join([TORCH_SPEC, *_torch_index_args()]).encode())
     for name in ("pyproject.toml", "constraints.txt"):
         digest.update((ROOT / name).read_bytes())
     return digest.hexdigest()
@@ -52,8 +72,8 @@ def setup() -> None:
         return
     extra_args = os.environ.get("FINETUNE_PHI_PIP_ARGS", "").split()
     pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", *extra_args]
-    # torch first, on its own: its CPU build here, so nothing later pulls the CUDA build.
-    _run(*pip, TORCH_SPEC)
+    # torch first, on its own: its CPU build on a machine without a GPU, so nothing later pulls the CUDA build.
+    _run(*pip, *_torch_index_args(), TORCH_SPEC)
     _run(*pip, "-c", "constraints.txt", "-e", ".[dev]")
     STAMP.write_text(fingerprint + "\n")
 
