@@ -122,6 +122,39 @@ def test_mlflow_run_and_model_logged_from_the_saved_folder(trained_tiny_model: P
     assert isinstance(answer, list) and isinstance(answer[0], str)
 
 
+def _refuse_to_load(cls: type, *args: object, **kwargs: object) -> None:
+    raise AssertionError(f"{cls.__name__}.from_pretrained was called: the model was reloaded into memory")
+
+
+def test_log_model_copies_the_saved_folder_without_loading_the_model(
+    tmp_path: Path, sample_split, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+    import yaml
+    from mlflow.models import get_model_info
+    from tiny_model import build_tiny_model, chat_texts
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    model_dir = build_tiny_model(
+        tmp_path / "model", list(chat_texts(sample_split.train_path)), hidden_size=32, num_layers=1, num_heads=2
+    )
+    # Every way to materialise weights: the model classes and the Auto* factories (pipeline() goes through them).
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(_refuse_to_load))
+    monkeypatch.setattr(_BaseAutoModelClass, "from_pretrained", classmethod(_refuse_to_load))
+    run = sft.MlflowRun(f"sqlite:///{tmp_path / 'mlflow.db'}", "log-model-test", tmp_path / "out", "log-model")
+    try:
+        model_uri = run.log_model(model_dir)
+        info = get_model_info(model_uri)
+    finally:
+        run.end()
+        run.mlflow.set_tracking_uri(None)
+    assert "transformers" in info.flavors and info.flavors["transformers"]["source_model_name"] == str(model_dir)
+    [mlmodel] = (tmp_path / "artifacts").rglob("MLmodel")  # beside the SQLite store
+    assert "transformers" in yaml.safe_load(mlmodel.read_text())["flavors"]
+    weights = list(mlmodel.parent.rglob("model.safetensors"))
+    assert len(weights) == 1 and weights[0].read_bytes() == (model_dir / "model.safetensors").read_bytes()
+
+
 def _run_sft(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "sft.py", *args], cwd=TRAINING, capture_output=True, text=True, timeout=timeout
