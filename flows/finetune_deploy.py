@@ -371,8 +371,8 @@ def prefect_home_of(settings: Settings) -> Iterator[None]:
 
 def _run_command(args: argparse.Namespace) -> int:
     refresh = [r.strip() for r in args.refresh.split(",") if r.strip()] if args.refresh else None
+    _check_refresh(refresh)  # before load_settings, which creates the state folder
     settings = load_settings(args.config, args.set)  # fails fast on a bad config, before Prefect starts
-    _check_refresh(refresh)
     started = time.perf_counter()
     with prefect_home_of(settings):
         result = finetune_and_deploy(args.config, normalise_overrides(args.set) or None, refresh)
