@@ -6,7 +6,10 @@ Precedence, lowest first: the YAML file, environment variables ``FINETUNE_PHI__<
 raises :class:`ConfigError` naming the field and the file, before any work starts.
 
 Secrets are never fields: keys and tokens come from the environment, a Prefect Secret block or the state
-folder (see :mod:`tasks.secrets`).
+folder. The local endpoint's keys: :mod:`deployments.keys` (``FINETUNE_PHI_ENDPOINT_KEY`` and friends, else
+``<state_dir>/endpoint/keys.json`` with 0600 permissions). The Azure ML endpoint's key: asked from the workspace
+and kept in a Prefect Secret block by :mod:`tasks.backends.azureml`, whose Azure sign-in is azure-identity's
+(environment, managed identity or ``az login``).
 """
 
 from __future__ import annotations

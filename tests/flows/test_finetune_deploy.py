@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
@@ -78,6 +79,28 @@ def _names(backend: Backend) -> set[str]:
     return {d.name for d in endpoint.deployments} if endpoint else set()
 
 
+def _task_states(flow_run_id: UUID, names: set[str], timeout_s: float = 60) -> dict[str, list[str]]:
+    """The state names the Prefect API recorded for the flow run's task runs, by task name ("prepare-data").
+
+    Task run states reach the server as events, written a moment later: wait until every named task shows a
+    final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        found: dict[str, list[str]] = {}
+        for run in runs:
+            task = run.name.rsplit("-", 1)[0]  # Prefect names task runs "<task name>-<3 characters>"
+            if task in names and run.state is not None and run.state.is_final():
+                found.setdefault(task, []).append(run.state.name)
+        if set(found) == names or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 @flow(name="rollout-under-test")
 def _rollout_flow(config_path: str, version: ModelVersion, fail_at: int | None, force: bool) -> dict[str, Any]:
     """The flow's rollout on its own; ``fail_at`` runs the step check at that step with a smoke configuration the
@@ -140,6 +163,19 @@ def test_unchanged_rerun_skips_data_training_and_deployment(first_run, flow_conf
     assert again["version"] == first_run["version"]
     assert again["rollout"]["skipped"]
     assert _consistent(backend) == first_run["rollout"]["traffic_after"]
+
+
+def test_refresh_data_prepares_the_data_again_and_training_stays_cached(first_run, flow_config, backend) -> None:
+    from flows.finetune_deploy import finetune_and_deploy
+
+    state = finetune_and_deploy(str(flow_config), refresh=["data"], return_state=True)
+    again = state.result()
+    recorded = _task_states(state.state_details.flow_run_id, {"prepare-data", "train-model"})
+    assert recorded == {"prepare-data": ["Completed"], "train-model": ["Cached"]}, recorded
+    assert again["states"] == {"data": "Completed", "training": "Cached"}
+    # The same source gives the same manifest, so training's key, and the live model, stay the same.
+    assert again["dataset"]["sha256"] == first_run["dataset"]["sha256"]
+    assert again["version"] == first_run["version"] and again["rollout"]["skipped"]
 
 
 def test_a_model_that_fails_to_load_is_rolled_back_while_the_old_one_keeps_answering(
