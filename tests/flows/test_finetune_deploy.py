@@ -4,6 +4,7 @@ the real endpoint server with requests flowing throughout."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,14 @@ def _consistent(backend: Backend) -> dict[str, int]:
 def _names(backend: Backend) -> set[str]:
     endpoint = backend.get_endpoint()
     return {d.name for d in endpoint.deployments} if endpoint else set()
+
+
+def _image_bytes(url: str) -> bytes:
+    """The bytes an image artifact's URL stands for: a data: URI's payload or a file:// URL's file."""
+    if url.startswith("data:image/png;base64,"):
+        return base64.b64decode(url.split(",", 1)[1], validate=True)
+    assert url.startswith("file://"), url
+    return Path(urllib.parse.urlparse(url).path).read_bytes()
 
 
 def _task_states(flow_run_id: UUID, names: set[str], timeout_s: float = 60) -> dict[str, list[str]]:
@@ -146,6 +156,12 @@ def test_first_run_trains_gates_and_rolls_out_to_a_live_endpoint(first_run, back
     summary = Artifact.get("finetune-run-summary")
     assert summary is not None and "PROMOTE" in summary.data and first_run["rollout"]["deployment"] in summary.data
     assert Artifact.get("smoke-test") is not None
+    # The loss curve is an image artifact holding the PNG the training job drew (inline, or a file:// link).
+    curve = Artifact.get("loss-curve")
+    assert curve is not None and curve.type == "image", curve
+    drawn = Path(first_run["training"]["output_dir"]) / "loss_curve.png"
+    png = _image_bytes(curve.data)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png == drawn.read_bytes()
     # The summary tells how to chat by reading the key, never by showing it.
     from deployments.keys import read_keys
     from tasks.state import state_paths
