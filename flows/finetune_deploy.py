@@ -299,6 +299,8 @@ def finetune_and_deploy(
             rollout = run_rollout(backend, version, settings, force="deploy" in wanted).to_dict()
         except RolloutFailed as exc:
             failure = exc
+            # What the rollout did before it failed and what the rollback left, for the summary below.
+            rollout = exc.rollout.to_dict() if exc.rollout is not None else None
     else:
         logger.warning("the candidate was not promoted; the champion keeps serving: %s", decision["reason"])
 
@@ -322,6 +324,7 @@ def finetune_and_deploy(
         smoke=smoke,
         chat=chat,
         cached={"data": _cached(data_state), "training": _cached(train_state)},
+        failure=str(failure) if failure is not None else None,
     )
     loss_curve = Path(training["output_dir"]) / "loss_curve.png" if training.get("output_dir") else None
     publish_summary_task(markdown, str(loss_curve) if loss_curve else None)

@@ -49,7 +49,13 @@ _LOG = logging.getLogger("finetune_phi.rollout")
 
 
 class RolloutFailed(BackendError):
-    """The new deployment failed a check; traffic and alias were restored."""
+    """The new deployment failed a check; traffic and alias were restored.
+
+    Raised by :func:`run_rollout` with ``rollout`` set: what the rollout did up to the failure and what the
+    rollback left (``rollout.rollback``), so a failed run's summary can say so. An attribute, not an ``__init__``
+    argument, so the exception still pickles (Prefect stores it as the failed state's result)."""
+
+    rollout: RolloutResult | None = None
 
 
 def deployment_name(version: str, redeploy: int = 0) -> str:
@@ -230,6 +236,27 @@ StepCheck = Callable[[Backend, Settings, str, int], tuple[SmokeReport, SmokeRepo
 
 
 @dataclass
+class Rollback:
+    """The endpoint and the alias as read back after the ``on_rollback`` hooks ran, not as the hooks meant them."""
+
+    traffic: dict[str, int] | None  # live weights; None when the endpoint could not be read
+    deployments: list[str]  # the endpoint's deployments after the rollback
+    champion: str | None  # the version the champion alias points at (None: no champion)
+    error: str | None = None  # why the state could not be read back
+
+
+def read_rollback(backend: Backend) -> Rollback:
+    """What a failed rollout left. Never raises: the flow must still fail with the rollout's reason."""
+    try:
+        endpoint = backend.get_endpoint()
+        champion = backend.get_model_by_alias(CHAMPION)
+    except Exception as exc:
+        return Rollback(None, [], None, f"{type(exc).__name__}: {exc}")
+    names = sorted(d.name for d in endpoint.deployments) if endpoint else []
+    return Rollback(live_traffic(endpoint), names, champion.version if champion else None)
+
+
+@dataclass
 class RolloutResult:
     version: str
     deployment: str
@@ -242,6 +269,7 @@ class RolloutResult:
     retired: list[str] = field(default_factory=list)
     previous_champion: str | None = None
     mirror: dict[str, Any] | None = None  # {"percent", "duration_s", "deployment"} when traffic was mirrored
+    rollback: Rollback | None = None  # set when the rollout failed and was rolled back
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -482,10 +510,13 @@ def run_rollout(
             promote_task(backend, version, settings)
     except Exception as exc:
         kept = f"v{champion.version}" if champion else "none"
-        raise RolloutFailed(
+        failed = RolloutFailed(
             f"rollout of model v{version.version} rolled back (traffic {before or 'none'} restored, deployment {name} "
             f"deleted, champion still {kept}): {exc}"
-        ) from exc
+        )
+        result.rollback = read_rollback(backend)
+        failed.rollout = result
+        raise failed from exc
     after = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
     result.traffic_after = live_traffic(after)
     try:
@@ -497,6 +528,7 @@ def run_rollout(
 
 __all__ = [
     "CHAMPION",
+    "Rollback",
     "RolloutFailed",
     "RolloutResult",
     "can_mirror",

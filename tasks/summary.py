@@ -56,6 +56,50 @@ def _traffic(weights: dict[str, int] | None) -> str:
     return ", ".join(f"{k} {v}%" for k, v in sorted((weights or {}).items())) or "none"
 
 
+def _rollout_step_lines(rollout: dict[str, Any]) -> list[str]:
+    """Reconcile, mirror, traffic steps and retired deployments: the same for a rollout that failed or not."""
+    lines = []
+    if rollout.get("reconcile"):
+        lines.append(f"- reconciled first: {'; '.join(rollout['reconcile'])}")
+    if rollout.get("mirror"):
+        mirror = rollout["mirror"]
+        lines.append(
+            f"- mirrored {mirror['percent']}% of live traffic to `{mirror['deployment']}` for "
+            f"{mirror['duration_s']:.0f} s before its smoke test"
+        )
+    for step in rollout.get("steps", []):
+        lines.append(
+            f"- step {step['percent']}%: {'passed' if step['passed'] else step['reason']} "
+            f"(error rate {step['error_rate']:.0%})"
+        )
+    if rollout.get("retired"):
+        lines.append(f"- retired: {', '.join(rollout['retired'])}")
+    return lines
+
+
+def _failed_rollout_lines(failure: str, rollout: dict[str, Any] | None) -> list[str]:
+    """The heading and the state the rollback left; the steps that ran follow as for a rollout that succeeded."""
+    lines = ["## Rollout failed, rolled back", f"- reason: {failure}"]
+    rollback = (rollout or {}).get("rollback")
+    if rollout is None or rollback is None:
+        # Failed before any deployment was made (e.g. a configuration the backend refuses): nothing to roll back.
+        return lines
+    lines.append(f"- traffic before the rollout: {_traffic(rollout['traffic_before'])}")
+    if rollback["error"] is not None:
+        lines.append(f"- traffic after the rollback: could not be read ({rollback['error']}); the next run reconciles")
+        return lines
+    lines.append(f"- traffic after the rollback: {_traffic(rollback['traffic'])}")
+    new = rollout["deployment"]
+    left = "still there: the next run's reconcile step deletes it" if new in rollback["deployments"] else "deleted"
+    lines.append(f"- new deployment `{new}`: {left}")
+    before, after = rollout.get("previous_champion"), rollback["champion"]
+    if before == after:
+        lines.append(f"- champion unchanged: {f'v{after}' if after else 'none yet'}")
+    else:  # the alias hook failed: say so loudly rather than claim it is unchanged
+        lines.append(f"- champion alias moved: now {after or 'none'}, was {before or 'none'}; check the registry")
+    return lines
+
+
 def render_summary(
     *,
     dataset: dict[str, Any],
@@ -68,8 +112,12 @@ def render_summary(
     smoke: dict[str, Any] | None,
     chat: str | None,
     cached: dict[str, bool] | None = None,
+    failure: str | None = None,
 ) -> str:
-    """Markdown for the run-summary artifact; every argument is a plain dict from one step."""
+    """Markdown for the run-summary artifact; every argument is a plain dict from one step.
+
+    ``failure`` is the reason a rollout failed (the flow run fails with it); ``rollout`` is then what the rollout
+    did up to the failure, with ``rollout["rollback"]`` as read back after the rollback, when it got that far."""
     cached = cached or {}
     metrics = training.get("metrics", {})
     lines = ["# finetune-phi run summary", ""]
@@ -109,29 +157,17 @@ def render_summary(
             "",
         ]
     lines += ["## Model", f"- registered version: {version or '-'}", ""]
-    if rollout is not None:
+    if failure is not None:
+        lines += [*_failed_rollout_lines(failure, rollout), *_rollout_step_lines(rollout or {}), ""]
+    elif rollout is not None:
         lines += [
             "## Rollout (blue/green)",
             f"- deployment `{rollout['deployment']}`" + (" (already live: skipped)" if rollout["skipped"] else ""),
             f"- traffic before: {_traffic(rollout['traffic_before'])}",
             f"- traffic after: {_traffic(rollout['traffic_after'])}",
+            *_rollout_step_lines(rollout),
+            "",
         ]
-        if rollout.get("reconcile"):
-            lines.append(f"- reconciled first: {'; '.join(rollout['reconcile'])}")
-        if rollout.get("mirror"):
-            mirror = rollout["mirror"]
-            lines.append(
-                f"- mirrored {mirror['percent']}% of live traffic to `{mirror['deployment']}` for "
-                f"{mirror['duration_s']:.0f} s before its smoke test"
-            )
-        for step in rollout.get("steps", []):
-            lines.append(
-                f"- step {step['percent']}%: {'passed' if step['passed'] else step['reason']} "
-                f"(error rate {step['error_rate']:.0%})"
-            )
-        if rollout.get("retired"):
-            lines.append(f"- retired: {', '.join(rollout['retired'])}")
-        lines.append("")
     if smoke is not None:
         lines += ["## Smoke test", "| prompt | reply | finish | latency (s) | result |", "| --- " * 5 + "|"]
         for case in smoke.get("cases", []):

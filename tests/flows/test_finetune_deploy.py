@@ -231,6 +231,37 @@ def test_a_smoke_failure_at_50_percent_restores_traffic_and_deletes_the_new_depl
     assert users.statuses and set(users.statuses) == {200}, users.statuses
 
 
+def test_a_rollout_failing_in_the_flow_is_rolled_back_and_its_summary_says_so(first_run, flow_config, backend) -> None:
+    """The whole flow with a forced redeploy whose smoke test cannot pass (one new token: replies cannot end)."""
+    from prefect.artifacts import Artifact
+
+    from flows.finetune_deploy import finetune_and_deploy
+
+    before = _consistent(backend)
+    names_before = _names(backend)
+    champion = backend.get_model_by_alias(CHAMPION)
+    with Traffic(backend) as users:
+        state = finetune_and_deploy(
+            str(flow_config), overrides={"smoke.max_new_tokens": 1}, refresh=["deploy"], return_state=True
+        )
+    assert state.is_failed()
+    with pytest.raises(RolloutFailed, match="rolled back") as failed:
+        state.result()
+    assert _consistent(backend) == before and _names(backend) == names_before
+    assert backend.get_model_by_alias(CHAMPION).version == champion.version
+    assert users.statuses and set(users.statuses) == {200}, users.statuses
+
+    summary = Artifact.get("finetune-run-summary")
+    assert summary is not None and summary.flow_run_id == state.state_details.flow_run_id
+    section = summary.data.split("## Rollout failed, rolled back\n", 1)[1].split("\n\n", 1)[0]
+    assert f"- reason: {failed.value}" in section
+    traffic = ", ".join(f"{name} {weight}%" for name, weight in sorted(before.items()))
+    assert f"- traffic before the rollout: {traffic}" in section
+    assert f"- traffic after the rollback: {traffic}" in section
+    assert f"- champion unchanged: v{champion.version}" in section
+    assert ": deleted" in section
+
+
 KILL_SCRIPT = """
 import sys
 from prefect import flow

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+
+from tasks.rollout import Rollback, RolloutFailed, RolloutResult
 from tasks.summary import how_to_chat, render_summary
 
 ROLLOUT = {
@@ -24,20 +27,73 @@ GATE = {
 }
 
 
-def test_summary_has_the_gate_numbers_traffic_mirror_and_how_to_chat() -> None:
-    chat = how_to_chat("http://127.0.0.1:8765/v1", "http://127.0.0.1:8765/score")
-    text = render_summary(
+def _summary(rollout: dict | None, failure: str | None = None, chat: str | None = None) -> str:
+    return render_summary(
         dataset={"sha256": "7343f8decb99e93b", "counts": {"train": 249, "test": 62}},
         training={"job_id": "train-abc", "metrics": {"eval_loss": 0.47, "steps": 300}},
         candidate=None,
         champion=None,
         gate=GATE,
         version="2",
-        rollout=ROLLOUT,
+        rollout=rollout,
         smoke=None,
         chat=chat,
+        failure=failure,
     )
+
+
+def test_summary_has_the_gate_numbers_traffic_mirror_and_how_to_chat() -> None:
+    chat = how_to_chat("http://127.0.0.1:8765/v1", "http://127.0.0.1:8765/score")
+    text = _summary(ROLLOUT, chat=chat)
     assert "decision: **PROMOTE**" in text and "candidate 0.4700, champion 0.5000, tolerance 2.0%" in text
     assert "traffic before: " in text and "model-v1" in text and "retired: model-v1" in text
     assert "mirrored 10% of live traffic to `model-v2` for 300 s before its smoke test" in text
     assert "finetune-phi endpoint keys" in text and "--print-env" in text
+
+
+def _failed_rollout(rollback: Rollback) -> dict:
+    """A rollout of v2 that passed its 10% step, failed at 50% and was rolled back, as the flow hands it over."""
+    result = RolloutResult(
+        version="2",
+        deployment="model-v2",
+        skipped=False,
+        traffic_before={"model-v1": 100},
+        traffic_after={"model-v1": 100},
+        steps=[{"percent": 10, "passed": True, "reason": None, "error_rate": 0.0}],
+        previous_champion="1",
+        rollback=rollback,
+    )
+    failed = RolloutFailed("rollout of model v2 rolled back (...): at 50% the pinned smoke test failed")
+    failed.rollout = result
+    # Prefect stores the flow run's exception as its result: the rollout must survive the round trip.
+    again = pickle.loads(pickle.dumps(failed))
+    assert str(again) == str(failed) and again.rollout is not None
+    return again.rollout.to_dict()
+
+
+def test_a_rolled_back_rollout_says_why_and_what_traffic_and_champion_it_left() -> None:
+    reason = "rollout of model v2 rolled back (...): at 50% the pinned smoke test failed"
+    text = _summary(_failed_rollout(Rollback({"model-v1": 100}, ["model-v1"], "1")), reason)
+    section = text.split("## Rollout failed, rolled back\n", 1)[1].split("\n\n", 1)[0]
+    assert f"- reason: {reason}" in section
+    assert "- traffic before the rollout: model-v1 100%" in section
+    assert "- traffic after the rollback: model-v1 100%" in section
+    assert "- new deployment `model-v2`: deleted" in section
+    assert "- champion unchanged: v1" in section
+    assert "- step 10%: passed" in section
+    assert "## Rollout (blue/green)" not in text and "traffic after: " not in text
+
+
+def test_a_rollback_that_left_things_behind_is_not_reported_as_clean() -> None:
+    left = _summary(_failed_rollout(Rollback({"model-v1": 90, "model-v2": 10}, ["model-v1", "model-v2"], "2")), "x")
+    assert "traffic after the rollback: model-v1 90%, model-v2 10%" in left
+    assert "`model-v2`: still there" in left and "champion alias moved: now 2, was 1" in left
+    assert "champion unchanged" not in left and ": deleted" not in left
+    unread = _summary(_failed_rollout(Rollback(None, [], None, "ConnectError: refused")), "x")
+    assert "traffic after the rollback: could not be read (ConnectError: refused)" in unread
+
+
+def test_a_rollout_refused_before_any_deployment_still_gets_the_failed_section() -> None:
+    text = _summary(None, "rollout.mirror_percent is 10 but the local backend cannot mirror traffic")
+    assert "## Rollout failed, rolled back\n- reason: rollout.mirror_percent is 10" in text
+    assert "traffic after the rollback" not in text
