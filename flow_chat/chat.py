@@ -14,6 +14,7 @@ can tell a reply that ended ("stop") from one cut at ``max_tokens`` ("length").
 # annotation turns the connection into a plain string.
 import logging
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,15 +53,25 @@ class _SentenceOnly(logging.Filter):
         return True
 
 
-def _install_log_filter() -> None:
+def _install_log_filter() -> bool:
+    """Hide the executor's traceback for explained failures. False (and a warning) where Prompt flow moved it."""
     # Prompt flow's executor logs node failures on its own "execution" logger, a `logging.Logger` built outside the
-    # logging registry (promptflow/_utils/logger_utils.py), so it is reachable only through that module.
+    # logging registry (promptflow/_utils/logger_utils.py), so it is reachable only through that private module.
     try:
         from promptflow._utils.logger_utils import logger as execution_logger
-    except ImportError:  # a future layout: the traceback stays, the sentence is still the last line
-        return
+    except ImportError as exc:
+        # Said out loud rather than skipped: the person then knows why a traceback shows. The error stays readable:
+        # the sentence is still the exception's message, which Prompt flow prints last (and serve returns alone).
+        warnings.warn(
+            f"flow_chat/chat.py cannot reach Prompt flow's execution logger ({exc}); endpoint errors will be logged "
+            "with a traceback above their one-sentence message. Prompt flow is pinned in flow_chat/requirements.txt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
     if not any(type(f).__name__ == _SentenceOnly.__name__ for f in execution_logger.filters):
         execution_logger.addFilter(_SentenceOnly())
+    return True
 
 
 _install_log_filter()

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import secrets
 import statistics
 import time
 from collections import Counter
@@ -210,7 +211,9 @@ def evaluate_chat_flow(
     from tasks.chat_connection import configure_promptflow, create_or_update_connection
 
     paths = configure_promptflow(settings.state_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    # The time for people, a random tail for uniqueness: Prompt flow refuses a second run of the same name, and two
+    # evaluations may start in the same second (the main flow's step right after a manual one, tests).
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
     out = Path(out_dir) if out_dir else paths.root / "chat_eval" / stamp
     rows = prepare_eval_data(test_file, out / "eval_input.jsonl", max_rows=max_rows)
     if refresh_connection:

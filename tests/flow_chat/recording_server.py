@@ -5,6 +5,10 @@ Two modes:
   count the turns it got), checks ``Authorization: Bearer <key>`` and answers 401 otherwise; ``delay_s`` makes it slow.
 - ``upstream="http://127.0.0.1:PORT"``: a recording proxy in front of the real endpoint; requests and answers
   pass through unchanged, so a test can assert on exactly what the endpoint received.
+
+``key_rotated = True`` plays the endpoint's key being regenerated under a running client (``pf flow serve`` reads
+its connection once, at start): the client's key is refused, by this server itself or, as a proxy, by forwarding
+a stale key so that the real endpoint answers with its own 401.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+# What a proxy forwards once the key has "rotated": a key no endpoint ever issued.
+STALE_KEY = "stale-key-from-before-the-rotation"
+
 
 class RecordingServer:
     def __init__(
@@ -26,6 +33,7 @@ class RecordingServer:
         self.chat_route = chat_route  # False: only /score exists, like an Azure ML no-code MLflow deployment
         self.upstream = upstream.rstrip("/") if upstream else None
         self.delay_s = delay_s
+        self.key_rotated = False
         self.requests: list[dict[str, Any]] = []  # {"path", "headers" (lower-case names), "body"}
         self.responses: list[dict[str, Any]] = []  # proxy mode: {"path", "status", "body"} from upstream
         self._lock = threading.Lock()
@@ -87,6 +95,9 @@ class RecordingServer:
                 # No accept-encoding: the answer is recorded as text and passed on without content-encoding.
                 dropped = ("host", "content-length", "accept-encoding")
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                if outer.key_rotated:
+                    headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "api-key")}
+                    headers["Authorization"] = f"Bearer {STALE_KEY}"
                 request = urllib.request.Request(outer.upstream + self.path, data=raw, headers=headers, method="POST")
                 try:
                     with urllib.request.urlopen(request, timeout=120) as response:
@@ -100,7 +111,7 @@ class RecordingServer:
                 self._send(status, payload, content_type)
 
             def _answer(self, body: Any) -> None:
-                if self.headers.get("Authorization") != f"Bearer {outer.key}":
+                if outer.key_rotated or self.headers.get("Authorization") != f"Bearer {outer.key}":
                     self._send(401, b'{"error": {"message": "invalid or missing key"}}')
                     return
                 if outer.delay_s:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.flow_chat.helpers import free_port, load_tool_module
@@ -120,3 +122,21 @@ def test_chat_route_only_reports_the_404(tool) -> None:
     with RecordingServer(key=KEY, chat_route=False) as server, pytest.raises(tool.ChatEndpointError) as caught:
         tool.chat(question="hi", chat_history=[], connection=_connection(server.base_url), route="chat")
     assert "answered HTTP 404" in str(caught.value) and len(server.requests) == 1
+
+
+def test_log_filter_sits_on_prompt_flows_execution_logger(tool) -> None:
+    """The pinned Prompt flow still keeps its execution logger where chat.py looks for it."""
+    from promptflow._utils.logger_utils import logger as execution_logger
+
+    assert tool._install_log_filter() is True
+    assert [type(f).__name__ for f in execution_logger.filters].count("_SentenceOnly") == 1  # installed once
+
+
+def test_a_moved_execution_logger_warns_and_errors_stay_sentences(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "promptflow._utils.logger_utils", None)  # the import now fails
+    with pytest.warns(RuntimeWarning, match="cannot reach Prompt flow's execution logger"):
+        moved = load_tool_module()
+    base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with pytest.raises(moved.ChatEndpointError, match="cannot be reached") as caught:
+        moved.chat(question="hi", chat_history=[], connection=_connection(base_url))
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

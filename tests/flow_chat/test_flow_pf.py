@@ -1,17 +1,20 @@
-"""The chat flow through Prompt flow itself: `pf flow test` (plain and --interactive), `pf flow serve`, a wrong key,
-and a batch run that writes its metrics.
+"""The chat flow through Prompt flow itself: `pf flow test` (plain and --interactive), `pf flow serve`, the errors a
+person sees (wrong key, endpoint down, timeout; from `pf flow test` and from `pf flow serve`), and a batch run over
+the test split that writes its metrics.
 
 The endpoint is the project's endpoint server serving the tiny trained model (the session fixture
 ``trained_tiny_model``), with a recording proxy in front of it: the proxy is a real HTTP server that forwards every
 request unchanged and keeps what it forwarded, so the tests assert on what the endpoint really received. Where that
 fixture is not available, the endpoint serves a freshly built untrained tiny model (it answers, if not well).
-Prompt flow starts slowly, so the module starts as few `pf` processes as it can (four, ~2 s each).
+Prompt flow starts slowly, so the module starts as few `pf` processes as it can (one `pf flow serve` for the module,
+five `pf flow test`, one batch run; ~2-5 s each).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -19,8 +22,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
@@ -38,9 +43,18 @@ class ChatEndpoint:
     key: str
     real: bool  # True: the recorder proxies to the endpoint server serving the tiny model
 
-    def connect(self, key: str | None = None) -> None:
-        target = EndpointTarget(self.recorder.base_url, key or self.key, "local")
+    def connect(self, key: str | None = None, base_url: str | None = None) -> None:
+        target = EndpointTarget(base_url or self.recorder.base_url, key or self.key, "local")
         create_or_update_connection(self.settings, target=target)
+
+    @contextlib.contextmanager
+    def connected_to(self, *, key: str | None = None, base_url: str | None = None) -> Iterator[None]:
+        """The connection points elsewhere (or holds another key) for the block; the module's again after it."""
+        self.connect(key=key, base_url=base_url)
+        try:
+            yield
+        finally:
+            self.connect()
 
 
 @contextlib.contextmanager
@@ -113,6 +127,63 @@ def _last_json_object(text: str) -> dict:
     return json.loads(text[text.rindex("\n{") + 1 :] if "\n{" in text else text[text.index("{") :])
 
 
+def _assert_sentence_only(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    """`pf flow test` failed with the tool's sentence and without a stack trace."""
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-2000:]
+    for phrase in phrases:
+        assert phrase in output, output[-2000:]
+    assert "Traceback" not in output, output[-4000:]
+
+
+def _post_json(url: str, payload: dict[str, Any], timeout: float = 60) -> tuple[int, bytes]:
+    """POST ``payload``; the status and the raw body, for error answers (4xx/5xx) too."""
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_until_healthy(server: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, log.read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, f"pf flow serve did not answer within {timeout_s:g} s"
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `pf flow serve` for the module, started while the connection holds the right key. Yields its /score URL.
+
+    It reads the connection once, at start: tests that change the connection later do not reach it.
+    """
+    port = free_port()
+    command = [PF_BIN, "flow", "serve", "--source", str(FLOW_DIR), "--port", str(port), "--host", "127.0.0.1"]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    server = subprocess.Popen(
+        [*command, "--skip-open-browser"],
+        cwd=REPO_ROOT,
+        env=pf_env(),
+        stdout=log.open("wb"),  # a file, not a pipe: a full pipe would block the server
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopped with everything it started
+    )
+    try:
+        _wait_until_healthy(server, port, log)
+        yield f"http://127.0.0.1:{port}/score"
+    finally:
+        stop_process_group(server, grace_s=15)
+
+
 def test_pf_flow_test_answers(chat_endpoint: ChatEndpoint) -> None:
     before = len(chat_endpoint.recorder.bodies())
     result = _pf("flow", "test", "--flow", "flow_chat", "--inputs", "question=What is a Prefect flow?")
@@ -144,36 +215,10 @@ def test_second_turn_carries_the_first_turn(chat_endpoint: ChatEndpoint) -> None
     assert result.stdout.count("Bot:") == 2
 
 
-def test_pf_flow_serve_answers_a_post(chat_endpoint: ChatEndpoint, tmp_path: Path) -> None:
-    port = free_port()
-    command = [PF_BIN, "flow", "serve", "--source", str(FLOW_DIR), "--port", str(port), "--host", "127.0.0.1"]
-    log = tmp_path / "serve.log"
-    server = subprocess.Popen(
-        [*command, "--skip-open-browser"],
-        cwd=REPO_ROOT,
-        env=pf_env(),
-        stdout=log.open("wb"),  # a file, not a pipe: a full pipe would block the server
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopped with everything it started
-    )
-    try:
-        history = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
-        body = json.dumps({"question": "What is MLflow?", "chat_history": history}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/score", data=body, headers={"Content-Type": "application/json"}
-        )
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, log.read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    status, answer = response.status, json.loads(response.read())
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "pf flow serve did not answer within 90 s"
-                time.sleep(0.3)
-    finally:
-        stop_process_group(server, grace_s=15)
+def test_pf_flow_serve_answers_a_post(chat_endpoint: ChatEndpoint, flow_server: str) -> None:
+    history = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
+    status, raw = _post_json(flow_server, {"question": "What is MLflow?", "chat_history": history})
+    answer = json.loads(raw)
     assert status == 200 and isinstance(answer["answer"], str) and "finish_reason" in answer
     assert chat_endpoint.recorder.bodies()[-1]["messages"][:2] == [
         {"role": "user", "content": "Hi"},
@@ -201,22 +246,62 @@ def test_score_route_sends_the_turns_to_the_endpoints_score(chat_endpoint: ChatE
 
 def test_wrong_key_gives_the_clear_sentence(chat_endpoint: ChatEndpoint) -> None:
     wrong = "not-the-endpoint-key-42"
-    chat_endpoint.connect(key=wrong)
-    try:
+    with chat_endpoint.connected_to(key=wrong):
         result = _pf("flow", "test", "--flow", "flow_chat", "--inputs", "question=Hello?")
+    _assert_sentence_only(result, "refused the key (HTTP 401)", "finetune-phi chat-connection")
+    assert wrong not in result.stdout + result.stderr
+
+
+def test_endpoint_down_gives_the_clear_sentence(chat_endpoint: ChatEndpoint) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"  # a loopback port nothing listens on
+    with chat_endpoint.connected_to(base_url=nowhere):
+        result = _pf("flow", "test", "--flow", "flow_chat", "--inputs", "question=Hello?")
+    _assert_sentence_only(result, f"The endpoint at {nowhere} cannot be reached", "finetune-phi endpoint start")
+
+
+def _flow_copy_with_timeout(folder: Path, timeout_s: float) -> Path:
+    """flow_chat/ with the chat node's ``timeout_s`` changed: `pf flow test` sets flow inputs, not node inputs."""
+    flow = folder / "flow_chat"
+    shutil.copytree(FLOW_DIR, flow, ignore=shutil.ignore_patterns(".promptflow", "__pycache__"))
+    dag = yaml.safe_load((flow / "flow.dag.yaml").read_text(encoding="utf-8"))
+    (node,) = (n for n in dag["nodes"] if n["name"] == "chat")
+    node["inputs"]["timeout_s"] = timeout_s
+    (flow / "flow.dag.yaml").write_text(yaml.safe_dump(dag, sort_keys=False), encoding="utf-8")
+    return flow
+
+
+def test_timeout_gives_the_clear_sentence(chat_endpoint: ChatEndpoint, tmp_path: Path) -> None:
+    flow = _flow_copy_with_timeout(tmp_path, timeout_s=1)
+    with (
+        RecordingServer(key="slow-key", delay_s=4) as slow,
+        chat_endpoint.connected_to(key="slow-key", base_url=slow.base_url),
+    ):
+        result = _pf("flow", "test", "--flow", str(flow), "--inputs", "question=Hello?")
+        assert len(slow.bodies()) == 1  # the request arrived: the slowness, not the address, failed it
+    _assert_sentence_only(result, f"The endpoint at {slow.base_url} did not answer within 1 s", "'timeout_s'")
+
+
+def test_pf_flow_serve_answers_a_wrong_key_with_the_sentence(chat_endpoint: ChatEndpoint, flow_server: str) -> None:
+    """The key is regenerated while `pf flow serve` runs with the old one: the body README promises, no traceback."""
+    recorder = chat_endpoint.recorder
+    recorder.key_rotated = True
+    try:
+        status, raw = _post_json(flow_server, {"question": "Hello?", "chat_history": []})
     finally:
-        chat_endpoint.connect()
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "refused the key (HTTP 401)" in output and "finetune-phi chat-connection" in output
-    assert "Traceback" not in output  # the sentence, not a stack trace
-    assert wrong not in output
+        recorder.key_rotated = False
+    if chat_endpoint.real:  # the endpoint itself refused the stale key
+        assert recorder.responses[-1]["status"] == 401
+    text = raw.decode("utf-8")
+    assert status == 400, text
+    message = json.loads(text)["error"]["message"]
+    assert "refused the key (HTTP 401)" in message and "restart `pf flow serve`" in message
+    assert "Traceback" not in text and chat_endpoint.key not in text
 
 
-def test_batch_run_writes_its_metrics(chat_endpoint: ChatEndpoint, tmp_path: Path) -> None:
+def test_batch_run_writes_its_metrics(chat_endpoint: ChatEndpoint, sample_split, tmp_path: Path) -> None:
     from tasks.batch_eval import evaluate_chat_flow
 
-    test_file = REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"
+    test_file = Path(sample_split.test_path)  # the split training held out, as the main flow evaluates
     before = len(chat_endpoint.recorder.bodies())
     metrics = evaluate_chat_flow(
         chat_endpoint.settings, test_file, out_dir=tmp_path, max_rows=6, refresh_connection=False
@@ -227,8 +312,11 @@ def test_batch_run_writes_its_metrics(chat_endpoint: ChatEndpoint, tmp_path: Pat
     assert len(chat_endpoint.recorder.bodies()) - before == 6
     assert 0.0 <= saved["token_f1"] <= 1.0 and 0.0 <= saved["ended_share"] <= 1.0
     assert saved["latency_p50_s"] is not None and saved["latency_p50_s"] <= saved["latency_max_s"]
-    assert {k: metrics[k] for k in saved} == saved
+    assert {k: metrics[k] for k in saved} == saved and saved["test_file"] == str(test_file)
     # Every row's history reached the endpoint: a row with n earlier exchanges is sent as 2n + 1 turns.
     prepared = [json.loads(line) for line in (tmp_path / "eval_input.jsonl").read_text().splitlines()]
+    held_out = {json.loads(line)["prompt_id"] for line in test_file.read_text().splitlines() if line.strip()}
+    trained_on = {json.loads(line)["prompt_id"] for line in Path(sample_split.train_path).read_text().splitlines()}
+    assert {r["prompt_id"] for r in prepared} <= held_out - trained_on
     sent = chat_endpoint.recorder.bodies()[before:]
     assert sorted(len(b["messages"]) for b in sent) == sorted(2 * len(r["chat_history"]) + 1 for r in prepared)
