@@ -32,7 +32,7 @@ from tasks.config import Settings, load_config, normalise_overrides
 from tasks.evaluate import EvalResult, evaluate_model, recorded_result
 from tasks.gate import gate_task
 from tasks.retry import call_with_retry, retry_condition_fn
-from tasks.rollout import CHAMPION, RolloutFailed, run_rollout
+from tasks.rollout import CHAMPION, RolloutFailed, check_approval_possible, run_rollout
 from tasks.smoke import smoke_test_task
 from tasks.state import configure_environment
 from tasks.summary import how_to_chat, publish_summary_task, render_summary
@@ -238,6 +238,7 @@ def finetune_and_deploy(
     logger = get_run_logger()
     settings = load_settings(config_path, overrides)
     wanted = _check_refresh(refresh)
+    check_approval_possible(settings)  # before training, not after it
     backend = get_backend(settings)
     from tasks.data import source_fingerprint
 

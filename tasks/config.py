@@ -123,7 +123,11 @@ class RolloutConfig(_Section):
     max_error_rate: float = Field(0.0, ge=0.0, le=1.0)
     keep_previous: int = Field(1, ge=0)  # old deployments kept (at 0 traffic) after a successful rollout
     ready_timeout_s: float = Field(600.0, gt=0)
-    require_approval: bool = False  # pause the flow run for a human before traffic moves
+    # Pause the flow run before the first traffic shift (the new deployment is up and passed its pinned smoke test)
+    # until a person resumes it in the Prefect UI; not resumed within approval_timeout_s rolls the rollout back.
+    # Needs a Prefect server (PREFECT_API_URL): a temporary local engine ends with the run and cannot be resumed.
+    require_approval: bool = False
+    approval_timeout_s: int = Field(3600, gt=0)
     # Azure ML only: mirror this share of live traffic (at most 50, Azure's limit) to the new deployment, whose
     # answers are discarded, for mirror_duration_s before its pinned smoke test; dropped before live traffic moves.
     mirror_percent: int = Field(0, ge=0, le=50)

@@ -8,9 +8,11 @@ it back (that is what they test). The endpoint server is stopped by PID at the e
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 import yaml
@@ -75,3 +77,28 @@ def first_run(prefect_harness: str, flow_config: Path, flow_settings: Settings) 
         yield finetune_and_deploy(str(flow_config))
     finally:
         stop_server(flow_settings)
+
+
+def wait_for_paused_run(flow_name: str, timeout_s: float = 60) -> UUID:
+    """The id of the flow run of ``flow_name`` that the Prefect API shows Paused, once it does."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])), flow_run_filter=paused
+            )
+        if runs:
+            return runs[0].id
+        time.sleep(0.2)
+    raise AssertionError(f"no flow run of {flow_name!r} paused within {timeout_s} s")

@@ -20,6 +20,7 @@ from uuid import UUID
 
 import httpx
 import pytest
+import yaml
 from prefect import flow
 
 from tasks.backends import get_backend
@@ -27,6 +28,7 @@ from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.rollout import CHAMPION, RolloutFailed, default_step_check, live_traffic, run_rollout
 from tasks.smoke import SmokeReport
+from tests.flows.conftest import wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 16, "do_sample": False}}
@@ -313,3 +315,36 @@ def test_a_rollout_killed_mid_way_converges_on_the_next_run(
     assert _consistent(backend) == before
     assert not orphans & _names(backend)
     assert _names(backend) == names_before
+
+
+def test_with_require_approval_no_traffic_moves_until_a_person_resumes_the_run(
+    first_run, flow_config, backend, tmp_path
+) -> None:
+    """Last in this file: the approved redeploy of the champion becomes the live deployment."""
+    from prefect.flow_runs import resume_flow_run
+
+    config = yaml.safe_load(flow_config.read_text(encoding="utf-8"))
+    config["rollout"].update(require_approval=True, approval_timeout_s=120, traffic_steps=[100])
+    approving = tmp_path / "approval.yaml"
+    approving.write_text(yaml.safe_dump(config), encoding="utf-8")
+    before = _consistent(backend)
+    champion = backend.get_model_by_alias(CHAMPION)
+    done: dict[str, Any] = {}
+
+    def roll_out() -> None:
+        done["state"] = _rollout_flow(str(approving), champion, None, True, return_state=True)
+
+    runner = threading.Thread(target=roll_out)
+    runner.start()
+    try:
+        run_id = wait_for_paused_run("rollout-under-test", timeout_s=240)
+        # Paused after the new deployment is up and passed its pinned smoke test, before any traffic moved.
+        new = _names(backend) - set(before)
+        assert len(new) == 1 and "state" not in done
+        assert live_traffic(backend.get_endpoint()) == before
+        resume_flow_run(run_id)
+    finally:
+        runner.join(timeout=240)
+    result = done["state"].result()
+    assert result["deployment"] in new and result["traffic_after"] == {result["deployment"]: 100}
+    assert _consistent(backend) == {result["deployment"]: 100}
