@@ -24,7 +24,8 @@ one at 0 % traffic); 404 when no deployment gets traffic or a pinned one does no
 loads or the server stops; per deployment, ``max_concurrent_requests`` are generated at once and the rest wait
 up to ``max_queue_wait_ms``, with 429 and ``Retry-After`` past that wait or once more than
 ``max_pending_requests`` (default 2 x ``max_concurrent_requests``, Azure's rule) are in flight; 408 past
-``request_timeout_ms``; 413 over ``max_body_bytes``; 400 for input over the model's context; ``max_new_tokens``
+``request_timeout_ms`` (with ``stream: true`` the 200 is already sent: the timeout comes as an error event in the
+stream, then ``[DONE]``); 413 over ``max_body_bytes``; 400 for input over the model's context; ``max_new_tokens``
 is capped at ``max_new_tokens_cap``. Errors are ``{"error": {"code", "message", "type", "param"}}`` (the OpenAI
 error shape, which holds Azure's ``code`` and ``message``). The serving deployment is named in the response
 header ``azureml-model-deployment``.
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -67,6 +69,8 @@ FINISH_HEADER = "x-finish-reason"
 STATE_FILE = "state.json"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
 SCORING_ROUTES = ("/score", "/v1/chat/completions", "/v1/models")
+PROBE_ROUTES = ("/health", "/ready", "/metrics")  # still answered while the server stops, so it can be watched
+SHUTDOWN_TAIL_S = 2  # after the drain: time for uvicorn to flush the last answers and close connections
 
 
 class ApiError(Exception):
@@ -284,6 +288,7 @@ class Endpoint:
         self.deployments: dict[str, Deployment] = {}
         self.traffic: dict[str, int] = {}
         self.stopping = False
+        self.active = 0  # HTTP requests being answered, probes aside: a stop waits for these
         self.random = random.Random()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.max_pending = config.max_pending_requests or 2 * config.max_concurrent_requests
@@ -387,8 +392,6 @@ class Endpoint:
 
     # routing
     def route(self, pinned: str | None) -> Deployment:
-        if self.stopping:
-            raise ApiError(503, "ServiceUnavailable", "the endpoint is stopping; retry against the restarted server")
         if pinned:
             deployment = self.deployments.get(pinned)
             if deployment is None:
@@ -454,6 +457,44 @@ class Slot:
 
 
 # ---------------------------------------------------------------------------------------------------------- app
+async def _send_error(
+    send: Any, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """Answer ``{"error": {...}}`` from pure ASGI middleware, before FastAPI's handlers see the request."""
+    payload = json.dumps(error_body(status, code, message)).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _Drain:
+    """Pure ASGI middleware: counts the requests being answered and, once the endpoint stops, answers new ones 503
+    (probes aside) so that a stop waits only for the requests it had already taken."""
+
+    def __init__(self, app: Any, endpoint: Endpoint) -> None:
+        self.app, self.endpoint = app, endpoint
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") in PROBE_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        if self.endpoint.stopping:
+            # connection: close, so that a client does not reuse a keep-alive connection to a server going away
+            await _send_error(
+                send,
+                503,
+                "ServiceUnavailable",
+                "the endpoint is stopping; retry against the restarted server",
+                ((b"connection", b"close"),),
+            )
+            return
+        self.endpoint.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.endpoint.active -= 1
+
+
 class _BodyLimit:
     """Pure ASGI middleware: 413 for bodies over the limit, read before the app parses them."""
 
@@ -493,17 +534,7 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Any) -> None:
-        payload = json.dumps(
-            error_body(413, "PayloadTooLarge", f"the request body is over the limit of {self.limit} bytes")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await _send_error(send, 413, "PayloadTooLarge", f"the request body is over the limit of {self.limit} bytes")
 
 
 class _Observe:
@@ -895,8 +926,6 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     @app.put("/admin/deployments/{name}", tags=["admin"], status_code=202, dependencies=[admin_auth])
     async def admin_create(request: Request, name: str, body: DeploymentSpec) -> dict[str, Any]:
         """Create or replace a deployment; the model loads in the background (poll ``GET /admin/state``)."""
-        if endpoint.stopping:
-            raise ApiError(503, "ServiceUnavailable", "the endpoint is stopping")
         if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
             raise ApiError(
                 422, "InvalidField", "field 'name': letters, digits, '-' and '_' only, at most 64", param="name"
@@ -921,7 +950,8 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         return error_response(ApiError(500, "InternalError", f"internal error ({type(exc).__name__}); see the log"))
 
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(_Observe, metrics=metrics)
+    app.add_middleware(_Drain, endpoint=endpoint)  # outside the body limit: a stopping server reads no body
+    app.add_middleware(_Observe, metrics=metrics)  # outermost: counts the 503s of a stop and the 413s too
     return app
 
 
@@ -934,27 +964,58 @@ def _apply_stops(text: str, stops: list[str], finish: str | None) -> tuple[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------- main
+class _DrainingServer(uvicorn.Server):
+    """uvicorn closes its listening socket within 0.1 s of SIGTERM, so a request sent during a stop would find the
+    port closed. Here the first SIGTERM/SIGINT only marks the endpoint as stopping: the port stays open and answers
+    503 until the requests already taken are done, or ``grace_s`` runs out; then uvicorn's own shutdown runs. A
+    second signal skips the rest of the drain (a third, SIGINT, forces the exit as in uvicorn)."""
+
+    def __init__(self, config: uvicorn.Config, endpoint: Endpoint, grace_s: float) -> None:
+        super().__init__(config)
+        self.endpoint, self.grace_s = endpoint, grace_s
+        self.drain_until: float | None = None
+        self.drain_logged = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Runs as a signal handler: set flags only (logging here could deadlock on the handler's lock).
+        if self.drain_until is None:
+            self.endpoint.stopping = True
+            self.drain_until = time.monotonic() + self.grace_s
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_until is not None and not self.should_exit:
+            self.should_exit = self._drained(self.drain_until - time.monotonic())
+        return await super().on_tick(counter)
+
+    def _drained(self, left_s: float) -> bool:
+        active = self.endpoint.active
+        if active == 0:
+            log.info("stopping: no request in flight")
+            return True
+        if left_s <= 0:
+            log.warning("stopping: %d request(s) still in flight after %.0f s; cancelling them", active, self.grace_s)
+            return True
+        if not self.drain_logged:
+            self.drain_logged = True
+            log.info("stopping: %d request(s) in flight finish (up to %.0f s); new ones get 503", active, left_s)
+        return False
+
+
 def run(config: EndpointConfig, state_dir: Path) -> None:
     """Serve until SIGTERM/SIGINT: then new requests get 503 and in-flight ones finish (up to ``stop_grace_s``)."""
-    import uvicorn
-
     app = create_app(config, state_dir)
-
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            app.state.endpoint.stopping = True
-            super().handle_exit(sig, frame)
-
     uv_config = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
         log_level="info",
         access_log=True,  # method, path and status only: uvicorn never logs headers, so keys stay out
-        timeout_graceful_shutdown=math.ceil(config.stop_grace_s),
+        timeout_graceful_shutdown=SHUTDOWN_TAIL_S,  # the drain above already waited for the requests in flight
         timeout_keep_alive=5,
     )
-    _Server(uv_config).run()
+    _DrainingServer(uv_config, app.state.endpoint, config.stop_grace_s).run()
 
 
 def main(argv: list[str] | None = None) -> None:

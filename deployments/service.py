@@ -7,8 +7,9 @@
     finetune-phi endpoint keys   [--regenerate primary|secondary|admin]
 
 The server runs in its own session (``python -m deployments.server``), with ``server.pid`` and ``server.log`` in
-``<state_dir>/endpoint/``. ``stop`` sends SIGTERM: new requests get 503 at once, in-flight ones finish, and the
-process is killed if it is still there after ``endpoint.stop_grace_s``. Keys are printed only by ``keys``.
+``<state_dir>/endpoint/``. ``stop`` sends SIGTERM: new requests get 503 at once (the port stays open), in-flight
+ones finish, and the process is killed if it is still there 5 s after ``endpoint.stop_grace_s``. Keys are printed
+only by ``keys``.
 """
 
 from __future__ import annotations

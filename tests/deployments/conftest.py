@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from deployments.client import EndpointAdminClient
@@ -38,6 +40,15 @@ def sample_texts() -> list[str]:
             row = json.loads(line)
             texts.extend(m["content"] for m in row.get("messages", []))
     return texts
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0, poll_s: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
 
 
 def build_model(folder: Path) -> Path:
@@ -87,6 +98,12 @@ class LiveEndpoint:
         for name in traffic:
             self.admin.wait_ready(name, timeout_s)
         self.admin.set_traffic(traffic)
+
+    def in_flight(self, deployment: str) -> int:
+        """Requests admitted or waiting on ``deployment``, from /metrics (a probe: it answers while stopping too)."""
+        prefix = f'finetune_phi_in_flight_requests{{deployment="{deployment}"}} '
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return next((int(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)), 0)
 
     @property
     def log_text(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from deployments.keys import ENV_SECONDARY
+from deployments.service import stop_server
 from tasks.backends.base import BackendError
 from tests.deployments.conftest import LiveEndpoint
 
@@ -267,3 +270,21 @@ def test_fuzzed_requests_never_get_a_5xx(live: LiveEndpoint) -> None:
 
         check()
     assert seen[200] > 0 and sum(seen.values()) >= 25
+
+
+def test_secondary_key_from_the_environment(launch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secondary key in the server's environment replaces the file's, and stays out of the log and the file."""
+    env_key = f"from-a-secret-store-{secrets.token_urlsafe(16)}"
+    monkeypatch.setenv(ENV_SECONDARY, env_key)
+    endpoint = launch()  # its own server, started with the variable; /v1/models checks the key without a model
+    models = f"{endpoint.url}/v1/models"
+    assert httpx.get(models, headers={"Authorization": f"Bearer {env_key}"}, timeout=30).status_code == 200
+    assert httpx.get(models, headers={"api-key": env_key}, timeout=30).status_code == 200
+    assert httpx.get(models, headers=endpoint.headers("primary"), timeout=30).status_code == 200  # from the file
+    stored = json.loads((endpoint.endpoint_dir / "keys.json").read_text(encoding="utf-8"))
+    for wrong in ("not-the-key", stored["secondary"]):  # the file's secondary no longer works
+        response = httpx.get(models, headers={"Authorization": f"Bearer {wrong}"}, timeout=30)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "Unauthorized"
+    assert env_key not in json.dumps(stored)
+    stop_server(endpoint.settings, grace_s=10)  # the whole log, shutdown included
+    assert "GET /v1/models" in endpoint.log_text and env_key not in endpoint.log_text

@@ -4,7 +4,6 @@ across a restart, keys never in the log."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import yaml
 
 from deployments.service import server_status, start_server, stop_server
 from flows.cli import main as cli
-from tests.deployments.conftest import LiveEndpoint, make_settings
+from tests.deployments.conftest import LiveEndpoint, make_settings, wait_for
 
 LONG = {"input_data": ["Tell me a long story."], "params": {"max_new_tokens": 480}}
 SHORT = {"input_data": ["hi"], "params": {"max_new_tokens": 2}}
@@ -61,22 +60,22 @@ def test_service_lifecycle(tmp_path: Path, tiny_model_dir: Path, capsys: pytest.
             httpx.post(url, json=SHORT, headers=live.headers(key), timeout=30)
         httpx.get(f"{live.url}/admin/state", headers=live.headers("admin"), timeout=30)
 
-        # clean stop: requests in flight finish with 200; new ones get 503 or find the port closed
+        # clean stop: while requests are in flight the port stays open, a new request gets 503 and they finish
         with ThreadPoolExecutor(max_workers=3) as pool:
             in_flight = [pool.submit(httpx.post, url, json=LONG, headers=live.headers(), timeout=60) for _ in range(3)]
-            time.sleep(0.4)
+            wait_for(lambda: live.in_flight("blue") == 3, "3 requests in flight")
             stopper = threading.Thread(target=stop_server, args=(settings,))
             stopper.start()
-            time.sleep(0.3)
-            try:
-                late = httpx.post(url, json=SHORT, headers=live.headers(), timeout=10).status_code
-            except httpx.TransportError:
-                late = "refused"
+            wait_for(lambda: httpx.get(f"{live.url}/health", timeout=10).json()["status"] == "stopping", "the stop")
+            assert not any(f.done() for f in in_flight), "the requests ended before the stop: make LONG longer"
+            late = httpx.post(url, json=SHORT, headers=live.headers(), timeout=10)
             stopper.join(timeout=60)
             finished = [f.result() for f in in_flight]
+        assert late.status_code == 503, late.text
+        assert late.json()["error"]["code"] == "ServiceUnavailable"
         assert [r.status_code for r in finished] == [200, 200, 200]
         assert all(r.headers["x-finish-reason"] in ("stop", "length") for r in finished)
-        assert late in (503, "refused")
+        assert not stopper.is_alive()
         assert not psutil.pid_exists(live.pid) or psutil.Process(live.pid).status() == psutil.STATUS_ZOMBIE
         assert not server_status(settings).running
         assert cli(["endpoint", "status", "--config", str(config)]) == 1
