@@ -26,12 +26,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.backends import get_backend
-from tasks.backends.base import Backend, JobFailedError, JobInfo, JobStatus, ModelVersion, TrainingJobSpec
+from tasks.backends.base import Backend, ModelVersion, TrainingJobSpec
 from tasks.caching import content_key_fn, data_cache_key, evaluation_cache_key, training_cache_key
 from tasks.config import Settings, load_config, normalise_overrides
 from tasks.evaluate import EvalResult, evaluate_model, recorded_result
 from tasks.gate import gate_task
-from tasks.retry import call_with_retry, retry_condition_fn
+from tasks.jobs import PollTiming, submit_training_job, wait_for_training_job
+from tasks.retry import call_with_retry, prefect_delays, retry_condition_fn
 from tasks.rollout import CHAMPION, RolloutFailed, check_approval_possible, run_rollout
 from tasks.smoke import smoke_test_task
 from tasks.state import configure_environment
@@ -63,64 +64,19 @@ def prepare_data_task(settings: Settings, content_key: str) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------- training
-def wait_for_job(backend: Backend, job_id: str, settings: Settings) -> JobInfo:
-    """Poll until the job ends or ``training.timeout_s`` passes (then cancel it). Streams new log lines.
+def train(
+    settings: Settings,
+    dataset: dict[str, Any],
+    fresh: bool = False,
+    *,
+    backend: Backend | None = None,
+    timing: PollTiming | None = None,
+) -> dict[str, Any]:
+    """Submit the training job with the dataset's files and wait for it; return its id, folder and metrics.
 
-    A flow run that is canceled, killed by Prefect (``TerminationSignal``) or interrupted while it waits cancels the
-    job too: a job left running keeps a GPU (and, on Azure ML, the bill) busy. An ordinary error (status polling
-    that kept failing) leaves the job alone, so a retry of this step picks it up again.
-    """
-    try:
-        return _poll_job(backend, job_id, settings)
-    except Exception:
-        raise
-    except BaseException:
-        get_run_logger().warning("flow run stopped while training job %s runs: canceling the job", job_id)
-        with contextlib.suppress(Exception):
-            backend.cancel_job(job_id)
-        raise
-
-
-def _poll_job(backend: Backend, job_id: str, settings: Settings) -> JobInfo:
-    logger = get_run_logger()
-    deadline = time.monotonic() + settings.training.timeout_s
-    seen: list[str] = []
-    while True:
-        job = call_with_retry(backend.get_job, job_id, policy=settings.retry, what=f"status of job {job_id}")
-        tail = backend.job_log_tail(job_id, 20)
-        fresh = tail[len(tail) - _new_lines(seen, tail) :] if tail else []
-        for line in fresh:
-            if line.strip():
-                logger.info("[%s] %s", job_id, line)
-        seen = tail
-        if job.status.is_terminal:
-            break
-        if time.monotonic() > deadline:
-            backend.cancel_job(job_id)
-            raise JobFailedError(
-                f"training job {job_id} did not finish within training.timeout_s={settings.training.timeout_s:.0f} s "
-                "and was canceled; raise the timeout or use a smaller recipe"
-            )
-        time.sleep(settings.training.poll_interval_s)
-    if job.status != JobStatus.COMPLETED:
-        raise JobFailedError(f"training job {job_id} ended {job.status.value}: {job.error or 'no reason given'}")
-    return job
-
-
-def _new_lines(seen: list[str], tail: list[str]) -> int:
-    """How many lines at the end of ``tail`` were not in the previous tail ``seen``."""
-    if not seen:
-        return len(tail)
-    for start in range(len(tail)):
-        overlap = tail[: len(tail) - start]
-        if seen[-len(overlap) :] == overlap:
-            return start
-    return len(tail)
-
-
-def train(settings: Settings, dataset: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
-    """Submit the training job with the dataset's files and wait for it; return its id, folder and metrics."""
-    backend = get_backend(settings)
+    Both steps are Prefect tasks of ``tasks/jobs.py``; ``backend`` and ``timing`` are for tests (a fake client, a
+    fake clock)."""
+    backend = backend or get_backend(settings)
     spec = TrainingJobSpec(
         recipe=Path(settings.training.recipe),
         train_file=Path(dataset["train_path"]),
@@ -133,9 +89,10 @@ def train(settings: Settings, dataset: dict[str, Any], fresh: bool = False) -> d
         tracking_uri=getattr(backend, "tracking_uri", None) or settings.registry.tracking_uri,
         fresh=fresh,
     )
-    job = call_with_retry(backend.submit_training, spec, policy=settings.retry, what="submit training job")
-    get_run_logger().info("training job %s submitted (%s)", job.job_id, job.url or "no URL")
-    job = wait_for_job(backend, job.job_id, settings)
+    # No retry loop around the submit: a transient fault fails the attempt and train_task's retries submit again
+    # (the same inputs find the same job), so the attempts stay those of settings.retry.
+    job = submit_training_job(backend, spec)
+    job = wait_for_training_job(backend, job.job_id, settings, timing)
     metrics = call_with_retry(backend.job_metrics, job.job_id, policy=settings.retry, what="job metrics")
     return {
         "job_id": job.job_id,
@@ -148,6 +105,18 @@ def train(settings: Settings, dataset: dict[str, Any], fresh: bool = False) -> d
 @task(name="train-model", cache_key_fn=content_key_fn, persist_result=True, retry_condition_fn=retry_condition_fn)
 def train_task(settings: Settings, dataset: dict[str, Any], content_key: str, fresh: bool = False) -> dict[str, Any]:
     return train(settings, dataset, fresh)
+
+
+def training_task(settings: Settings, refresh: bool) -> Any:
+    """``train_task`` as this run needs it: retries from ``settings.retry`` (transient faults only, never a training
+    that failed or timed out) with our own jittered delays, and a timeout above the wait's own."""
+    return train_task.with_options(
+        refresh_cache=refresh,
+        timeout_seconds=settings.training.timeout_s + 120,
+        retries=settings.retry.attempts - 1,
+        retry_delay_seconds=prefect_delays(settings.retry),
+        retry_condition_fn=retry_condition_fn,
+    )
 
 
 # ------------------------------------------------------------------------------------ register, evaluate
@@ -253,9 +222,7 @@ def finetune_and_deploy(
 
     # Training: keyed on the manifest hash, the recipe, the training code and the overrides.
     train_key = training_cache_key(settings, dataset["sha256"])
-    trainer = train_task.with_options(
-        refresh_cache="training" in wanted, timeout_seconds=settings.training.timeout_s + 120
-    )
+    trainer = training_task(settings, "training" in wanted)
     train_state = trainer(settings, dataset, train_key, "training" in wanted, return_state=True)
     training = train_state.result()
     if _cached(train_state) and training.get("output_dir") and not Path(training["output_dir"]).exists():
@@ -417,4 +384,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_command)
 
 
-__all__ = ["add_commands", "finetune_and_deploy", "prepare_data", "train", "wait_for_job"]
+__all__ = ["add_commands", "finetune_and_deploy", "prepare_data", "train", "train_task", "training_task"]

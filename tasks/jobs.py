@@ -12,9 +12,11 @@ process group, so cancelling kills the script and anything it started. A small `
 code; ``python sft.py ...`` itself is the exact command line ``tasks/backends/azureml_entities.py`` submits, with
 MLflow's tracking URI and experiment passed through the environment as Azure ML does.
 
-:func:`wait_for_job` polls the record, hands new log lines to a callback (Prefect's logger in
-:func:`wait_for_training_job`), and cancels the job when the timeout passes. A failed training raises
-:class:`JobFailedError` with the last 50 log lines and is never retried.
+The flow submits and waits through any :class:`~tasks.backends.base.Backend` with the Prefect tasks at the end
+(:func:`submit_training_job`, :func:`wait_for_training_job`): the wait polls with exponential backoff and jitter,
+streams every new log line to Prefect's logger once (:meth:`Backend.job_log_since`, by byte offset), and cancels the
+job on every way out that is not the job's own end (timeout, Ctrl-C, a Prefect cancel or task timeout). A failed
+training raises :class:`JobFailedError` with the last log lines and is never retried.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
+import random
 import shlex
 import signal
 import subprocess
@@ -31,12 +35,16 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from tasks.backends.base import BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
+from tasks.backends.base import Backend, BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
+from tasks.config import Settings
+from tasks.retry import backoff_delay, is_transient, poll_policy
 from tasks.state import atomic_write_json, read_json, sha256_file, sha256_text, sha256_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,10 +54,21 @@ RECORD_NAME = "job.json"
 EXIT_CODE_NAME = "exit_code"
 OUTPUT_NAME = "outputs"
 FAILURE_TAIL_LINES = 50
+_LOG = logging.getLogger("finetune_phi.jobs")
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_logger(fallback: logging.Logger = _LOG) -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run (so the lines show in the UI), else ``fallback``."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return fallback
 
 
 def training_argv(spec: TrainingJobSpec, output_dir: Path, training_dir: Path = TRAINING_DIR) -> list[str]:
@@ -231,7 +250,7 @@ class LocalJobRunner:
     # ------------------------------------------------------------------ submit / restart
     def submit(self, spec: TrainingJobSpec, job_id: str | None = None) -> JobInfo:
         """Start the job and return at once (status ``running``)."""
-        job_id = job_id or f"job-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        job_id = job_id or f"job-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         folder = self.job_dir(job_id)
         if (folder / RECORD_NAME).exists():
             raise BackendError(f"job {job_id} already exists in {folder}; use restart() or a new job id")
@@ -355,6 +374,10 @@ class LocalJobRunner:
         with open(path, encoding="utf-8", errors="replace") as handle:
             return [line.rstrip("\n") for line in deque(handle, maxlen=lines)]
 
+    def log_since(self, job_id: str, offset: int) -> tuple[list[str], int]:
+        """The complete log lines after byte ``offset`` and the offset to ask from next time."""
+        return read_lines_since(self.job_dir(job_id) / LOG_NAME, offset)
+
     def list_jobs(self) -> list[JobInfo]:
         if not self.jobs_root.is_dir():
             return []
@@ -430,6 +453,29 @@ class LocalJobRunner:
         return info
 
 
+def split_log_chunk(chunk: bytes, offset: int) -> tuple[list[str], int]:
+    """The complete lines of ``chunk`` (the log's bytes from ``offset`` on) and the offset after the last of them.
+
+    A partial last line waits for its newline; tqdm-style bars rewrite one line with carriage returns, so a line
+    keeps what it finally said."""
+    end = chunk.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    text = chunk[:end].decode("utf-8", "replace")
+    return [line.rstrip("\r").split("\r")[-1] for line in text.split("\n")], offset + end + 1
+
+
+def read_lines_since(path: Path, offset: int) -> tuple[list[str], int]:
+    """:func:`split_log_chunk` of a log file from byte ``offset``; a file not written yet has no lines."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+    except FileNotFoundError:
+        return [], offset
+    return split_log_chunk(chunk, offset)
+
+
 class LogFollower:
     """Reads the lines appended to a log file since the last call (a partial last line waits for its newline)."""
 
@@ -438,19 +484,8 @@ class LogFollower:
         self.offset = 0
 
     def read_new(self) -> list[str]:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                chunk = handle.read()
-        except FileNotFoundError:
-            return []
-        end = chunk.rfind(b"\n")
-        if end < 0:
-            return []
-        self.offset += end + 1
-        # tqdm-style bars rewrite one line with carriage returns: keep what the line finally said.
-        text = chunk[:end].decode("utf-8", "replace")
-        return [line.rstrip("\r").split("\r")[-1] for line in text.split("\n")]
+        lines, self.offset = read_lines_since(self.path, self.offset)
+        return lines
 
 
 def read_text_or_none(path: Path) -> str | None:
@@ -460,51 +495,133 @@ def read_text_or_none(path: Path) -> str | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------- Prefect tasks
-def _transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a submission only for faults that may pass (never for a bad spec)."""
-    from tasks.retry import retry_condition_fn
+# ------------------------------------------------------------------------------- submit and wait, any backend
+@dataclass(frozen=True)
+class PollTiming:
+    """Where a wait takes its time from: tests pass a fake clock whose ``sleep`` advances it and records the delay."""
 
-    return retry_condition_fn(task, task_run, state)
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random | None = None  # None: the ``random`` module
 
 
-@task(name="submit-training-job", retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_transient_only)
-def submit_training_job(runner: LocalJobRunner, spec: TrainingJobSpec) -> JobInfo:
-    """Start a local training job (see :meth:`LocalJobRunner.submit`)."""
-    info = runner.submit(spec)
-    get_run_logger().info("training job %s started; log: %s", info.job_id, info.url)
+def _poll_status(backend: Backend, job_id: str, log: logging.Logger | logging.LoggerAdapter) -> JobInfo | None:
+    """The job's status, or None after a transient fault: a missed poll, retried by the next one."""
+    try:
+        return backend.get_job(job_id)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("could not read the status of training job %s for now (%s: %s)", job_id, type(exc).__name__, exc)
+        return None
+
+
+def _stream_log(backend: Backend, job_id: str, offset: int, log: logging.Logger | logging.LoggerAdapter) -> int:
+    """Hand every log line written since ``offset`` to ``log`` once; returns the new offset.
+
+    A log that cannot be read this time is no failure of the job: the next poll reads from the same offset."""
+    try:
+        lines, offset = backend.job_log_since(job_id, offset)
+    except Exception as exc:
+        log.debug("could not read the log of training job %s (%s: %s)", job_id, type(exc).__name__, exc)
+        return offset
+    for line in lines:
+        if line.strip():
+            log.info("[%s] %s", job_id, line)
+    return offset
+
+
+def _poll_until_terminal(backend: Backend, job_id: str, settings: Settings, timing: PollTiming) -> JobInfo:
+    """Poll until the job reaches a terminal status; raise :class:`JobFailedError` at ``training.timeout_s``.
+
+    The interval grows from ``training.poll_interval_s`` to a cap with jitter (:func:`tasks.retry.poll_policy`),
+    and starts again from the bottom when the status changes, so a job that just started running is looked at soon.
+    """
+    log = run_logger()
+    schedule = poll_policy(settings.training.poll_interval_s, settings.retry)
+    deadline = timing.clock() + settings.training.timeout_s
+    offset, attempt, last_status = 0, 0, None
+    while True:
+        job = _poll_status(backend, job_id, log)
+        offset = _stream_log(backend, job_id, offset, log)
+        if job is not None and job.status.is_terminal:
+            return job
+        if job is not None and job.status != last_status:
+            attempt, last_status = 0, job.status
+        remaining = deadline - timing.clock()
+        if remaining <= 0:
+            raise JobFailedError(
+                f"training job {job_id} did not finish within training.timeout_s={settings.training.timeout_s:.0f} s "
+                "and was canceled; raise the timeout or use a smaller recipe"
+            )
+        # min(attempt, 30): past the cap the delay no longer grows, and 2**attempt must stay a float.
+        timing.sleep(min(remaining, backoff_delay(min(attempt, 30), schedule, timing.rng)))
+        attempt += 1
+
+
+def _cancel_abandoned(backend: Backend, job_id: str, exc: BaseException) -> None:
+    """Cancel a job nobody waits for any more: left running it keeps a GPU (and, on Azure ML, the bill) busy."""
+    log = run_logger()
+    why = "its wait timed out" if isinstance(exc, JobFailedError) else f"the wait stopped ({type(exc).__name__})"
+    log.warning("training job %s: %s; canceling the job", job_id, why)
+    try:
+        backend.cancel_job(job_id)
+    except Exception as cancel_exc:
+        log.error(
+            "could not cancel training job %s (%s: %s); cancel it by hand",
+            job_id,
+            type(cancel_exc).__name__,
+            cancel_exc,
+        )
+
+
+def wait_for_job(backend: Backend, job_id: str, settings: Settings, timing: PollTiming | None = None) -> JobInfo:
+    """Wait for the job to end, streaming its log; return it when it completed, raise :class:`JobFailedError` when
+    it failed or was canceled.
+
+    Every way out that is not the job's own end cancels it: ``training.timeout_s`` passing, Ctrl-C
+    (``KeyboardInterrupt``), a Prefect cancel (``TerminationSignal``), a Prefect task timeout (a ``CancelledError``
+    inside the task, a ``TimeoutError`` outside it), or a status poll that failed for good. Transient poll faults
+    are only missed polls.
+    """
+    try:
+        job = _poll_until_terminal(backend, job_id, settings, timing or PollTiming())
+    except BaseException as exc:
+        _cancel_abandoned(backend, job_id, exc)
+        raise
+    if job.status != JobStatus.COMPLETED:
+        raise JobFailedError(f"training job {job_id} ended {job.status.value}: {job.error or 'no reason given'}")
+    return job
+
+
+@task(name="submit-training-job", cache_policy=NO_CACHE, persist_result=False)
+def submit_training_job(backend: Backend, spec: TrainingJobSpec) -> JobInfo:
+    """Submit the job (or find the one these inputs already have). No retries of its own: the flow's train step
+    retries submit and wait together, on transient faults only."""
+    info = backend.submit_training(spec)
+    get_run_logger().info("training job %s submitted (%s)", info.job_id, info.url or "no URL")
     return info
 
 
-@task(name="wait-for-training-job", retries=0)
+@task(name="wait-for-training-job", cache_policy=NO_CACHE, persist_result=False)
 def wait_for_training_job(
-    runner: LocalJobRunner, job_id: str, timeout_s: float, poll_interval_s: float = 2.0
+    backend: Backend, job_id: str, settings: Settings, timing: PollTiming | None = None
 ) -> JobInfo:
-    """Poll the job, streaming its log lines to Prefect's logger; a failed training raises
-    :class:`JobFailedError` (never retried); the timeout cancels the job. A canceled flow run cancels the job."""
-    logger = get_run_logger()
-
-    def log_lines(lines: list[str]) -> None:
-        for line in lines:
-            if line.strip():
-                logger.info("[%s] %s", job_id, line)
-
-    try:
-        return runner.wait(job_id, timeout_s=timeout_s, poll_interval_s=poll_interval_s, on_lines=log_lines)
-    except BaseException as exc:
-        # The flow run was canceled or crashed while waiting: take the job down with it.
-        if not isinstance(exc, JobFailedError):
-            with contextlib.suppress(Exception):
-                runner.cancel(job_id)
-        raise
+    """:func:`wait_for_job` as a task: the polling, the job's log lines and the cancel show under it in Prefect."""
+    return wait_for_job(backend, job_id, settings, timing)
 
 
 __all__ = [
     "LocalJobRunner",
     "LogFollower",
+    "PollTiming",
     "last_checkpoint",
+    "read_lines_since",
+    "run_logger",
+    "split_log_chunk",
     "submit_training_job",
     "training_argv",
     "training_job_id",
+    "wait_for_job",
     "wait_for_training_job",
 ]

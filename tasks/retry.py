@@ -9,6 +9,7 @@ matters against Azure's throttling (many clients retrying in lock-step). So:
   ``[1 - jitter, 1 + jitter]``.
 - :func:`call_with_retry` is the loop every backend call in the flow goes through.
 - :func:`retry_condition_fn` lets a Prefect task retry on the same rule (``@task(retry_condition_fn=...)``).
+- :func:`poll_policy` is the same backoff for status polls: from the poll interval, doubling up to a cap.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ from tasks.config import RetryConfig
 
 T = TypeVar("T")
 _LOG = logging.getLogger("finetune_phi.retry")
+
+# A status poll's interval grows from ``poll_interval_s`` to this many times it: a job that stays queued or runs for
+# hours is asked less and less often, while the first polls after a change still come quickly.
+POLL_BACKOFF_CAP = 4.0
 
 # Status codes worth another try: throttling and server-side faults (Azure ML answers 429 when too many
 # requests are pending, 503 while a deployment starts).
@@ -110,10 +115,23 @@ def call_with_retry(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def poll_policy(interval_s: float, policy: RetryConfig, cap: float = POLL_BACKOFF_CAP) -> RetryConfig:
+    """The schedule of a status poll for :func:`backoff_delay`: ``interval_s``, doubling to ``cap * interval_s``,
+    with the retry policy's jitter (polls of many flow runs spread out like their retries)."""
+    return RetryConfig(attempts=1, base_delay_s=interval_s, max_delay_s=interval_s * cap, jitter=policy.jitter)
+
+
 def retry_condition_fn(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry a task only when it failed with a transient fault."""
+    """Prefect ``retry_condition_fn``: retry a task only when it failed with a transient fault.
+
+    A task that ran past its own ``timeout_seconds`` is not retried although Prefect's ``TaskRunTimeoutError`` is a
+    ``TimeoutError``: it used up its time budget, and another attempt would spend it again."""
+    from prefect.task_engine import TaskRunTimeoutError
+
     try:
         state.result(raise_on_failure=True)
+    except TaskRunTimeoutError:
+        return False
     except Exception as exc:
         return is_transient(exc)
     return False
@@ -125,11 +143,13 @@ def prefect_delays(policy: RetryConfig, rng: random.Random | None = None) -> lis
 
 
 __all__ = [
+    "POLL_BACKOFF_CAP",
     "TRANSIENT_STATUS",
     "backoff_delay",
     "call_with_retry",
     "is_transient",
     "jitter_bounds",
+    "poll_policy",
     "prefect_delays",
     "retry_condition_fn",
 ]

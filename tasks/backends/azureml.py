@@ -6,7 +6,8 @@
   a crash finds the job already running instead of paying for a second one.
 - Status: one ``jobs.get`` per call, mapped onto :class:`JobStatus`; the flow's wait loop polls it. Logs: the job's
   log files are read through their URLs in the run details (what ``jobs.stream`` reads, but without blocking, so the
-  flow can stream new lines, cancel the job on timeout and keep its own schedule).
+  flow can stream new lines, cancel the job on timeout and keep its own schedule); ``job_log_since`` asks blob
+  storage only for the bytes after the last poll's offset (``Range: bytes=N-``).
 - Registry: the MLflow model in the job's ``model_output`` (``azureml.model_output_subpath``, ``mlflow_model/`` by
   default) is registered as an ``mlflow_model``; registration is idempotent on the job
   (a version tagged ``job_id=<job>`` is reused, its tags merged). Azure ML models have no aliases: an alias is the
@@ -57,6 +58,7 @@ from tasks.backends.base import (
     TransientBackendError,
 )
 from tasks.config import Settings
+from tasks.jobs import split_log_chunk
 from tasks.retry import backoff_delay, call_with_retry
 from tasks.state import atomic_write_text
 
@@ -137,14 +139,24 @@ class _UniformRng:
 LOG_TAIL_BYTES = 256 * 1024  # a log is read from its end: a long training log is many MB by the last epoch
 
 
-def _fetch_text(url: str) -> str:
-    """The end of a log file (blob storage honours ``Range``); a partial first line is dropped."""
+def _fetch_log(url: str, start: int | None = None) -> bytes:
+    """A log file's bytes over HTTP (blob storage honours ``Range``).
+
+    ``start=None``: its last ``LOG_TAIL_BYTES`` (a long training log is many MB by the last epoch), from the first
+    whole line; otherwise everything from byte ``start`` on (empty when nothing was written past it)."""
     import httpx
 
-    response = httpx.get(url, timeout=30.0, follow_redirects=True, headers={"Range": f"bytes=-{LOG_TAIL_BYTES}"})
+    header = f"bytes=-{LOG_TAIL_BYTES}" if start is None else f"bytes={start}-"
+    response = httpx.get(url, timeout=30.0, follow_redirects=True, headers={"Range": header})
+    if start is not None and response.status_code == 416:  # Range Not Satisfiable: no bytes past ``start`` yet
+        return b""
     response.raise_for_status()
-    text = response.text
-    return text.split("\n", 1)[1] if response.status_code == 206 and "\n" in text else text
+    data = response.content
+    if response.status_code != 206:  # a server that ignores Range sends the whole file
+        return data[start:] if start else data
+    if start is None and b"\n" in data:
+        return data.split(b"\n", 1)[1]  # the suffix starts mid-line
+    return data
 
 
 def _prefect_secret_store(name: str, value: str) -> None:
@@ -172,7 +184,7 @@ class AzureMLBackend:
         sleep: Callable[[float], None] = time.sleep,
         rng: Callable[[], float] | random.Random = random.random,
         clock: Callable[[], float] = time.monotonic,
-        fetch_text: Callable[[str], str] = _fetch_text,
+        fetch_log: Callable[[str, int | None], bytes] = _fetch_log,
         secret_store: Callable[[str, str], None] | None = _prefect_secret_store,
         training_dir: Path = entities.TRAINING_DIR,
     ) -> None:
@@ -183,7 +195,8 @@ class AzureMLBackend:
         self._sleep = sleep
         self._rng = rng if hasattr(rng, "uniform") else _UniformRng(rng)  # type: ignore[arg-type]
         self._clock = clock
-        self._fetch_text = fetch_text
+        self._fetch_log = fetch_log
+        self._streamed_log: dict[str, str] = {}  # job -> the log file job_log_since follows (offsets are its bytes)
         self._secret_store = secret_store
         self._training_dir = training_dir
         self._secret_saved = False
@@ -382,27 +395,48 @@ class AzureMLBackend:
         self._call(f"cancel job {job_id}", self.client.jobs.begin_cancel, job_id)
 
     @staticmethod
-    def _pick_log(log_files: dict[str, str]) -> str | None:
-        """The user's stdout/stderr log (process 0 first), else the legacy driver log, else any log."""
+    def _pick_log(log_files: dict[str, str], any_log: bool = True) -> str | None:
+        """The user's stdout/stderr log (process 0 first), else the legacy driver log, else (``any_log``) any log."""
         names = sorted(log_files)
         for pattern in (r"user_logs/std_log(_process_0+)?\.txt$", r"user_logs/std_log.*\.txt$", r"driver_log.*\.txt$"):
             hits = [n for n in names if re.search(pattern, n)]
             if hits:
                 return hits[0]
-        return names[0] if names else None
+        return names[0] if names and any_log else None
+
+    def _log_files(self, job_id: str) -> dict[str, str]:
+        details = self._run_details(job_id)
+        return dict(getattr(details, "log_files", None) or {})
+
+    def _read_log(self, job_id: str, url: str, start: int | None) -> bytes | None:
+        try:
+            return self._fetch_log(url, start)
+        except Exception as exc:  # a log we cannot read yet is not a failure of the job
+            _LOG.debug("could not read the log of job %s: %s", job_id, type(exc).__name__)
+            return None
 
     def job_log_tail(self, job_id: str, lines: int = 50) -> list[str]:
-        details = self._run_details(job_id)
-        log_files = dict(getattr(details, "log_files", None) or {})
+        log_files = self._log_files(job_id)
         chosen = self._pick_log(log_files)
-        if chosen is None:
+        data = self._read_log(job_id, log_files[chosen], None) if chosen else None
+        if not data or lines <= 0:
             return []
-        try:
-            text = self._fetch_text(log_files[chosen])
-        except Exception as exc:  # a log we cannot read yet is not a failure of the job
-            _LOG.debug("could not read log %s of job %s: %s", chosen, job_id, type(exc).__name__)
-            return []
-        return text.splitlines()[-lines:] if lines > 0 else []
+        return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+    def job_log_since(self, job_id: str, offset: int = 0) -> tuple[list[str], int]:
+        """The training's own log (``user_logs/std_log*.txt``) from byte ``offset``, as the run details link it.
+
+        Only the user log is followed, and the same file for the whole job: an offset means nothing in another file
+        (system logs appear first, process logs one by one)."""
+        log_files = self._log_files(job_id)
+        chosen = self._streamed_log.get(job_id) or self._pick_log(log_files, any_log=False)
+        if chosen is None or chosen not in log_files:
+            return [], offset
+        self._streamed_log[job_id] = chosen
+        data = self._read_log(job_id, log_files[chosen], offset)
+        if data is None:
+            return [], offset
+        return split_log_chunk(data, offset)
 
     def _tracking_uri(self) -> str:
         workspace = self._call(f"get workspace {self.cfg.workspace}", self.client.workspaces.get, self.cfg.workspace)

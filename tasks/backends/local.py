@@ -45,13 +45,9 @@ MAX_JOB_ATTEMPTS = 5
 
 def _logger() -> Any:
     """Prefect's run logger inside a flow or task run (so the decision shows in the UI), else the module's logger."""
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
+    from tasks.jobs import run_logger
 
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return _LOG
+    return run_logger(_LOG)
 
 
 @contextlib.contextmanager
@@ -82,7 +78,7 @@ def submit_or_resume(runner: Any, spec: TrainingJobSpec, max_attempts: int = MAX
     job_id = training_job_id(spec, runner.training_dir)
     if spec.fresh:
         # A forced re-train gets a folder of its own: the job for these inputs (and its checkpoints) stays as it was.
-        job_id = f"{job_id}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+        job_id = f"{job_id}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
         info = runner.submit(spec, job_id=job_id)
         log.info("training job %s: refresh asked, started a fresh job (log: %s)", job_id, info.url)
         return info
@@ -180,6 +176,9 @@ class LocalBackend:
 
     def job_log_tail(self, job_id: str, lines: int = 50) -> list[str]:
         return list(self.runner.log_tail(job_id, lines))
+
+    def job_log_since(self, job_id: str, offset: int = 0) -> tuple[list[str], int]:
+        return self.runner.log_since(job_id, offset)
 
     def job_metrics(self, job_id: str) -> dict[str, Any]:
         job = self.get_job(job_id)

@@ -13,7 +13,15 @@ import pytest
 
 from tasks.backends.base import JobFailedError, TransientBackendError
 from tasks.config import RetryConfig
-from tasks.retry import backoff_delay, call_with_retry, is_transient, jitter_bounds
+from tasks.retry import (
+    POLL_BACKOFF_CAP,
+    backoff_delay,
+    call_with_retry,
+    is_transient,
+    jitter_bounds,
+    poll_policy,
+    retry_condition_fn,
+)
 
 POLICY = RetryConfig(attempts=5, base_delay_s=0.01, max_delay_s=0.05, jitter=0.5)
 
@@ -108,3 +116,26 @@ def test_connection_refused_is_transient_and_http_400_is_not() -> None:
     busy = httpx.HTTPStatusError("busy", request=request, response=httpx.Response(429, request=request))
     assert not is_transient(bad)
     assert is_transient(busy)
+
+
+def _failed(exc: Exception):
+    from prefect.states import Failed
+
+    return Failed(data=exc)
+
+
+def test_the_task_retry_condition_retries_transient_faults_only() -> None:
+    from prefect.task_engine import TaskRunTimeoutError
+
+    assert retry_condition_fn(None, None, _failed(TransientBackendError("HTTP 503")))
+    assert retry_condition_fn(None, None, _failed(ConnectionResetError("reset by peer")))
+    assert not retry_condition_fn(None, None, _failed(JobFailedError("the training script exited with code 1")))
+    # Prefect's own task timeout is a TimeoutError, but the task spent its whole budget: no second one.
+    assert not retry_condition_fn(None, None, _failed(TaskRunTimeoutError("Scope timed out after 60 second(s).")))
+
+
+def test_the_poll_schedule_doubles_from_the_interval_to_its_cap_with_the_policys_jitter() -> None:
+    schedule = poll_policy(30.0, POLICY)
+    assert (schedule.base_delay_s, schedule.max_delay_s, schedule.jitter) == (30.0, 30.0 * POLL_BACKOFF_CAP, 0.5)
+    bases = [sum(jitter_bounds(n, schedule)) / 2 for n in range(5)]
+    assert bases == [30.0, 60.0, 120.0, 120.0, 120.0]

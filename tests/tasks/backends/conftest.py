@@ -83,8 +83,14 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def logs() -> dict[str, str]:
-    """Log text served by URL (the log files' SAS URLs in the run details)."""
+    """Log text served by URL (the log files' SAS URLs in the run details); tests append to it as a job writes."""
     return {}
+
+
+def serve_log(logs: dict[str, str], url: str, start: int | None) -> bytes:
+    """What blob storage answers for ``url``: the bytes from ``start`` on, or the whole (short) log for a tail."""
+    data = logs[url].encode()
+    return data if start is None else data[start:]
 
 
 @pytest.fixture
@@ -100,7 +106,7 @@ def backend(settings, fake, clock, logs, secrets, training_dir) -> AzureMLBacken
         sleep=clock.sleep,
         rng=random.Random(1234).random,
         clock=clock,
-        fetch_text=lambda url: logs[url],
+        fetch_log=lambda url, start: serve_log(logs, url, start),
         secret_store=secrets.__setitem__,
         training_dir=training_dir,
     )

@@ -166,7 +166,8 @@ def test_a_failed_job_gives_status_message_studio_url_and_log_tail(backend, fake
 
 
 class _BlobLog(BaseHTTPRequestHandler):
-    """A log file as blob storage serves it: ``Range: bytes=-N`` answers 206 with the last N bytes."""
+    """A log file as blob storage serves it: ``Range: bytes=-N`` answers 206 with the last N bytes, ``bytes=N-``
+    206 with the bytes from N on, or 416 when the file has no byte N yet."""
 
     body = b""
 
@@ -174,9 +175,15 @@ class _BlobLog(BaseHTTPRequestHandler):
         if self.path != "/std_log.txt":
             self.send_error(404)
             return
-        match = re.fullmatch(r"bytes=-(\d+)", self.headers.get("Range", ""))
-        data = self.body[-int(match.group(1)) :] if match else self.body
-        self.send_response(206 if match else 200)
+        suffix = re.fullmatch(r"bytes=-(\d+)", self.headers.get("Range", ""))
+        start = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if start and int(start.group(1)) >= len(self.body):
+            self.send_error(416)
+            return
+        data = (
+            self.body[-int(suffix.group(1)) :] if suffix else self.body[int(start.group(1)) :] if start else self.body
+        )
+        self.send_response(206 if suffix or start else 200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -185,30 +192,61 @@ class _BlobLog(BaseHTTPRequestHandler):
         pass
 
 
-def test_log_tail_is_read_over_http_from_its_end(settings, fake, training_dir, monkeypatch) -> None:
-    """The default fetcher against a real HTTP server on loopback (the log files' URLs in the run details)."""
-    monkeypatch.setattr("tasks.backends.azureml.LOG_TAIL_BYTES", 40)
-    _BlobLog.body = "".join(f"line {i}\n" for i in range(100)).encode()
+@pytest.fixture
+def blob_log(fake):
+    """Job ``j1`` whose user log is served by a real HTTP server on loopback (its URL in the run details)."""
+    _BlobLog.body = b""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _BlobLog)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    fake.jobs.add("j1", "Running")
+    fake.log_files["j1"] = {
+        "system_logs/lifecycler/execution-wrapper.log": "http://127.0.0.1:1/never-read",
+        "user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/std_log.txt",
+    }
     try:
-        fake.jobs.add("j1", "Running")
-        fake.log_files["j1"] = {
-            "system_logs/lifecycler/execution-wrapper.log": "http://127.0.0.1:1/never-read",
-            "user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/std_log.txt",
-        }
-        backend = AzureMLBackend(settings, ml_client=fake, sleep=lambda s: None, training_dir=training_dir)
-        tail = backend.job_log_tail("j1", 3)
-        assert tail == ["line 97", "line 98", "line 99"]
-        # Only the last 40 bytes came over the wire, and the partial first line was dropped.
-        assert backend.job_log_tail("j1", 100)[0] in ("line 95", "line 96")
-        fake.log_files["j1"] = {"user_logs/std_log.txt": f"http://127.0.0.1:{server.server_port}/missing.txt"}
-        assert backend.job_log_tail("j1", 3) == []  # a log not there yet is not an error
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_log_tail_is_read_over_http_from_its_end(settings, fake, training_dir, monkeypatch, blob_log) -> None:
+    """The default fetcher against a real HTTP server on loopback (the log files' URLs in the run details)."""
+    monkeypatch.setattr("tasks.backends.azureml.LOG_TAIL_BYTES", 40)
+    _BlobLog.body = "".join(f"line {i}\n" for i in range(100)).encode()
+    backend = AzureMLBackend(settings, ml_client=fake, sleep=lambda s: None, training_dir=training_dir)
+    tail = backend.job_log_tail("j1", 3)
+    assert tail == ["line 97", "line 98", "line 99"]
+    # Only the last 40 bytes came over the wire, and the partial first line was dropped.
+    assert backend.job_log_tail("j1", 100)[0] in ("line 95", "line 96")
+    fake.log_files["j1"] = {"user_logs/std_log.txt": f"http://127.0.0.1:{blob_log.server_port}/missing.txt"}
+    assert backend.job_log_tail("j1", 3) == []  # a log not there yet is not an error
+
+
+def test_log_since_reads_only_the_new_bytes_and_every_line_once(settings, fake, training_dir, blob_log) -> None:
+    backend = AzureMLBackend(settings, ml_client=fake, sleep=lambda s: None, training_dir=training_dir)
+    assert backend.job_log_since("j1", 0) == ([], 0)  # 416: nothing written yet
+    _BlobLog.body = b"".join(b"step 1/9 | loss 2.0\n" for _ in range(30)) + b"step 2/9 | lo"
+    lines, offset = backend.job_log_since("j1", 0)
+    assert lines == ["step 1/9 | loss 2.0"] * 30  # repeated lines are new lines too; the partial one waits
+    assert offset == len(_BlobLog.body) - len(b"step 2/9 | lo")
+    assert backend.job_log_since("j1", offset) == ([], offset)
+    _BlobLog.body += b"ss 1.5\n" + "café 3/9\n".encode()
+    assert backend.job_log_since("j1", offset) == (["step 2/9 | loss 1.5", "café 3/9"], len(_BlobLog.body))
+    assert backend.job_log_since("j1", len(_BlobLog.body)) == ([], len(_BlobLog.body))  # 416 again
+
+
+def test_log_since_follows_the_user_log_only(backend, fake, logs) -> None:
+    """System logs come first and an offset means nothing in another file: only the training's own log is read."""
+    fake.jobs.add("j1", "Preparing")
+    fake.log_files["j1"] = {"system_logs/lifecycler/lifecycler.log": "sys"}
+    logs["sys"] = "pulling image\n"
+    assert backend.job_log_since("j1", 0) == ([], 0)
+    fake.log_files["j1"]["user_logs/std_log.txt"] = "user"
+    logs["user"] = "training from scratch\n"
+    assert backend.job_log_since("j1", 0) == (["training from scratch"], len(logs["user"]))
 
 
 def test_cancel_job_cancels_a_running_job_only(backend, fake) -> None:

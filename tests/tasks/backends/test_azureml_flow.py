@@ -9,18 +9,26 @@ that serves it.
 from __future__ import annotations
 
 import json
+import random
+import signal
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 import pytest
+from azure.core.exceptions import HttpResponseError
 from prefect import flow
+from prefect._internal.concurrency.cancellation import CancelledError
+from prefect.exceptions import TerminationSignal
 from prefect.testing.utilities import prefect_test_harness
 
-from tasks.backends.base import JobFailedError, ModelVersion
-from tasks.config import ConfigError, load_config
+from tasks.backends.base import BackendError, JobFailedError, JobStatus, ModelVersion
+from tasks.config import ConfigError, Settings, load_config
+from tasks.jobs import PollTiming, wait_for_job
+from tasks.retry import POLL_BACKOFF_CAP, jitter_bounds, poll_policy
 from tasks.rollout import CHAMPION, RolloutFailed, reconcile, run_rollout
+from tests.tasks.backends.fake_azure import http_error
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -272,25 +280,6 @@ def test_a_rerun_after_a_crash_converges(backend, fake, settings) -> None:
     assert not reconcile(backend, backend.get_model_by_alias(CHAMPION), settings).changed
 
 
-def test_a_wait_that_times_out_cancels_the_azure_job(backend, fake, settings, spec) -> None:
-    from flows.finetune_deploy import wait_for_job
-
-    fake.job_statuses = ["Queued"] + ["Running"] * 1000
-    job = backend.submit_training(spec).job_id
-    quick = settings.model_copy(
-        update={"training": settings.training.model_copy(update={"timeout_s": 0.3, "poll_interval_s": 0.05})}
-    )
-
-    @flow
-    def wait() -> None:
-        wait_for_job(backend, job, quick)
-
-    with pytest.raises(JobFailedError, match="was canceled"):
-        wait()
-    assert fake.called("jobs.begin_cancel") == [("jobs.begin_cancel", job)]
-    assert fake.jobs.store[job].status in ("CancelRequested", "Canceled")
-
-
 def test_scoring_key_is_kept_in_a_prefect_secret_block(settings, fake, training_dir) -> None:
     from prefect.blocks.system import Secret
 
@@ -302,31 +291,58 @@ def test_scoring_key_is_kept_in_a_prefect_secret_block(settings, fake, training_
     assert Secret.load(backend.secret_block_name).get() == fake.endpoint_key
 
 
-def test_an_interrupted_wait_cancels_the_azure_job(backend, fake, settings, spec, monkeypatch) -> None:
-    """Ctrl-C on ``finetune-phi run`` (KeyboardInterrupt); Prefect's cancellation arrives the same way, as a
-    BaseException (TerminationSignal), which is not raised here because Prefect re-sends it to the process."""
-    from flows.finetune_deploy import wait_for_job
+def _quick(settings: Settings, **training: Any) -> Settings:
+    return settings.model_copy(update={"training": settings.training.model_copy(update=training)})
 
+
+@pytest.mark.parametrize(
+    ("interrupt", "raised"),
+    [
+        (KeyboardInterrupt(), KeyboardInterrupt),  # Ctrl-C on `finetune-phi run`
+        (TerminationSignal(signal.SIGTERM), TerminationSignal),  # a Prefect cancel of the flow run
+        (CancelledError(), CancelledError),  # a Prefect task timeout, as it arrives inside the task
+        (TimeoutError("Scope timed out after 60 second(s)."), TimeoutError),  # ... and as it leaves the task
+        (http_error(403, "AuthorizationFailed"), BackendError),  # the status cannot be read any more
+        (None, JobFailedError),  # training.timeout_s passed
+    ],
+    ids=["ctrl-c", "prefect-cancel", "task-timeout-inside", "task-timeout", "status-refused", "deadline"],
+)
+def test_an_interrupted_wait_cancels_the_azure_job(backend, fake, settings, spec, clock, interrupt, raised) -> None:
     fake.job_statuses = ["Queued"] + ["Running"] * 1000
     job = backend.submit_training(spec).job_id
-    polls: list[str] = []
-    real_get_job = backend.get_job
 
-    def get_job_then_interrupt(job_id: str):
-        polls.append(job_id)
-        if len(polls) == 3:
-            raise KeyboardInterrupt
-        return real_get_job(job_id)
+    def sleep(seconds: float) -> None:
+        """The fake clock's sleep; the interruption lands in the third wait, where signals and timeouts land."""
+        if len(clock.sleeps) == 2 and isinstance(interrupt, HttpResponseError):
+            fake.fail("jobs.get", interrupt)  # the next status read is refused (HTTP 403: final, not retried)
+        elif len(clock.sleeps) == 2 and interrupt is not None:
+            raise interrupt
+        clock.sleep(seconds)
 
-    monkeypatch.setattr(backend, "get_job", get_job_then_interrupt)
-    quick = settings.model_copy(update={"training": settings.training.model_copy(update={"poll_interval_s": 0.01})})
-
-    @flow
-    def wait() -> None:
-        wait_for_job(backend, job, quick)
-
-    with pytest.raises(KeyboardInterrupt):
-        wait()
-    assert len(polls) == 3
+    with pytest.raises(raised) as caught:
+        wait_for_job(backend, job, _quick(settings, timeout_s=600.0, poll_interval_s=30.0), PollTiming(sleep, clock))
+    if interrupt is None:
+        assert "did not finish within training.timeout_s=600 s and was canceled" in str(caught.value)
+        assert sum(clock.sleeps) == pytest.approx(600.0)  # the last wait is cut to the deadline
+    else:  # it stopped where the interruption landed: in the third wait, or the poll right after it
+        assert len(clock.sleeps) == (3 if isinstance(interrupt, HttpResponseError) else 2)
     assert fake.called("jobs.begin_cancel") == [("jobs.begin_cancel", job)]
     assert fake.jobs.store[job].status in ("CancelRequested", "Canceled")
+
+
+def test_polling_backs_off_with_jitter_through_every_status(backend, fake, settings, spec, clock) -> None:
+    """Queued and Running each start at poll_interval_s and double to the cap, every wait jittered."""
+    fake.job_statuses = ["Queued"] * 4 + ["Running"] * 5 + ["Completed"]
+    job = backend.submit_training(spec).job_id
+    fake.calls.clear()
+    quick = _quick(settings, poll_interval_s=30.0, timeout_s=3600.0)
+    done = wait_for_job(backend, job, quick, PollTiming(sleep=clock.sleep, clock=clock, rng=random.Random(7)))
+    assert done.status == JobStatus.COMPLETED
+    schedule = poll_policy(30.0, settings.retry)
+    assert schedule.max_delay_s == 30.0 * POLL_BACKOFF_CAP
+    attempts = [0, 1, 2, 3, 0, 1, 2, 3, 4]  # back to the bottom when Queued turns Running
+    assert len(clock.sleeps) == len(attempts) and len(fake.called("jobs.get")) == len(attempts) + 1
+    for attempt, delay in zip(attempts, clock.sleeps, strict=True):
+        low, high = jitter_bounds(attempt, schedule)
+        assert low <= delay <= high, (attempt, delay)
+    assert len(set(clock.sleeps)) == len(clock.sleeps)  # jitter: no two waits alike
