@@ -445,19 +445,46 @@ class AzureMLBackend:
             raise BackendError(f"workspace {self.cfg.workspace!r} reports no MLflow tracking URI")
         return uri
 
-    def job_metrics(self, job_id: str) -> dict[str, Any]:
-        """The final metrics of the job's MLflow run (on Azure ML the run id is the job name)."""
+    def _mlflow_run(self, job_id: str) -> Any:
+        """The job's MLflow run in the workspace (on Azure ML the run id is the job name)."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         uri = self._tracking_uri()
         try:
-            run = MlflowClient(tracking_uri=uri).get_run(job_id)
+            return MlflowClient(tracking_uri=uri).get_run(job_id)
         except MlflowException as exc:
             raise BackendError(
                 f"could not read the metrics of job {job_id} from the workspace's MLflow: {exc}"
             ) from exc
-        return dict(run.data.metrics)
+
+    def job_metrics(self, job_id: str) -> dict[str, Any]:
+        """The final metrics of the job's MLflow run."""
+        return dict(self._mlflow_run(job_id).data.metrics)
+
+    def _lineage_tags(self, job_id: str) -> dict[str, str]:
+        """The tags the local backend takes from the job's ``metrics.json`` (:func:`tasks.registry.lineage_tags`),
+        from its MLflow run instead: ``sft.py`` logs the numbers as metrics and recipe, data hash and base model as
+        params (the file itself sits in the job's output next to the model, which we do not download for this)."""
+        from tasks.registry import lineage_tags
+
+        try:
+            run = self._mlflow_run(job_id)
+        except BackendError as exc:
+            _LOG.warning("registering job %s without its lineage tags: %s", job_id, exc)
+            return {}
+        params = {str(k): str(v) for k, v in (run.data.params or {}).items()}
+        # sft.py's params name the base model "tiny (built from the training split)" where metrics.json says "tiny".
+        base_model = params.get("base_model") or params.get("model_name_or_path", "").split(" (", 1)[0]
+        method = params.get("method") or ("lora" if params.get("use_peft", "").lower() == "true" else "full")
+        facts = {
+            **dict(run.data.metrics),
+            "recipe": params.get("recipe"),
+            "manifest_sha256": params.get("manifest_sha256"),
+            "base_model": base_model,
+            "method": method if params.get("use_peft") or params.get("method") else None,
+        }
+        return lineage_tags(facts)
 
     # ------------------------------------------------------------------------------------------ registry
     @property
@@ -479,7 +506,8 @@ class AzureMLBackend:
         )
 
     def register_model(self, job_id: str, tags: dict[str, str]) -> ModelVersion:
-        """Register the job's ``model_output``; a second call for the same job merges tags into that version."""
+        """Register the job's ``model_output`` with the job's lineage tags (as locally); a second call for the same
+        job merges tags into that version."""
         tags = {str(k): str(v) for k, v in tags.items()}
         existing = [m for m in self._versions() if (m.tags or {}).get("job_id") == job_id]
         if existing:
@@ -491,6 +519,8 @@ class AzureMLBackend:
                     f"update tags of {model.name}:{model.version}", self.client.models.create_or_update, model
                 )
             return self._model_version(model)
+        # Lineage first, the flow's tags over it: the same precedence as the local registry.
+        tags = {**self._lineage_tags(job_id), **tags}
         entity = entities.registered_model(self.model_name, job_id, tags, self.cfg.model_output_subpath)
         created = self._call(f"register the model of job {job_id}", self.client.models.create_or_update, entity)
         return self._model_version(created)

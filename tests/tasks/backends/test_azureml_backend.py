@@ -18,6 +18,7 @@ from azure.core.exceptions import ServiceRequestError
 from tasks.backends.azureml import AzureMLBackend, map_deployment_state, map_job_status
 from tasks.backends.base import Backend, BackendError, DeploymentFailedError, JobStatus, ModelVersion
 from tasks.retry import jitter_bounds
+from tests.tasks.backends.conftest import REPO_ROOT
 from tests.tasks.backends.fake_azure import FakeMLClient, http_error
 
 
@@ -422,3 +423,70 @@ def test_fake_refuses_what_azure_refuses() -> None:
         fake.online_endpoints.begin_create_or_update(
             type("E", (), {"name": "ep", "traffic": {"x": 100}, "mirror_traffic": {}, "auth_mode": "key"})()
         )
+
+
+# What sft.py writes to metrics.json (numbers and lineage), as the local registry reads it.
+SFT_METRICS = {
+    "train_loss": 1.87654321, "steps": 20, "tokens_per_second": 812.5, "initial_loss": 3.2, "final_loss": 1.5,
+    "eval_loss": 1.2345678, "eval_perplexity": 3.43689, "wall_time_s": 95.3, "train_time_s": 80.12,
+    "peak_memory_mb": 2048.0, "cpu_time_s": 150.2, "manifest_sha256": "ab" * 32, "recipe": "tiny_full_cpu",
+    "base_model": "tiny", "method": "full", "mlflow_run_id": None,
+}  # fmt: skip
+WRITES_METRICS = """
+import json, sys
+from pathlib import Path
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+out = Path(args["--output_dir"])
+(out / "mlflow_model").mkdir(parents=True)
+metrics = {**json.loads(%r), "mlflow_model_uri": (out / "mlflow_model").as_uri()}
+(out / "metrics.json").write_text(json.dumps(metrics))
+"""
+
+
+def test_registration_tags_have_the_same_keys_on_both_backends(backend, fake, tmp_path) -> None:
+    """The local registry takes lineage from the job's metrics.json; Azure ML from the job's MLflow run, where
+    sft.py logs the same numbers as metrics and recipe, data hash and base model as params."""
+    import json
+
+    import mlflow
+
+    from tasks.backends.azureml_entities import OWNER_TAG
+    from tasks.backends.local import LocalBackend
+    from tasks.config import load_config
+    from tasks.jobs import LocalJobRunner
+    from tests.tasks.test_jobs import _spec, _training_dir
+
+    flow_tags = {"manifest_sha256": "ab" * 32, "recipe": "training/recipes/tiny_full_cpu.yaml"}
+    local_settings = load_config(REPO_ROOT / "configs" / "local.yaml").model_copy(
+        update={"state_dir": tmp_path / "local"}
+    )
+    local = LocalBackend(local_settings)
+    local._runner = LocalJobRunner(
+        local.paths.jobs, training_dir=_training_dir(tmp_path, WRITES_METRICS % json.dumps(SFT_METRICS))
+    )
+    job = local.submit_training(_spec(local.runner.training_dir))
+    local.runner.wait(job.job_id, timeout_s=60, poll_interval_s=0.05)
+    local_tags = local.register_model(job.job_id, flow_tags).tags
+
+    fake.tracking_uri = f"sqlite:///{tmp_path / 'workspace-mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(tracking_uri=fake.tracking_uri)
+    run = client.create_run(client.create_experiment("finetune-phi"))
+    for key, value in SFT_METRICS.items():  # sft.py: run.log_metrics of every number in metrics.json
+        if isinstance(value, int | float):
+            client.log_metric(run.info.run_id, key, float(value))
+    params = {  # sft.py's run_params (the lineage among them)
+        "model_name_or_path": "tiny (built from the training split)",
+        "use_peft": "False",
+        "recipe": "tiny_full_cpu",
+        "manifest_sha256": "ab" * 32,
+        "learning_rate": "0.001",
+    }
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    azure_tags = backend.register_model(run.info.run_id, flow_tags).tags
+
+    local_keys = set(local_tags) - {"model_dir"}  # where the local Hugging Face folder is: no such thing on Azure
+    azure_keys = set(azure_tags) - set(OWNER_TAG)
+    assert local_keys == azure_keys
+    assert {"base_model", "method", "eval_loss", "eval_perplexity", "train_loss", "train_time_s"} <= azure_keys
+    assert {k: azure_tags[k] for k in azure_keys - {"job_id"}} == {k: local_tags[k] for k in local_keys - {"job_id"}}
