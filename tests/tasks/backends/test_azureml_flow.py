@@ -23,6 +23,7 @@ from prefect._internal.concurrency.cancellation import CancelledError
 from prefect.exceptions import TerminationSignal
 from prefect.testing.utilities import prefect_test_harness
 
+from flows.finetune_deploy import train
 from tasks.backends.base import BackendError, JobFailedError, JobStatus, ModelVersion
 from tasks.config import ConfigError, Settings, load_config
 from tasks.jobs import PollTiming, wait_for_job
@@ -346,3 +347,43 @@ def test_polling_backs_off_with_jitter_through_every_status(backend, fake, setti
         low, high = jitter_bounds(attempt, schedule)
         assert low <= delay <= high, (attempt, delay)
     assert len(set(clock.sleeps)) == len(clock.sleeps)  # jitter: no two waits alike
+
+
+def test_the_flows_train_step_submits_and_waits_through_throttling(backend, fake, settings, spec, clock, monkeypatch):
+    """The flow's own ``train`` (what ``train_task`` runs) against the fake workspace: Queued, Running, Completed,
+    with HTTP 429 and 503 on the way retried after growing, jittered delays."""
+    fake.job_statuses = ["Queued", "Queued", "Running", "Running", "Completed"]
+    create = fake.jobs.create_or_update
+
+    def create_then_throttle(job: Any, **kwargs: Any) -> Any:
+        created = create(job, **kwargs)
+        fake.fail("jobs.get", http_error(429, "Too many requests"), http_error(503, "Service unavailable"))
+        return created
+
+    monkeypatch.setattr(fake.jobs, "create_or_update", create_then_throttle)
+    # The workspace's MLflow is not part of the fake; reading it has its own test (test_job_metrics_come_from...).
+    monkeypatch.setattr(backend, "job_metrics", lambda job_id: {"eval_loss": 1.5})
+    dataset = {"train_path": str(spec.train_file), "test_path": str(spec.eval_file), "sha256": spec.manifest_sha256}
+    quick = _quick(settings, poll_interval_s=30.0)
+
+    @flow
+    def train_step() -> dict[str, Any]:
+        return train(quick, dataset, backend=backend, timing=PollTiming(clock.sleep, clock, random.Random(3)))
+
+    result = train_step()
+    (submitted,) = fake.jobs.submitted
+    assert result["job_id"] == submitted.name and result["metrics"] == {"eval_loss": 1.5}
+    assert fake.jobs.store[submitted.name].status == "Completed"
+    after_submit = fake.calls[fake.calls.index(("jobs.create_or_update", submitted.name)) + 1 :]
+    polls = [c for c in after_submit if c == ("jobs.get", submitted.name)]
+    assert len(polls) == 2 + 5  # two throttled reads, then Queued, Queued, Running, Running, Completed
+    # The two retries first (the backend's backoff on settings.retry), then the poll schedule (reset on Running).
+    retry_waits, poll_waits = clock.sleeps[:2], clock.sleeps[2:]
+    for attempt, delay in enumerate(retry_waits):
+        low, high = jitter_bounds(attempt, settings.retry)
+        assert low <= delay <= high, (attempt, delay)
+    assert retry_waits[1] > retry_waits[0]
+    schedule = poll_policy(30.0, settings.retry)
+    for attempt, delay in zip([0, 1, 0, 1], poll_waits, strict=True):
+        low, high = jitter_bounds(attempt, schedule)
+        assert low <= delay <= high, (attempt, delay)
