@@ -28,7 +28,7 @@ from tasks.backends.base import BackendError, JobFailedError, JobStatus, ModelVe
 from tasks.config import ConfigError, Settings, load_config
 from tasks.jobs import PollTiming, wait_for_job
 from tasks.retry import POLL_BACKOFF_CAP, jitter_bounds, poll_policy
-from tasks.rollout import CHAMPION, RolloutFailed, reconcile, run_rollout
+from tasks.rollout import CHAMPION, RolloutFailed, live_traffic, reconcile, run_rollout
 from tests.tasks.backends.fake_azure import http_error
 
 
@@ -387,3 +387,42 @@ def test_the_flows_train_step_submits_and_waits_through_throttling(backend, fake
     for attempt, delay in zip([0, 1, 0, 1], poll_waits, strict=True):
         low, high = jitter_bounds(attempt, schedule)
         assert low <= delay <= high, (attempt, delay)
+
+
+def _consistent(backend) -> dict[str, int]:
+    """As the local kill test means it: traffic sums to 100 over ready deployments and every deployment is ready."""
+    endpoint = backend.get_endpoint()
+    states = {d.name: d.state for d in endpoint.deployments}
+    traffic = live_traffic(endpoint)
+    assert sum(traffic.values()) == 100, traffic
+    assert all(state == "ready" for state in states.values()), states
+    assert set(traffic) <= set(states), (traffic, states)
+    return traffic
+
+
+@pytest.mark.parametrize("healthy", [True, False], ids=["completes", "rolls-back"])
+def test_a_rerun_after_a_kill_at_10_percent_converges(backend, fake, settings, scoring_host, healthy) -> None:
+    """The process was killed after the new deployment was ready and took 10%: the alias still says v1. The next
+    run's rollout of the same candidate repairs the endpoint first, then completes (or rolls back) consistently."""
+    _live_v1(backend, fake, settings)
+    v2 = backend.register_model("job-2", {})
+    fake.online_deployments.add(settings.endpoint.name, "model-v2", "azureml:finetune-phi:2", state="Succeeded")
+    fake.online_endpoints.store[settings.endpoint.name].traffic = {"model-v1": 90, "model-v2": 10}
+    if not healthy:
+        scoring_host.broken.add("model-v2")
+
+    if healthy:
+        result = _rollout(backend, v2, settings)
+        assert "deleted model-v2 (unfinished rollout)" in result.reconcile
+        assert result.traffic_before == {"model-v1": 100}  # the rollout started from the repaired endpoint
+        assert _consistent(backend) == {"model-v2": 100}
+        assert backend.get_model_by_alias(CHAMPION).version == "2"
+        assert {d.name for d in backend.get_endpoint().deployments} == {"model-v1", "model-v2"}
+    else:
+        with pytest.raises(RolloutFailed, match="rolled back"):
+            _rollout(backend, v2, settings)
+        assert _consistent(backend) == {"model-v1": 100}
+        assert backend.get_model_by_alias(CHAMPION).version == "1"
+        assert [d.name for d in backend.get_endpoint().deployments] == ["model-v1"]
+    # Whichever way it ended, the next run finds nothing to repair.
+    assert not reconcile(backend, backend.get_model_by_alias(CHAMPION), settings).changed
