@@ -155,18 +155,12 @@ def test_gpu_recipes_parse_as_written_on_a_gpu(recipe: Path) -> None:
 
 
 def _pins(lines: list[str]) -> dict[str, str]:
-    """``name: version`` of the ``==`` pins that apply on Python 3.11, the training environment's (conda.yml);
-    constraints.txt also has ``; python_version < "3.11"`` lines for Python 3.10."""
-    from packaging.requirements import Requirement
-
     pins = {}
     for line in lines:
         spec = line.split("#")[0].strip().lstrip("- ").strip()
-        if "==" not in spec:
-            continue
-        requirement = Requirement(spec)
-        if requirement.marker is None or requirement.marker.evaluate({"python_version": "3.11"}):
-            pins[requirement.name.lower().replace("_", "-")] = str(requirement.specifier).removeprefix("==")
+        if "==" in spec:
+            name, version = spec.split("==")
+            pins[name.lower().replace("_", "-")] = version.strip()
     return pins
 
 
