@@ -5,11 +5,12 @@
     python3 scripts/dev.py test    # install, then run the whole test suite
     python3 scripts/dev.py setup   # install only
 
-Needs only Python 3.10+. On a Linux machine without an NVIDIA GPU it installs the CPU build of torch
-(torch==2.13.0+cpu, from PyTorch's CPU index or a local wheel) instead of letting a dependency pull the
-multi-GB CUDA build that PyPI serves for Linux; macOS and Windows wheels on PyPI are CPU builds already.
-Set FINETUNE_PHI_TORCH_SPEC to choose another torch requirement (then no index is added),
-FINETUNE_PHI_TORCH_INDEX for another torch index, and FINETUNE_PHI_PIP_ARGS for extra pip arguments.
+Needs only Python 3.11+ (prefect 3.9, transformers 5 and trl 1.16 need it). On a Linux machine without an
+NVIDIA GPU it installs the CPU build of torch (torch==2.13.0+cpu, from PyTorch's CPU index or a local wheel)
+instead of letting a dependency pull the multi-GB CUDA build that PyPI serves for Linux; macOS and Windows
+wheels on PyPI are CPU builds already. Set FINETUNE_PHI_TORCH_SPEC to choose another torch requirement (then
+no index is added), FINETUNE_PHI_TORCH_INDEX for another torch index, and FINETUNE_PHI_PIP_ARGS for extra
+pip arguments.
 The install is skipped when pyproject.toml and constraints.txt have not changed since the last one.
 """
 
@@ -62,8 +63,11 @@ def _install_fingerprint() -> str:
 
 
 def setup() -> None:
-    if sys.version_info < (3, 10):  # noqa: UP036 - this script runs on the bare system Python
-        sys.exit(f"finetune-phi needs Python 3.10 or newer; this is {sys.version.split()[0]}")
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script runs on the bare system Python
+        sys.exit(
+            f"finetune-phi needs Python 3.11 or newer (prefect 3.9, transformers 5 and trl 1.16 need it); this is "
+            f"{sys.version.split()[0]}. Run this script with a newer interpreter, e.g. `python3.11 scripts/dev.py`"
+        )
     if not PYTHON.exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)

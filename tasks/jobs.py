@@ -58,7 +58,7 @@ _LOG = logging.getLogger("finetune_phi.jobs")
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def run_logger(fallback: logging.Logger = _LOG) -> logging.Logger | logging.LoggerAdapter:
@@ -250,7 +250,7 @@ class LocalJobRunner:
     # ------------------------------------------------------------------ submit / restart
     def submit(self, spec: TrainingJobSpec, job_id: str | None = None) -> JobInfo:
         """Start the job and return at once (status ``running``)."""
-        job_id = job_id or f"job-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        job_id = job_id or f"job-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         folder = self.job_dir(job_id)
         if (folder / RECORD_NAME).exists():
             raise BackendError(f"job {job_id} already exists in {folder}; use restart() or a new job id")

@@ -33,7 +33,7 @@ class DeploymentFailedError(BackendError):
     """A deployment could not be created or never became ready."""
 
 
-class JobStatus(str, Enum):
+class JobStatus(str, Enum):  # noqa: UP042 - StrEnum would change str() of members, which records and messages use
     QUEUED = "queued"
     RUNNING = "running"
     COMPLETED = "completed"

@@ -78,7 +78,7 @@ def submit_or_resume(runner: Any, spec: TrainingJobSpec, max_attempts: int = MAX
     job_id = training_job_id(spec, runner.training_dir)
     if spec.fresh:
         # A forced re-train gets a folder of its own: the job for these inputs (and its checkpoints) stays as it was.
-        job_id = f"{job_id}-{dt.datetime.now(dt.timezone.utc):%Y%m%d-%H%M%S}"
+        job_id = f"{job_id}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
         info = runner.submit(spec, job_id=job_id)
         log.info("training job %s: refresh asked, started a fresh job (log: %s)", job_id, info.url)
         return info
