@@ -77,7 +77,10 @@ def setup() -> None:
     extra_args = os.environ.get("FINETUNE_PHI_PIP_ARGS", "").split()
     pip = [PYTHON, "-m", "pip", "install", "--disable-pip-version-check", *extra_args]
     # torch first, on its own: its CPU build on a machine without a GPU, so nothing later pulls the CUDA build.
-    _run(*pip, *_torch_index_args(), TORCH_SPEC)
+    # --no-deps where an index is added: torch's own dependencies then come with the project's install below,
+    # pinned by constraints.txt, and pip does not look each of them up on the torch index too.
+    index_args = _torch_index_args()
+    _run(*pip, *index_args, *(["--no-deps"] if index_args else []), TORCH_SPEC)
     _run(*pip, "-c", "constraints.txt", "-e", ".[dev]")
     STAMP.write_text(fingerprint + "\n")
 
