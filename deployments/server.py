@@ -979,6 +979,8 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Runs as a signal handler: set flags only (logging here could deadlock on the handler's lock).
         if self.drain_until is None:
+            # uvicorn re-raises the captured signals once it has shut down, so the process still ends by SIGTERM
+            self._captured_signals.append(sig)
             self.endpoint.stopping = True
             self.drain_until = time.monotonic() + self.grace_s
             return

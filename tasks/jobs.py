@@ -44,7 +44,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.backends.base import Backend, BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
 from tasks.config import Settings
-from tasks.retry import backoff_delay, is_transient, poll_policy
+from tasks.retry import backoff_delay, is_worth_another_try_later, poll_policy
 from tasks.state import atomic_write_json, read_json, sha256_file, sha256_text, sha256_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -506,11 +506,12 @@ class PollTiming:
 
 
 def _poll_status(backend: Backend, job_id: str, log: logging.Logger | logging.LoggerAdapter) -> JobInfo | None:
-    """The job's status, or None after a transient fault: a missed poll, retried by the next one."""
+    """The job's status, or None after a transient fault (also one that outlasted the backend's own retries): a
+    missed poll, retried by the next one. The wait's deadline, not an outage, decides when to give up on a job."""
     try:
         return backend.get_job(job_id)
     except Exception as exc:
-        if not is_transient(exc):
+        if not is_worth_another_try_later(exc):
             raise
         log.warning("could not read the status of training job %s for now (%s: %s)", job_id, type(exc).__name__, exc)
         return None
@@ -554,8 +555,7 @@ def _poll_until_terminal(backend: Backend, job_id: str, settings: Settings, timi
                 f"training job {job_id} did not finish within training.timeout_s={settings.training.timeout_s:.0f} s "
                 "and was canceled; raise the timeout or use a smaller recipe"
             )
-        # min(attempt, 30): past the cap the delay no longer grows, and 2**attempt must stay a float.
-        timing.sleep(min(remaining, backoff_delay(min(attempt, 30), schedule, timing.rng)))
+        timing.sleep(min(remaining, backoff_delay(attempt, schedule, timing.rng)))
         attempt += 1
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from tasks.backends.base import TransientBackendError
+from tasks.backends.base import RetriesExhaustedError, TransientBackendError
 from tasks.config import RetryConfig
 
 T = TypeVar("T")
@@ -69,17 +69,31 @@ def is_transient(exc: BaseException) -> bool:
     return code is not None and (code in TRANSIENT_STATUS or code >= 500)
 
 
+def is_worth_another_try_later(exc: BaseException) -> bool:
+    """A transient fault, or transient faults that outlasted one call's retries: a status poll counts it as a missed
+    poll, and a task may be retried for it, while a caller's own immediate retry loop stops."""
+    return is_transient(exc) or isinstance(exc, RetriesExhaustedError)
+
+
+# Past this many doublings every delay is capped anyway; the bound keeps 2**attempt a finite float.
+_MAX_DOUBLINGS = 60
+
+
+def _capped_base(attempt: int, policy: RetryConfig) -> float:
+    return min(policy.max_delay_s, policy.base_delay_s * (2 ** min(attempt, _MAX_DOUBLINGS)))
+
+
 def backoff_delay(attempt: int, policy: RetryConfig, rng: random.Random | None = None) -> float:
     """Seconds to wait before retry number ``attempt`` (0-based): exponential, capped, with jitter."""
     rng = rng or random
-    base = min(policy.max_delay_s, policy.base_delay_s * (2**attempt))
+    base = _capped_base(attempt, policy)
     factor = rng.uniform(1.0 - policy.jitter, 1.0 + policy.jitter)
     return max(0.0, base * factor)
 
 
 def jitter_bounds(attempt: int, policy: RetryConfig) -> tuple[float, float]:
     """The interval :func:`backoff_delay` draws from, for tests and documentation."""
-    base = min(policy.max_delay_s, policy.base_delay_s * (2**attempt))
+    base = _capped_base(attempt, policy)
     return base * (1.0 - policy.jitter), base * (1.0 + policy.jitter)
 
 
@@ -133,7 +147,7 @@ def retry_condition_fn(task: Any, task_run: Any, state: Any) -> bool:
     except TaskRunTimeoutError:
         return False
     except Exception as exc:
-        return is_transient(exc)
+        return is_worth_another_try_later(exc)
     return False
 
 
@@ -148,6 +162,7 @@ __all__ = [
     "backoff_delay",
     "call_with_retry",
     "is_transient",
+    "is_worth_another_try_later",
     "jitter_bounds",
     "poll_policy",
     "prefect_delays",

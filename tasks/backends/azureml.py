@@ -54,6 +54,7 @@ from tasks.backends.base import (
     JobInfo,
     JobStatus,
     ModelVersion,
+    RetriesExhaustedError,
     TrainingJobSpec,
     TransientBackendError,
 )
@@ -285,7 +286,7 @@ class AzureMLBackend:
         try:
             return call_with_retry(attempt, policy=policy, what=what, sleep=self._sleep, rng=self._rng, logger=_LOG)
         except TransientBackendError as exc:
-            raise BackendError(
+            raise RetriesExhaustedError(
                 f"{exc} (gave up after {policy.attempts} attempts; retry.attempts in the config)"
             ) from exc
         except ResourceNotFoundError as exc:
@@ -745,7 +746,7 @@ class AzureMLBackend:
                         f"raise rollout.ready_timeout_s or check the container log:\n{self._deployment_logs(name)}"
                     ),
                 )
-            self._sleep(min(remaining, backoff_delay(min(attempt, 16), self.settings.retry, self._rng)))
+            self._sleep(min(remaining, backoff_delay(attempt, self.settings.retry, self._rng)))
             attempt += 1
 
     def delete_deployment(self, name: str) -> None:

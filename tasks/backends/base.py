@@ -25,6 +25,11 @@ class TransientBackendError(BackendError):
     """A fault that may pass on its own: retry with backoff."""
 
 
+class RetriesExhaustedError(BackendError):
+    """Transient faults went on past ``retry.attempts``: not retried again on the spot (callers would multiply the
+    attempts), but a later status poll or a retry of the whole task may well pass."""
+
+
 class JobFailedError(BackendError):
     """A training job ended in failure. Never retried."""
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
-from tasks.backends.base import JobFailedError, TransientBackendError
+from tasks.backends.base import BackendError, JobFailedError, RetriesExhaustedError, TransientBackendError
 from tasks.config import RetryConfig
 from tasks.retry import (
     POLL_BACKOFF_CAP,
@@ -130,8 +130,17 @@ def test_the_task_retry_condition_retries_transient_faults_only() -> None:
     assert retry_condition_fn(None, None, _failed(TransientBackendError("HTTP 503")))
     assert retry_condition_fn(None, None, _failed(ConnectionResetError("reset by peer")))
     assert not retry_condition_fn(None, None, _failed(JobFailedError("the training script exited with code 1")))
+    # A backend that already retried a transient fault to its limit: the whole task may still try again later.
+    assert retry_condition_fn(None, None, _failed(RetriesExhaustedError("HTTP 503 (gave up after 5 attempts)")))
+    assert not retry_condition_fn(None, None, _failed(BackendError("no such workspace")))
     # Prefect's own task timeout is a TimeoutError, but the task spent its whole budget: no second one.
     assert not retry_condition_fn(None, None, _failed(TaskRunTimeoutError("Scope timed out after 60 second(s).")))
+
+
+def test_a_huge_attempt_number_gives_the_capped_delay_not_an_overflow() -> None:
+    low, high = jitter_bounds(5000, POLICY)
+    assert (low, high) == pytest.approx((POLICY.max_delay_s * 0.5, POLICY.max_delay_s * 1.5))
+    assert low <= backoff_delay(5000, POLICY) <= high
 
 
 def test_the_poll_schedule_doubles_from_the_interval_to_its_cap_with_the_policys_jitter() -> None:

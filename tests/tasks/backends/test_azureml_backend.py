@@ -16,8 +16,15 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 
 from tasks.backends.azureml import AzureMLBackend, map_deployment_state, map_job_status
-from tasks.backends.base import Backend, BackendError, DeploymentFailedError, JobStatus, ModelVersion
-from tasks.retry import jitter_bounds
+from tasks.backends.base import (
+    Backend,
+    BackendError,
+    DeploymentFailedError,
+    JobStatus,
+    ModelVersion,
+    RetriesExhaustedError,
+)
+from tasks.retry import is_transient, jitter_bounds
 from tests.tasks.backends.conftest import REPO_ROOT
 from tests.tasks.backends.fake_azure import FakeMLClient, http_error
 
@@ -136,7 +143,9 @@ def test_transient_faults_give_up_with_a_clear_error(backend, fake, clock, setti
     fake.fail("jobs.get", *[http_error(503, "Service Unavailable")] * settings.retry.attempts)
     with pytest.raises(BackendError, match=r"HTTP 503 to get job j1.*gave up after 5 attempts") as caught:
         backend.get_job("j1")
-    assert type(caught.value) is BackendError  # not transient: the flow's own retry does not multiply the attempts
+    # Not transient, so a caller's own immediate retry does not multiply the attempts; but marked as exhausted, so a
+    # status poll counts it as a missed poll and a task may retry later (test_azureml_flow, test_retry).
+    assert type(caught.value) is RetriesExhaustedError and not is_transient(caught.value)
     assert len(clock.sleeps) == settings.retry.attempts - 1
 
 

@@ -331,6 +331,23 @@ def test_an_interrupted_wait_cancels_the_azure_job(backend, fake, settings, spec
     assert fake.jobs.store[job].status in ("CancelRequested", "Canceled")
 
 
+def test_an_outage_longer_than_the_retries_is_a_missed_poll_not_a_canceled_job(
+    backend, fake, settings, spec, clock
+) -> None:
+    """HTTP 503 on more status reads in a row than retry.attempts allows one call: the backend gives up on that read
+    (RetriesExhaustedError), the wait counts a missed poll and goes on, and the paid job is never canceled."""
+    fake.job_statuses = ["Running", "Completed"]
+    job = backend.submit_training(spec).job_id
+    fake.calls.clear()
+    outage = settings.retry.attempts + 2  # one whole read's retries, and then some
+    fake.fail("jobs.get", *[http_error(503, "Service unavailable") for _ in range(outage)])
+    quick = _quick(settings, poll_interval_s=30.0, timeout_s=3600.0)
+    done = wait_for_job(backend, job, quick, PollTiming(clock.sleep, clock, random.Random(5)))
+    assert done.status == JobStatus.COMPLETED
+    assert fake.called("jobs.begin_cancel") == []
+    assert len(fake.called("jobs.get")) > outage  # every failed read, then reads that found the job running on
+
+
 def test_polling_backs_off_with_jitter_through_every_status(backend, fake, settings, spec, clock) -> None:
     """Queued and Running each start at poll_interval_s and double to the cap, every wait jittered."""
     fake.job_statuses = ["Queued"] * 4 + ["Running"] * 5 + ["Completed"]
