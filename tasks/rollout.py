@@ -257,6 +257,15 @@ def read_rollback(backend: Backend) -> Rollback:
     return Rollback(live_traffic(endpoint), names, champion.version if champion else None)
 
 
+def _rollback_state(rollback: Rollback, deployment: str) -> str:
+    """What the rollback left, as read back (not as the hooks meant it), for the failure's message."""
+    if rollback.traffic is None:
+        return f"the endpoint could not be read back: {rollback.error}"
+    gone = "deleted" if deployment not in rollback.deployments else "STILL THERE"
+    champion = f"v{rollback.champion}" if rollback.champion else "none"
+    return f"traffic now {rollback.traffic or 'none'}, deployment {deployment} {gone}, champion {champion}"
+
+
 @dataclass
 class RolloutResult:
     version: str
@@ -575,12 +584,10 @@ def run_rollout(
                 result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
             promote_task(backend, version, settings)
     except Exception as exc:
-        kept = f"v{champion.version}" if champion else "none"
-        failed = RolloutFailed(
-            f"rollout of model v{version.version} rolled back (traffic {before or 'none'} restored, deployment {name} "
-            f"deleted, champion still {kept}): {exc}"
-        )
         result.rollback = read_rollback(backend)
+        failed = RolloutFailed(
+            f"rollout of model v{version.version} rolled back ({_rollback_state(result.rollback, name)}): {exc}"
+        )
         failed.rollout = result
         raise failed from exc
     after = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")

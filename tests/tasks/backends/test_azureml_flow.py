@@ -147,6 +147,8 @@ def test_a_deployment_that_fails_leaves_traffic_unchanged_and_is_deleted(backend
     with pytest.raises(RolloutFailed, match="rolled back") as caught:
         _rollout(backend, v2, settings)
     assert "model load: out of memory" in str(caught.value)  # the container log says why
+    # The message says what the rollback left, as read back from the endpoint and the registry.
+    assert "traffic now {'model-v1': 100}, deployment model-v2 deleted, champion v1" in str(caught.value)
     endpoint = backend.get_endpoint()
     assert endpoint.traffic == {"model-v1": 100}
     assert [d.name for d in endpoint.deployments] == ["model-v1"]
