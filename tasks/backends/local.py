@@ -174,9 +174,6 @@ class LocalBackend:
     def cancel_job(self, job_id: str) -> None:
         self.runner.cancel(job_id)
 
-    def job_log_tail(self, job_id: str, lines: int = 50) -> list[str]:
-        return list(self.runner.log_tail(job_id, lines))
-
     def job_log_since(self, job_id: str, offset: int = 0) -> tuple[list[str], int]:
         return self.runner.log_since(job_id, offset)
 
