@@ -54,11 +54,22 @@ class EndpointAdminClient:
     def get_state(self) -> dict[str, Any]:
         return self._call("GET", "/admin/state")
 
-    def create_deployment(self, name: str, model_path: str, model_version: str | None = None) -> dict[str, Any]:
-        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background."""
-        return self._call(
-            "PUT", f"/admin/deployments/{name}", {"model_path": model_path, "model_version": model_version}
-        )
+    def create_deployment(
+        self,
+        name: str,
+        model_path: str,
+        model_version: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+        engine: str | None = None,
+    ) -> dict[str, Any]:
+        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background.
+
+        ``device``/``dtype``/``engine`` left None take the endpoint's defaults (``EndpointConfig``)."""
+        body: dict[str, Any] = {"model_path": model_path, "model_version": model_version}
+        body.update({k: v for k, v in {"device": device, "dtype": dtype, "engine": engine}.items() if v is not None})
+        return self._call("PUT", f"/admin/deployments/{name}", body)
 
     def delete_deployment(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/admin/deployments/{name}")

@@ -1,11 +1,21 @@
-"""One deployment's model in memory and the worker thread that batches its requests.
+"""One deployment's model in memory and the worker thread that decodes its requests with continuous batching.
 
-Dynamic batching: a worker thread per deployment takes every request waiting in its queue (up to
-``max_batch_size``, after a short ``batch_wait_ms`` so that requests arriving together share a batch), left-pads
-their prompts, and decodes them together with one KV cache, one token per step for the whole batch. Each row keeps
-its own sampling settings (temperature, top_p, greedy or not), its own token budget and its own end: a row stops at
-any of the model's end ids (``generation_config.eos_token_id``, which holds Phi-3's ``<|end|>``) or at its budget.
-On a small model a decoding step costs nearly the same for 1 row as for 16, so throughput grows with concurrency.
+Continuous batching: the worker keeps a running batch of rows and, between two decoding steps, lets waiting
+requests join it: their prompts are prefilled (several short ones in one forward; a long one in chunks of
+``prefill_chunk_tokens``, one chunk per step, so running rows never stall behind a whole long prompt), and they
+decode with everyone else from the next step on. A row that ends (an end token, its budget, a cancel) leaves the
+batch at once and its slot is reused.
+
+The KV cache is a :class:`SlotCache`: per layer one preallocated ``[slots, kv_heads, capacity, head_dim]`` tensor,
+where row ``i`` of the running batch lives in slot ``i`` and writes its token ``t`` at position ``t``. A join
+writes only the new rows' keys; a leave moves at most two rows (the last running row into the hole, and a
+half-prefilled row behind it); capacity doubles when a row needs more (rare). No padding ever sits inside a row,
+so every row sees exactly the positions and keys the model's own ``generate`` would give it; a 4-D mask keeps
+each row to its own filled positions.
+
+Each row keeps its own sampling settings (greedy, temperature, top_p), its own budget and its own end ids (the
+model's ``generation_config.eos_token_id``, which holds Phi-3's ``<|end|>``). Text is decoded incrementally
+(:class:`IncrementalDetokenizer`): one short window per token, never the whole reply again.
 
 Tokens reach the caller through :class:`Sequence` callbacks as they are made (for streaming), and the final
 text excludes the end token. A caller may cancel a sequence (timeout, client gone): the worker drops it at the
@@ -18,15 +28,19 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deployments.device import Placement, load_causal_lm, resolve_placement
+
 log = logging.getLogger(__name__)
 # One model load at a time: transformers' lazy imports are not safe across threads, and loads compete for memory.
 _LOAD_LOCK = threading.Lock()
 MIN_TEMPERATURE = 1e-4
+INITIAL_CAPACITY = 256  # cache positions per slot before the first growth
 
 
 class InputTooLongError(ValueError):
@@ -55,6 +69,7 @@ class Sequence:
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     text: str = ""  # decoded reply without the end token, updated as tokens come
+    token_times: list[float] = field(default_factory=list)  # time.monotonic() when each generated token was made
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -89,15 +104,150 @@ def find_hf_folders(root: str | Path) -> tuple[Path, Path]:
     return model_dir, tokenizer_dir
 
 
+class IncrementalDetokenizer:
+    """Text of a growing token list, decoding only a short window per token.
+
+    The window runs from the last token already turned into text (``prefix``) to the end; its text minus the text
+    of the window's settled part is the new piece. A piece ending in U+FFFD (a multi-byte character split across
+    tokens) is held back until the next token completes it. Decoding a window rather than a lone token keeps
+    tokenizers that drop a leading space per decode (SentencePiece) right at word boundaries.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # ids[_prefix:_read] decode to _settled, already part of text
+        self._read = 0
+        self._settled = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        """Add one token; the new text it completes ("" while a character is still split)."""
+        self.ids.append(token)
+        window = self._decode(self.ids[self._prefix :])
+        if len(window) <= len(self._settled) or window.endswith("\ufffd"):
+            return ""
+        piece = window[len(self._settled) :]
+        self._prefix, self._read = self._read, len(self.ids)
+        self._settled = self._decode(self.ids[self._prefix : self._read])
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        """The text still held back (an unfinished character decodes as U+FFFD), added to ``text``."""
+        window = self._decode(self.ids[self._prefix :])
+        piece = window[len(self._settled) :] if len(window) > len(self._settled) else ""
+        self._prefix = self._read = len(self.ids)
+        self._settled = ""
+        self.text += piece
+        return piece
+
+
+class SlotCache:
+    """Keys and values of the running batch in preallocated per-slot tensors (the model calls ``update``).
+
+    Before each forward the runner says which contiguous slots take part (``begin``) and at which positions each
+    row's new tokens go; ``update`` writes them there and hands attention the slots' first ``kv_length``
+    positions as a view, without copying the batch.
+    """
+
+    def __init__(self, slots: int, capacity: int, max_capacity: int) -> None:
+        self.slots = slots
+        self.capacity = capacity
+        self.max_capacity = max_capacity
+        self.keys: list[Any] = []
+        self.values: list[Any] = []
+        self._first = 0
+        self._count = 0
+        self._rows: Any = None
+        self._positions: Any = None
+        self._kv_length = 0
+
+    def begin(self, first: int, positions: Any, kv_length: int) -> None:
+        """The next forward covers slots ``first .. first + len(positions)``; ``positions`` is ``[rows, tokens]``."""
+        import torch
+
+        self._first, self._count = first, positions.shape[0]
+        self._rows = torch.arange(first, first + self._count, device=positions.device).unsqueeze(-1)
+        self._positions = positions
+        self._kv_length = kv_length
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        import torch
+
+        while len(self.keys) <= layer_idx:  # allocated on first use, shaped and typed like the model's keys
+            _, heads, _, dim = key_states.shape
+            shape = (self.slots, heads, self.capacity, dim)
+            self.keys.append(torch.zeros(shape, dtype=key_states.dtype, device=key_states.device))
+            self.values.append(torch.zeros(shape, dtype=value_states.dtype, device=value_states.device))
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # rows [n, 1] and positions [n, q] index slot and position: the written block is [n, q, heads, dim]
+        keys[self._rows, :, self._positions] = key_states.transpose(1, 2)
+        values[self._rows, :, self._positions] = value_states.transpose(1, 2)
+        end = self._first + self._count
+        return keys[self._first : end, :, : self._kv_length], values[self._first : end, :, : self._kv_length]
+
+    def ensure_capacity(self, positions: int) -> None:
+        """Room for ``positions`` tokens per slot (doubling, up to the model's context)."""
+        import torch
+
+        if positions <= self.capacity:
+            return
+        new = self.capacity
+        while new < positions:
+            new *= 2
+        new = min(max(new, positions), self.max_capacity)
+        for store in (self.keys, self.values):
+            for index, old in enumerate(store):
+                grown = torch.zeros((*old.shape[:2], new, old.shape[3]), dtype=old.dtype, device=old.device)
+                grown[:, :, : self.capacity] = old
+                store[index] = grown
+        self.capacity = new
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy a row's first ``length`` positions from slot ``source`` to slot ``target``."""
+        if source == target or length == 0:
+            return
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
+
+@dataclass
+class _Row:
+    """A sequence in the running batch: its slot's contents and what it feeds next."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    filled: int = 0  # cache positions written (prompt tokens prefilled, then one per step)
+    next_token: int | None = None  # sampled, not yet fed to the model
+
+
 class ModelRunner:
-    """A causal LM and its tokenizer, plus the batching worker. Thread-safe ``submit``."""
+    """A causal LM and its tokenizer, plus the continuous-batching worker. Thread-safe ``submit``.
+
+    ``device``/``dtype`` follow :func:`deployments.device.resolve_placement`; an impossible choice raises its
+    ``PlacementError`` before any weight is read.
+    """
 
     def __init__(
-        self, model_path: str | Path, *, max_batch_size: int, batch_wait_ms: float, torch_threads: int = 0
+        self,
+        model_path: str | Path,
+        *,
+        max_batch_size: int,
+        batch_wait_ms: float,
+        torch_threads: int = 0,
+        device: str = "auto",
+        dtype: str = "auto",
+        prefill_chunk_tokens: int = 512,
     ) -> None:
+        self.placement: Placement = resolve_placement(device, dtype)
         with _LOAD_LOCK:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
 
             if torch_threads > 0:
                 torch.set_num_threads(torch_threads)  # process-wide; see EndpointConfig.torch_threads
@@ -105,10 +255,11 @@ class ModelRunner:
             self._torch = torch
             model_dir, tokenizer_dir = find_hf_folders(model_path)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-            self.model.eval()
+            self.model = load_causal_lm(model_dir, self.placement)
+        self.device = self.model.device
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.end_ids = self._end_ids()
         pad = self.tokenizer.pad_token_id
@@ -164,44 +315,213 @@ class ModelRunner:
         self._closed = True
         self._queue.put(None)
 
-    def _take_batch(self) -> list[Sequence] | None:
+    def _loop(self) -> None:
+        torch = self._torch
+        waiting: deque[Sequence] = deque()
+        running: list[_Row] = []  # running[i] lives in cache slot i
+        prefilling: _Row | None = None  # a long prompt being prefilled in chunks, in slot len(running)
+        cache = self._new_cache()
+        stopping = False
+        while True:
+            if not (running or prefilling or waiting):
+                if stopping:
+                    return
+                stopping = self._wait_for_work(waiting)
+                cache = self._new_cache()  # idle: let the memory of a past burst go
+            stopping = self._drain_queue(waiting) or stopping
+            try:
+                with torch.inference_mode():
+                    prefilling = self._admit(cache, waiting, running, prefilling)
+                    self._decode_step(cache, running, prefilling)
+            except Exception as exc:  # a failing forward must not kill the worker: fail its rows, go on
+                log.exception("generation failed for a batch of %d", len(running) + (prefilling is not None))
+                for row in [*running, *([prefilling] if prefilling else [])]:
+                    if row.seq.finish_reason is None:
+                        row.seq.finish_reason, row.seq.error = "error", f"{type(exc).__name__}: {exc}"
+                        self._finish(row)
+                running.clear()
+                prefilling = None
+                cache = self._new_cache()
+
+    def _new_cache(self) -> SlotCache:
+        return SlotCache(self.max_batch_size, min(INITIAL_CAPACITY, self.context_length), self.context_length)
+
+    def _wait_for_work(self, waiting: deque[Sequence]) -> bool:
+        """Block for the first request, then ``batch_wait_ms`` for others arriving with it; True on close."""
         first = self._queue.get()
         if first is None:
-            return None
-        batch = [first]
+            return True
+        waiting.append(first)
         deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
+        while len(waiting) < self.max_batch_size:
             timeout = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
-                break
+                return False
             if item is None:
-                self._queue.put(None)  # seen again after this batch
-                break
-            batch.append(item)
-        return [s for s in batch if not s.cancelled] or []
+                return True
+            waiting.append(item)
+        return False
 
-    def _loop(self) -> None:
-        torch = self._torch
+    def _drain_queue(self, waiting: deque[Sequence]) -> bool:
+        """Move what arrived since the last step to ``waiting``; True when a close came."""
+        closed = False
         while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            if not batch:
-                continue
             try:
-                with torch.inference_mode():
-                    self._generate(batch)
-            except Exception as exc:  # a bad batch must not kill the worker: fail its requests, go on
-                log.exception("generation failed for a batch of %d", len(batch))
-                for seq in batch:
-                    if seq.finish_reason is None:
-                        seq.finish_reason, seq.error = "error", f"{type(exc).__name__}: {exc}"
-                        self._finish(seq)
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return closed
+            if item is None:
+                closed = True
+            else:
+                waiting.append(item)
+
+    # ------------------------------------------------------------------ joining
+    def _admit(
+        self, cache: SlotCache, waiting: deque[Sequence], running: list[_Row], prefilling: _Row | None
+    ) -> _Row | None:
+        """One prefill forward: the next chunk of a long prompt, or as many short waiting prompts as fit."""
+        for seq in [s for s in waiting if s.cancelled]:
+            waiting.remove(seq)
+            seq.finish_reason = "cancelled"
+            self._finish(_Row(seq, IncrementalDetokenizer(self.tokenizer)))
+        if prefilling is not None:
+            if prefilling.seq.cancelled:
+                prefilling.seq.finish_reason = "cancelled"
+                self._finish(prefilling)
+                return None
+            return self._prefill_chunk(cache, running, prefilling)
+        free = self.max_batch_size - len(running)
+        if not waiting or free == 0:
+            return None
+        if len(waiting[0].prompt_ids) > self.prefill_chunk_tokens:
+            row = self._take(cache, waiting)
+            return self._prefill_chunk(cache, running, row)
+        joining: list[_Row] = []
+        tokens = 0
+        while waiting and len(joining) < free:
+            size = len(waiting[0].prompt_ids)
+            if size > self.prefill_chunk_tokens or (joining and tokens + size > self.prefill_chunk_tokens):
+                break
+            tokens += size
+            joining.append(self._take(cache, waiting))
+        self._prefill(cache, len(running), joining, [0] * len(joining), [len(r.seq.prompt_ids) for r in joining])
+        self._join(cache, running, joining)
+        return None
+
+    def _take(self, cache: SlotCache, waiting: deque[Sequence]) -> _Row:
+        seq = waiting.popleft()
+        cache.ensure_capacity(len(seq.prompt_ids) + seq.params.max_new_tokens)
+        return _Row(seq, IncrementalDetokenizer(self.tokenizer))
+
+    def _prefill_chunk(self, cache: SlotCache, running: list[_Row], row: _Row) -> _Row | None:
+        """Prefill the next ``prefill_chunk_tokens`` of ``row``'s prompt; None once the prompt is all in."""
+        end = min(row.filled + self.prefill_chunk_tokens, len(row.seq.prompt_ids))
+        self._prefill(cache, len(running), [row], [row.filled], [end])
+        if end < len(row.seq.prompt_ids):
+            return row
+        self._join(cache, running, [row])
+        return None
+
+    def _prefill(
+        self, cache: SlotCache, first_slot: int, rows: list[_Row], starts: list[int], ends: list[int]
+    ) -> None:
+        """Write prompt tokens ``starts[i]:ends[i]`` of each row into slots from ``first_slot``; sample a token for
+        each row whose prompt is then complete."""
+        if not rows:
+            return
+        torch = self._torch
+        width = max(e - s for s, e in zip(starts, ends, strict=True))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        positions = torch.empty((len(rows), width), dtype=torch.long)
+        for i, (row, start, end) in enumerate(zip(rows, starts, ends, strict=True)):
+            ids[i, : end - start] = torch.tensor(row.seq.prompt_ids[start:end])
+            # right padding: a padded query repeats the row's last position, so it writes nothing past its own end
+            positions[i] = (torch.arange(width) + start).clamp(max=end - 1)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        last = torch.tensor([[e - s - 1] for s, e in zip(starts, ends, strict=True)], device=self.device)
+        logits = self._forward(cache, first_slot, ids, positions, max(ends), logits_to_keep=last).logits[:, -1, :]
+        for row, end in zip(rows, ends, strict=True):
+            row.filled = end
+        complete = [i for i, row in enumerate(rows) if row.filled == len(row.seq.prompt_ids)]
+        if complete:
+            tokens = self._sample(logits[complete], [rows[i].seq for i in complete]).tolist()
+            for i, token in zip(complete, tokens, strict=True):
+                rows[i].next_token = int(token)
+
+    def _join(self, cache: SlotCache, running: list[_Row], rows: list[_Row]) -> None:
+        """Rows whose prompts are in (already in the slots after ``running``): record each one's first token and
+        let them decode with the batch, or leave at once."""
+        running.extend(rows)
+        joined = [row for row in rows if self._advance(row, int(row.next_token or 0))]
+        self._leave(cache, running, None, running[: len(running) - len(rows)] + joined)
 
     # ------------------------------------------------------------------ decoding
-    def _finish(self, seq: Sequence) -> None:
+    def _forward(
+        self, cache: SlotCache, first_slot: int, ids: Any, positions: Any, kv_length: int, logits_to_keep: Any = 0
+    ) -> Any:
+        torch = self._torch
+        cache.begin(first_slot, positions, kv_length)
+        dtype = self.placement.torch_dtype()
+        allowed = torch.arange(kv_length, device=self.device) <= positions.unsqueeze(-1)  # [rows, q, kv]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        return self.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
+
+    def _decode_step(self, cache: SlotCache, running: list[_Row], prefilling: _Row | None) -> None:
+        """Feed every running row its last token, sample the next one, and let finished rows leave."""
+        torch = self._torch
+        for index in [i for i, r in enumerate(running) if r.seq.cancelled]:
+            running[index].seq.finish_reason = "cancelled"
+            self._finish(running[index])
+        self._leave(cache, running, prefilling, [r for r in running if r.seq.finish_reason is None])
+        if not running:
+            return
+        ids = torch.tensor([[r.next_token] for r in running], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[r.filled] for r in running], dtype=torch.long, device=self.device)
+        out = self._forward(cache, 0, ids, positions, max(r.filled for r in running) + 1, logits_to_keep=1)
+        tokens = self._sample(out.logits[:, -1, :], [r.seq for r in running]).tolist()
+        keep = []
+        for row, token in zip(running, tokens, strict=True):
+            row.filled += 1
+            if self._advance(row, int(token)):
+                keep.append(row)
+        self._leave(cache, running, prefilling, keep)
+
+    def _leave(self, cache: SlotCache, running: list[_Row], prefilling: _Row | None, keep: list[_Row]) -> None:
+        """Shrink ``running`` to ``keep``: each hole takes the last running row, and a half-prefilled row follows
+        the running rows down, so the batch stays in slots ``0..n-1`` and the prefill in slot ``n``."""
+        if len(keep) == len(running):
+            return
+        kept = {id(r) for r in keep}
+        rows, before = list(running), len(running)
+        index = 0
+        while index < len(rows):
+            if id(rows[index]) in kept:
+                index += 1
+                continue
+            last = rows.pop()
+            if index < len(rows):  # the hole is not the last slot: the last row fills it (checked again if leaving)
+                rows[index] = last
+                if id(last) in kept:
+                    cache.move(len(rows), index, last.filled)
+        if prefilling is not None:
+            cache.move(before, len(rows), prefilling.filled)
+        running[:] = rows
+
+    def _finish(self, row: _Row) -> None:
+        seq = row.seq
+        if seq.finish_reason != "error":
+            row.detokenizer.flush()
+            seq.text = row.detokenizer.text
         if seq.on_done is not None:
             try:
                 seq.on_done(seq)
@@ -218,11 +538,11 @@ class ModelRunner:
         ]
         if not sampled_rows:
             return greedy
-        idx = torch.tensor(sampled_rows)
+        idx = torch.tensor(sampled_rows, device=logits.device)
         sub = logits[idx]
-        temps = torch.tensor([rows[i].params.temperature for i in sampled_rows]).unsqueeze(-1)
+        temps = torch.tensor([rows[i].params.temperature for i in sampled_rows], device=logits.device).unsqueeze(-1)
         probs = torch.softmax(sub / temps, dim=-1).nan_to_num(0.0)
-        top_ps = torch.tensor([rows[i].params.top_p for i in sampled_rows]).unsqueeze(-1)
+        top_ps = torch.tensor([rows[i].params.top_p for i in sampled_rows], device=logits.device).unsqueeze(-1)
         if bool((top_ps < 1.0).any()):
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above each one
@@ -238,57 +558,24 @@ class ModelRunner:
         out[idx] = choice
         return out
 
-    def _generate(self, batch: list[Sequence]) -> None:
-        torch = self._torch
-        width = max(len(s.prompt_ids) for s in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):  # left padding: every row's next token sits in the last column
-            input_ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
-            attention[row, width - len(seq.prompt_ids) :] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
-        )
-        cache, logits = out.cache, out.logits[:, -1, :]
-        positions = positions[:, -1:] + 1
-        rows = list(batch)  # the sequences still decoding, in cache order
-        while rows:
-            tokens = self._sample(logits, rows).tolist()
-            keep: list[int] = []
-            for index, seq in enumerate(rows):
-                if self._advance(seq, int(tokens[index])):
-                    keep.append(index)
-            if not keep:
-                return
-            if len(keep) < len(rows):  # drop finished rows from the cache so they cost nothing more
-                selected = torch.tensor(keep)
-                cache.batch_select_indices(selected)
-                attention, positions = attention[selected], positions[selected]
-                rows = [rows[i] for i in keep]
-                tokens = [tokens[i] for i in keep]
-            attention = torch.cat([attention, torch.ones((len(rows), 1), dtype=torch.long)], dim=-1)
-            step_ids = torch.tensor(tokens, dtype=torch.long).unsqueeze(-1)
-            out = self.model(
-                input_ids=step_ids, attention_mask=attention, position_ids=positions, cache=cache, use_cache=True
-            )
-            cache, logits = out.cache, out.logits[:, -1, :]
-            positions = positions + 1
-
-    def _advance(self, seq: Sequence, token: int) -> bool:
-        """Record one new token for ``seq``; False when the sequence is finished."""
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record one new token for ``row``; False when its sequence is finished."""
+        seq = row.seq
         if seq.cancelled:
             seq.finish_reason = "cancelled"
         elif token in self.end_ids:
             seq.finish_reason = "stop"
         else:
             seq.generated.append(token)
-            seq.text = self.decode(seq.generated)
+            seq.token_times.append(time.monotonic())
+            row.next_token = token
+            if row.detokenizer.push(token):
+                seq.text = row.detokenizer.text
             if seq.on_token is not None:
                 seq.on_token(seq)
             if len(seq.generated) >= seq.params.max_new_tokens:
                 seq.finish_reason = "length"
         if seq.finish_reason is None:
             return True
-        self._finish(seq)
+        self._finish(row)
         return False

@@ -15,7 +15,8 @@ Routes (scoring routes need ``Authorization: Bearer <primary or secondary key>``
 - ``GET /health`` (alive), ``GET /ready`` (a deployment is loaded), ``GET /metrics`` (Prometheus text), the
   OpenAPI schema at ``/openapi.json``.
 - Admin (``Authorization: Bearer <admin key>``): ``GET /admin/state``, ``PUT /admin/deployments/{name}``
-  (``{"model_path", "model_version"}``; loads in the background, answers 202 at once),
+  (``{"model_path", "model_version"}``, optionally ``device``, ``dtype`` and ``engine``, else the endpoint's
+  defaults; loads in the background, answers 202 at once; 422 with the fix when the device or engine cannot be had),
   ``DELETE /admin/deployments/{name}``, ``PUT /admin/traffic`` (``{"traffic": {name: percent}}``, summing to
   100, or 0 to stop routing).
 
@@ -57,7 +58,9 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from deployments.device import DEVICE_PATTERN, PlacementError
 from deployments.engine import InputTooLongError, ModelRunner, SamplingParams, Sequence
+from deployments.engines import EngineUnavailableError, check_engine
 from deployments.keys import KeyStore
 from tasks.config import EndpointConfig
 from tasks.state import atomic_write_json, read_json
@@ -168,6 +171,10 @@ class ChatCompletionRequest(_Body):
 class DeploymentSpec(_Body):
     model_path: str = Field(..., min_length=1)
     model_version: str | None = None
+    # None: the endpoint's defaults (EndpointConfig.device, .dtype, .engine)
+    device: str | None = Field(None, pattern=DEVICE_PATTERN)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    engine: Literal["builtin", "transformers-serve", "vllm"] | None = None
 
 
 class TrafficSpec(_Body):
@@ -267,12 +274,24 @@ class Deployment:
     semaphore: asyncio.Semaphore | None = None
     in_flight: int = 0
     created_at: float = field(default_factory=time.time)
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: str = "builtin"
+
+    def spec(self) -> dict[str, Any]:
+        """What the deployment was created with (persisted, and answered by the admin API)."""
+        return {
+            "model_path": self.model_path,
+            "model_version": self.model_version,
+            "device": self.device,
+            "dtype": self.dtype,
+            "engine": self.engine,
+        }
 
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
-            "model_path": self.model_path,
-            "model_version": self.model_version,
+            **self.spec(),
             "state": self.state,
             "error": self.error,
             "in_flight": self.in_flight,
@@ -297,9 +316,7 @@ class Endpoint:
     def save(self) -> None:
         payload = {
             "name": self.config.name,
-            "deployments": {
-                n: {"model_path": d.model_path, "model_version": d.model_version} for n, d in self.deployments.items()
-            },
+            "deployments": {n: d.spec() for n, d in self.deployments.items()},
             "traffic": self.traffic,
         }
         atomic_write_json(self.dir / STATE_FILE, payload)
@@ -307,7 +324,13 @@ class Endpoint:
     def restore(self) -> None:
         saved = read_json(self.dir / STATE_FILE, default={}) or {}
         for name, spec in (saved.get("deployments") or {}).items():
-            self.create(name, spec["model_path"], spec.get("model_version"), persist=False)
+            self.create(
+                name,
+                spec["model_path"],
+                spec.get("model_version"),
+                persist=False,
+                **{k: spec[k] for k in ("device", "dtype", "engine") if spec.get(k)},
+            )
         self.traffic = {k: int(v) for k, v in (saved.get("traffic") or {}).items() if k in self.deployments}
 
     def describe(self) -> dict[str, Any]:
@@ -319,9 +342,26 @@ class Endpoint:
         }
 
     # admin
-    def create(self, name: str, model_path: str, model_version: str | None, *, persist: bool = True) -> Deployment:
+    def create(
+        self,
+        name: str,
+        model_path: str,
+        model_version: str | None,
+        *,
+        persist: bool = True,
+        device: str | None = None,
+        dtype: str | None = None,
+        engine: str | None = None,
+    ) -> Deployment:
         old = self.deployments.get(name)
-        deployment = Deployment(name, model_path, model_version)
+        deployment = Deployment(
+            name,
+            model_path,
+            model_version,
+            device=device or self.config.device,
+            dtype=dtype or self.config.dtype,
+            engine=engine or self.config.engine,
+        )
         deployment.semaphore = asyncio.Semaphore(self.config.max_concurrent_requests)
         self.deployments[name] = deployment
         if old is not None and old.runner is not None:
@@ -339,6 +379,8 @@ class Endpoint:
                 max_batch_size=self.config.max_batch_size,
                 batch_wait_ms=self.config.batch_wait_ms,
                 torch_threads=self.config.torch_threads,
+                device=deployment.device,
+                dtype=deployment.dtype,
             )
         except Exception as exc:
             log.warning("deployment %s failed to load %s: %s", deployment.name, deployment.model_path, exc)
@@ -930,7 +972,27 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             raise ApiError(
                 422, "InvalidField", "field 'name': letters, digits, '-' and '_' only, at most 64", param="name"
             )
-        return endpoint.create(name, body.model_path, body.model_version).describe()
+        device, dtype = body.device or config.device, body.dtype or config.dtype
+        engine = body.engine or config.engine
+        try:
+            check_engine(engine, device, dtype)
+        except PlacementError as exc:
+            raise ApiError(422, "InvalidPlacement", str(exc), param="device") from None
+        except EngineUnavailableError as exc:
+            raise ApiError(422, "EngineUnavailable", str(exc), param="engine") from None
+        if engine != "builtin":
+            # The external engines run as a deployment process of their own behind the router (deployments/engines.py
+            # builds their command line); this in-process server has no such processes.
+            raise ApiError(
+                422,
+                "EngineUnavailable",
+                f"engine {engine!r} runs as a deployment process of its own, which this server does not start; "
+                "use engine 'builtin' here",
+                param="engine",
+            )
+        return endpoint.create(
+            name, body.model_path, body.model_version, device=device, dtype=dtype, engine=engine
+        ).describe()
 
     @app.delete("/admin/deployments/{name}", tags=["admin"], dependencies=[admin_auth])
     async def admin_delete(request: Request, name: str) -> dict[str, Any]:

@@ -146,6 +146,8 @@ def evaluate_candidate_task(
         label=f"candidate v{version.version}",
         num_prompts=settings.evaluation.num_prompts,
         max_new_tokens=settings.evaluation.max_new_tokens,
+        device=settings.evaluation.device,
+        dtype=settings.evaluation.dtype,
     )
     return result.to_dict()
 
@@ -166,6 +168,8 @@ def evaluate_champion_task(settings: Settings, champion: ModelVersion, dataset: 
         label=label,
         num_prompts=settings.evaluation.num_prompts,
         max_new_tokens=settings.evaluation.max_new_tokens,
+        device=settings.evaluation.device,
+        dtype=settings.evaluation.dtype,
     )
     return result.to_dict()
 

@@ -18,10 +18,12 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deployments.device import DEVICE_PATTERN
 
 ENV_PREFIX = "FINETUNE_PHI__"
 # Field names that would tempt someone to put a secret in a file. Refused at load time.
@@ -72,7 +74,15 @@ class TrainingConfig(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
+# Where a model runs: auto is the first GPU in bfloat16 where one is present, else the CPU in float32
+# (deployments.device.resolve_placement; an impossible choice such as cuda without a GPU is refused there).
+DeviceChoice = Annotated[str, Field(pattern=DEVICE_PATTERN)]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class EvaluationConfig(_Section):
+    device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"
     num_prompts: int = Field(8, gt=0)
     max_new_tokens: int = Field(64, gt=0)
     latency_budget_s: float = Field(30.0, gt=0)
@@ -115,6 +125,12 @@ class EndpointConfig(_Section):
     # torch intra-op threads in the server. 1 suits small models and shared CPUs (2 threads stalled the batching
     # worker 10-50x on a busy 2-core machine); 0 keeps torch's default (one per core) for big models.
     torch_threads: int = Field(1, ge=0)
+    # Defaults for every deployment of this endpoint (a deployment may name its own).
+    device: DeviceChoice = "auto"
+    dtype: DtypeChoice = "auto"
+    # What serves a deployment: the builtin engine, `transformers serve --continuous-batching`, or `vllm serve`
+    # (GPU only); see deployments/engines.py.
+    engine: Literal["builtin", "transformers-serve", "vllm"] = "builtin"
 
 
 class RolloutConfig(_Section):

@@ -135,7 +135,7 @@ def heldout_loss(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> tupl
             ids = list(ids)[:max_length]
             if len(ids) < 2:
                 continue
-            tensor = torch.tensor([ids])
+            tensor = torch.tensor([ids], device=model.device)
             out = model(input_ids=tensor, labels=tensor)
             scored = len(ids) - 1
             total += float(out.loss) * scored
@@ -160,7 +160,7 @@ def generation_check(
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         if hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        tensor = torch.tensor([list(ids)])
+        tensor = torch.tensor([list(ids)], device=model.device)
         started = time.perf_counter()
         with torch.inference_mode():
             output = model.generate(
@@ -189,16 +189,24 @@ def evaluate_model(
     label: str,
     num_prompts: int,
     max_new_tokens: int,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> EvalResult:
-    """Load a Hugging Face model folder and measure it on the test split (CPU-friendly, batch of one)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a Hugging Face model folder on ``device``/``dtype`` and measure it on the test split (batch of one).
 
+    ``device``/``dtype`` follow :func:`deployments.device.resolve_placement` (``auto``: the GPU in bfloat16 where
+    one is present, else the CPU in float32); an impossible choice raises its ``PlacementError`` before loading.
+    """
+    from transformers import AutoTokenizer
+
+    from deployments.device import load_causal_lm, resolve_placement
+
+    placement = resolve_placement(device, dtype)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing); was the training job's output kept?")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    model.eval()
+    model = load_causal_lm(model_dir, placement)
     rows = read_jsonl(test_path)
     if not rows:
         raise ValueError(f"the test split {test_path} is empty; prepare the data with a larger test share")
@@ -210,10 +218,24 @@ def evaluate_model(
 
 @task(name="evaluate-model", persist_result=False)
 def evaluate_model_task(
-    model_dir: str, test_path: str, manifest_sha256: str, label: str, num_prompts: int, max_new_tokens: int
+    model_dir: str,
+    test_path: str,
+    manifest_sha256: str,
+    label: str,
+    num_prompts: int,
+    max_new_tokens: int,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     result = evaluate_model(
-        model_dir, test_path, manifest_sha256, label=label, num_prompts=num_prompts, max_new_tokens=max_new_tokens
+        model_dir,
+        test_path,
+        manifest_sha256,
+        label=label,
+        num_prompts=num_prompts,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        dtype=dtype,
     )
     return result.to_dict()
 

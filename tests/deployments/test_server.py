@@ -243,6 +243,30 @@ def test_admin_api_states_and_refusals(live: LiveEndpoint, tmp_path: Path) -> No
     assert saved["traffic"] == {"blue": 70, "green": 30} and set(saved["deployments"]) == {"blue", "green"}
 
 
+def test_a_deployment_names_its_device_and_an_impossible_one_is_422(live: LiveEndpoint, tiny_model_dir: Path) -> None:
+    import torch
+
+    admin = live.admin
+    state = admin.get_state()["deployments"]["blue"]
+    assert (state["device"], state["dtype"], state["engine"]) == ("auto", "auto", "builtin")
+    refusals = {
+        "cpu/float16": ({"device": "cpu", "dtype": "float16"}, "dtype 'float16' is not supported on the CPU"),
+        "vllm": ({"engine": "vllm", "device": "cpu"}, "engine 'vllm'"),
+    }
+    if not torch.cuda.is_available():
+        refusals["cuda"] = ({"device": "cuda"}, "needs a CUDA GPU but torch sees none")
+    for name, (fields, message) in refusals.items():
+        with pytest.raises(BackendError, match=message):
+            admin.create_deployment(name.replace("/", "-"), str(tiny_model_dir), "1", **fields)
+    assert set(admin.get_state()["deployments"]) == {"blue", "green"}  # nothing half-created
+    admin.create_deployment("cpu32", str(tiny_model_dir), "1", device="cpu", dtype="float32")
+    admin.wait_ready("cpu32", 60)
+    assert admin.get_state()["deployments"]["cpu32"]["device"] == "cpu"
+    pinned = post(live, "/score", SAMPLE_BODY, live.headers(**{"azureml-model-deployment": "cpu32"}))
+    assert pinned.status_code == 200 and isinstance(pinned.json()[0], str)
+    admin.delete_deployment("cpu32")
+
+
 def test_fuzzed_requests_never_get_a_5xx(live: LiveEndpoint) -> None:
     """schemathesis cases from the server's own OpenAPI schema, 25 per operation: never a 5xx, errors in our shape.
 

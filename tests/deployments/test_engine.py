@@ -1,0 +1,194 @@
+"""The builtin engine's continuous batching on a real tiny Phi-3 model, against the model's own ``generate``.
+
+One runner (batch of 4, prefill chunks of 16 tokens so longer prompts are prefilled over several steps) serves
+the module; reference replies come from ``model.generate`` on the same weights while the runner is idle. The
+model's weights are redrawn with a large spread: the default initialisation gives a model that repeats one token
+whatever the context, under which a wrong cache row would go unnoticed.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from deployments.engine import IncrementalDetokenizer, ModelRunner, SamplingParams, Sequence
+from tests.deployments.conftest import build_model
+
+CHUNK = 16
+
+
+@pytest.fixture(scope="module")
+def context_sensitive_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose greedy replies depend on every token of the context (weights ~ N(0, 0.3))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_model(tmp_path_factory.mktemp("varied") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runner(context_sensitive_model: Path) -> ModelRunner:
+    engine = ModelRunner(
+        context_sensitive_model,
+        max_batch_size=4,
+        batch_wait_ms=0,
+        torch_threads=1,
+        device="cpu",
+        prefill_chunk_tokens=CHUNK,
+    )
+    yield engine
+    engine.close()
+
+
+def prompt(runner: ModelRunner, text: str) -> list[int]:
+    return runner.encode_chat([{"role": "user", "content": text}])
+
+
+def reference(runner: ModelRunner, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The model's own greedy reply (without its end token), batch of one."""
+    import torch
+
+    tensor = torch.tensor([ids])
+    with torch.inference_mode():
+        out = runner.model.generate(
+            input_ids=tensor,
+            attention_mask=torch.ones_like(tensor),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(runner.end_ids),
+            pad_token_id=runner.pad_id,
+        )
+    new = out[0, len(ids) :].tolist()
+    return next((new[:i] for i, t in enumerate(new) if t in runner.end_ids), new)
+
+
+def run(runner: ModelRunner, seqs: list[Sequence], timeout_s: float = 60) -> list[Sequence]:
+    done = [threading.Event() for _ in seqs]
+    for seq, event in zip(seqs, done, strict=True):
+        seq.on_done = lambda s, e=event: e.set()
+        runner.submit(seq)
+    for event in done:
+        assert event.wait(timeout_s), "a sequence did not finish"
+    return seqs
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n)
+
+
+def test_greedy_single_requests_equal_generate(runner: ModelRunner) -> None:
+    long_text = " ".join(["Tell me about Prefect flows, deployments and the registry."] * 3)
+    for text in ["Hello! Who are you?", long_text]:
+        ids = prompt(runner, text)
+        (seq,) = run(runner, [Sequence(ids, greedy(24))])
+        assert seq.generated == reference(runner, ids, 24), text
+        assert seq.text == runner.decode(seq.generated)
+    assert len(prompt(runner, long_text)) > 2 * CHUNK  # that prompt really was prefilled in chunks
+
+
+def test_joins_and_leaves_keep_every_row_equal_to_generate(runner: ModelRunner) -> None:
+    """Ten requests through four slots, budgets 3..30: rows leave at different steps and waiting ones take their
+    slots (short and chunked prompts alike); each reply is still the model's own greedy reply."""
+    texts = [f"Question {i}: {'what is a rollback ' * (i % 4)}?" for i in range(10)]
+    budgets = [3, 30, 7, 12, 30, 5, 18, 9, 25, 4]
+    seqs = [Sequence(prompt(runner, t), greedy(b)) for t, b in zip(texts, budgets, strict=True)]
+    run(runner, seqs)
+    for seq, budget in zip(seqs, budgets, strict=True):
+        expected = reference(runner, seq.prompt_ids, budget)
+        assert seq.generated == expected
+        assert seq.finish_reason == ("length" if len(expected) == budget else "stop")
+
+
+def test_a_request_arriving_mid_batch_gets_tokens_before_the_batch_ends(runner: ModelRunner) -> None:
+    # a prompt whose reply runs its whole budget: the batch it starts lasts 80 steps
+    candidates = [prompt(runner, f"Hello {i}! Who are you?") for i in range(10)]
+    ids = next(c for c in candidates if len(reference(runner, c, 80)) == 80)
+    started = threading.Event()
+    first = Sequence(ids, greedy(80), on_token=lambda s: len(s.generated) == 5 and started.set())
+    first_done = threading.Event()
+    first.on_done = lambda s: first_done.set()
+    runner.submit(first)
+    assert started.wait(30)
+    late_ids = prompt(runner, "How are the endpoint's keys stored? " * 3)  # chunked prefill while the batch runs
+    (late,) = run(runner, [Sequence(late_ids, greedy(10))])
+    assert first_done.wait(60)
+    assert late.token_times[0] < first.token_times[-1]  # no waiting for the running batch to end
+    assert late.token_times[-1] < first.token_times[-1]  # and it left the batch as soon as it was done
+    assert late.generated == reference(runner, late_ids, 10)
+    assert first.generated == reference(runner, ids, 80)
+
+
+def test_mixed_sampling_settings_in_one_batch_each_honoured(runner: ModelRunner) -> None:
+    ids = prompt(runner, "What is low-rank adaptation?")
+    expected = reference(runner, ids, 20)
+    hot = SamplingParams(max_new_tokens=20, do_sample=True, temperature=50.0, top_p=1.0)
+    seqs = [
+        Sequence(ids, greedy(20)),
+        Sequence(ids, SamplingParams(max_new_tokens=20, do_sample=True, temperature=1.0, top_p=1e-9)),
+        Sequence(ids, SamplingParams(max_new_tokens=20, do_sample=True, temperature=0.0)),
+        Sequence(ids, hot),
+        Sequence(ids, hot),
+        Sequence(ids, greedy(6)),
+    ]
+    run(runner, seqs)
+    greedy_row, top_p_row, zero_temp_row, hot_a, hot_b, short_row = seqs
+    assert greedy_row.generated == expected
+    assert top_p_row.generated == expected  # top_p keeps only the most likely token: sampling becomes argmax
+    assert zero_temp_row.generated == expected  # temperature 0 decodes greedily
+    # temperature 50 flattens the distribution: two such rows differ from greedy and from each other
+    assert hot_a.generated != expected and hot_b.generated != expected and hot_a.generated != hot_b.generated
+    assert short_row.generated == expected[:6] and short_row.finish_reason == "length"
+
+
+def test_cancelled_row_leaves_and_the_others_finish(runner: ModelRunner) -> None:
+    ids = prompt(runner, "Explain a rollback in one or two sentences.")
+    victim = Sequence(ids, greedy(200), on_token=lambda s: len(s.generated) == 3 and s.cancel())
+    other = Sequence(ids, greedy(15))
+    run(runner, [victim, other])
+    assert victim.finish_reason == "cancelled" and len(victim.generated) < 200
+    assert other.generated == reference(runner, ids, 15)
+
+
+TEXTS = [
+    "Plain ASCII, with punctuation: a, b; c!",
+    "Dansk: blåbærgrød på ærø, Øresund og Århus.",
+    "Emoji 🙂🚀 and CJK 東京 and math ∑∫ mixed in.",
+    "  leading spaces\nnew lines\ttabs  ",
+]
+
+
+def test_incremental_detokenisation_equals_a_full_decode(runner: ModelRunner) -> None:
+    tokenizer = runner.tokenizer
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    cases = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
+    cases += [[rng.randrange(vocab) for _ in range(60)] for _ in range(20)]  # includes specials and split bytes
+    for ids in cases:
+        detok = IncrementalDetokenizer(tokenizer)
+        pieces = [detok.push(t) for t in ids]
+        pieces.append(detok.flush())
+        full = tokenizer.decode(ids, skip_special_tokens=True)
+        assert "".join(pieces) == full == detok.text
+        if "\ufffd" not in full:
+            assert not any("\ufffd" in p for p in pieces)  # a split character is never streamed half-done
+    for text, ids in zip(TEXTS, cases, strict=False):
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_engine_reply_text_is_the_full_decode(runner: ModelRunner) -> None:
+    ids = prompt(runner, "Why should replies end with an end token?")
+    streamed: list[str] = []
+    (seq,) = run(runner, [Sequence(ids, greedy(30), on_token=lambda s: streamed.append(s.text))])
+    assert seq.text == runner.decode(seq.generated)
+    assert all(seq.text.startswith(t) for t in streamed)  # the text only ever grows
