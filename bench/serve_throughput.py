@@ -1,17 +1,32 @@
-"""Serving throughput: our endpoint against ``mlflow models serve`` on the same registered tiny model.
+"""Serving throughput: our endpoint against ``mlflow models serve``, ``transformers serve --continuous-batching`` and
+the model's own ``generate``, on the same model.
 
-    .venv/bin/python bench/serve_throughput.py                       # 1, 4, 16 clients, 32 new tokens
+    .venv/bin/python bench/serve_throughput.py                       # tiny model, 1/4/16 clients, 32 new tokens
+    .venv/bin/python bench/serve_throughput.py --size 100m --servers ours transformers-serve --min-requests 16
     .venv/bin/python bench/serve_throughput.py --concurrency 1 4 16 --max-new-tokens 32 --requests-per-client 8
 
-One run registers a tiny Phi-3 model (the ``tiny`` recipe's architecture, random weights so that every reply
-runs to ``max_new_tokens``; ``--model-dir`` serves another folder) in an MLflow SQLite store, serves it with
-``mlflow models serve -m models:/NAME/VERSION --env-manager local`` (the sample's serving path) and with our
-endpoint (one deployment), and sends both the same fixed prompts, greedy, with the same ``max_new_tokens``,
-from 1, 4 and 16 concurrent clients. Both see the same token sequence: MLflow gets the prompt already rendered
-with the chat template (its text-generation pipeline does not apply one), our ``/score`` renders it itself.
-Generated tokens are counted the same way for both: the reply text re-tokenised with the model's tokenizer.
-Both servers run with the same torch thread count (``--threads``). Peak memory is the server process's peak
-RSS, sampled every 50 ms. Prints a markdown table and writes JSON to ``bench/results/``.
+One run builds a Phi-3-architecture model with random weights (``--size tiny``: the ``tiny`` recipe's
+architecture, 3.7 M parameters; ``--size 100m``: hidden 768, 12 layers, 12 heads, MLP 2560, ~100 M parameters, so
+that compute dominates; random weights so every reply runs to ``max_new_tokens``; ``--model-dir`` serves another
+folder), registers it in an MLflow SQLite store and serves it with each server of ``--servers``:
+
+- ``mlflow``: ``mlflow models serve -m models:/NAME/VERSION --env-manager local`` (the sample's serving path),
+  called on ``/invocations``; our endpoint is measured on ``/score`` beside it (the sample's contract);
+- ``ours``: our endpoint, one deployment, also on streaming ``/v1/chat/completions``;
+- ``transformers-serve``: ``transformers serve MODEL --continuous-batching`` (transformers' paged-attention
+  continuous batching), started by :func:`deployments.engines.engine_command`, on streaming chat completions.
+
+All get the same fixed prompts, greedy, with the same ``max_new_tokens``, from 1, 4 and 16 concurrent clients.
+MLflow gets the prompt already rendered with the chat template (its text-generation pipeline does not apply one);
+the others render it themselves. Generated tokens are counted the same way for all: the reply text re-tokenised
+with the model's tokenizer. Streaming runs also give the time to the first content chunk (TTFT). Every server runs
+with the same torch thread count (``--threads``). Peak memory is the server process's peak RSS, sampled every
+50 ms.
+
+After the servers stop, the same process measures the ceilings in-process with the same thread count: the model's
+own ``generate`` at batch 1 and batch 16, our engine alone (:class:`deployments.engine.ModelRunner`, 16 rows), and
+transformers' continuous-batching manager alone (``model.generate_batch``, paged attention). Prints markdown
+tables and the target ratios, and writes JSON to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -97,46 +112,72 @@ class RssSampler:
 
 
 class Target:
-    """One server under test: how to call it and how to read the reply."""
+    """One server under test: how to call it and how to read the reply (``stream``: server-sent events)."""
 
-    def __init__(self, name: str, url: str, pid: int, headers: dict[str, str], make_body: Any, read: Any) -> None:
-        self.name, self.url, self.pid, self.headers, self.make_body, self.read = (
-            name,
-            url,
-            pid,
-            headers,
-            make_body,
-            read,
-        )
+    def __init__(
+        self, name: str, url: str, pid: int, headers: dict[str, str], make_body: Any, read: Any, stream: bool = False
+    ) -> None:
+        self.name, self.url, self.pid, self.headers = name, url, pid, headers
+        self.make_body, self.read, self.stream = make_body, read, stream
+
+
+def read_stream(response: Any, started: float) -> tuple[str, float | None]:
+    """The text of an OpenAI chat completion stream, and when its first content arrived (seconds after start)."""
+    parts: list[str] = []
+    first: float | None = None
+    for line in response.iter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        for choice in json.loads(line[6:]).get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                if first is None:
+                    first = time.perf_counter() - started
+                parts.append(content)
+    return "".join(parts), first
 
 
 def run_level(target: Target, prompts: list[str], clients: int, total: int, tokenizer: Any) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
+    first_tokens: list[float] = []
     replies: list[str] = []
     errors = 0
     lock = threading.Lock()
     counter = iter(range(total))
 
+    def one(http: httpx.Client, prompt: str) -> tuple[bool, str, float | None]:
+        started = time.perf_counter()
+        if target.stream:
+            with http.stream("POST", target.url, json=target.make_body(prompt)) as response:
+                if response.status_code != 200:
+                    response.read()
+                    return False, "", None
+                text, first = read_stream(response, started)
+                return True, text, first
+        response = http.post(target.url, json=target.make_body(prompt))
+        return response.status_code == 200, target.read(response) if response.status_code == 200 else "", None
+
     def client() -> None:
         nonlocal errors
-        with httpx.Client(headers=target.headers, timeout=300) as http:
+        with httpx.Client(headers=target.headers, timeout=600) as http:
             while True:
                 with lock:
                     index = next(counter, None)
                 if index is None:
                     return
-                prompt = prompts[index % len(prompts)]
                 started = time.perf_counter()
-                response = http.post(target.url, json=target.make_body(prompt))
+                ok, text, first = one(http, prompts[index % len(prompts)])
                 elapsed = time.perf_counter() - started
                 with lock:
-                    if response.status_code != 200:
+                    if not ok:
                         errors += 1
                         continue
                     latencies.append(elapsed)
-                    replies.append(target.read(response))
+                    replies.append(text)
+                    if first is not None:
+                        first_tokens.append(first)
 
     with RssSampler(target.pid) as rss:
         started = time.perf_counter()
@@ -158,6 +199,8 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
         "mean_tokens_per_reply": round(statistics.mean(tokens), 1) if tokens else 0,
         "p50_ms": round(percentile(latencies, 50) * 1000, 1) if latencies else None,
         "p99_ms": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
+        "ttft_p50_ms": round(percentile(first_tokens, 50) * 1000, 1) if first_tokens else None,
+        "ttft_p99_ms": round(percentile(first_tokens, 99) * 1000, 1) if first_tokens else None,
         "peak_rss_mb": round(rss.peak / 2**20, 1),
     }
 
@@ -178,13 +221,124 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = Non
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+SIZES = {  # build_tiny_model arguments
+    "tiny": {},
+    "100m": {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 2560},
+}
+
+
+def build_model(size: str, folder: Path) -> Path:
+    from training.tiny_model import build_tiny_model, chat_texts
+
+    texts = list(chat_texts(REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"))
+    return build_tiny_model(folder, texts, **SIZES[size])
+
+
+# ------------------------------------------------------------------------------------------- in-process ceilings
+def ceilings(model_dir: Path, prompts: list[str], threads: int, max_new_tokens: int, batch: int) -> list[dict]:
+    """The model's own generate at batch 1 and ``batch``, our engine alone and transformers' CB manager alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from deployments.engine import ModelRunner, SamplingParams, Sequence
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoded = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_dict=False)
+        for p in prompts
+    ]
+    end_ids = list(model.generation_config.eos_token_id or [])
+    pad = tokenizer.pad_token_id
+    rows = [encoded[i % len(encoded)] for i in range(batch)]
+    results = []
+
+    def record(name: str, rows_done: int, tokens: int, wall: float) -> None:
+        results.append(
+            {"server": name, "clients": rows_done, "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 1)}
+        )
+        print(json.dumps(results[-1]), flush=True)
+
+    def generate(ids_batch: list[list[int]]) -> int:
+        width = max(len(i) for i in ids_batch)
+        ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids_batch])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids_batch])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end_ids,
+                pad_token_id=pad,
+            )
+        new = out[:, width:].tolist()
+        return sum(next((k for k, t in enumerate(r) if t in end_ids), len(r)) for r in new)
+
+    generate(rows[:2])  # warm-up
+    started, tokens = time.perf_counter(), 0
+    for ids in encoded * 2:
+        tokens += generate([ids])
+    record("model.generate, batch 1", 1, tokens, time.perf_counter() - started)
+    started, tokens = time.perf_counter(), 0
+    for _ in range(3):
+        tokens += generate(rows)
+    record(f"model.generate, batch {batch}", batch, tokens, time.perf_counter() - started)
+
+    runner = ModelRunner(model_dir, max_batch_size=batch, batch_wait_ms=3, torch_threads=threads, device="cpu")
+    try:
+        for rounds in (1, 3):  # the first round warms up
+            done = threading.Semaphore(0)
+            seqs = [Sequence(r, SamplingParams(max_new_tokens=max_new_tokens)) for r in rows * rounds]
+            started = time.perf_counter()
+            for seq in seqs:
+                seq.on_done = lambda s, d=done: d.release()
+                runner.submit(seq)
+            for _ in seqs:
+                done.acquire()
+        record(
+            f"our engine alone, {batch} rows",
+            batch,
+            sum(len(s.generated) for s in seqs),
+            time.perf_counter() - started,
+        )
+    finally:
+        runner.close()
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_ids, pad_token_id=pad)
+    try:
+        # one manager for the warm-up and the timed round, as a server keeps one (its paged cache is allocated once)
+        model.generate_batch(inputs=rows, generation_config=config, progress_bar=False, persistent_manager=True)
+        started = time.perf_counter()
+        outputs = model.generate_batch(
+            inputs=rows * 3, generation_config=config, progress_bar=False, persistent_manager=True
+        )
+        wall = time.perf_counter() - started
+        model.destroy_cached_continuous_batching_manager()
+        tokens = sum(len([t for t in o.generated_tokens if t not in end_ids]) for o in outputs.values())
+        record(f"transformers generate_batch (CB), {batch} rows", batch, tokens, wall)
+    except Exception as exc:  # the library's CB on this model/device: say why it has no number
+        print(f"generate_batch failed: {type(exc).__name__}: {exc}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--requests-per-client", type=int, default=8, help="requests per client (at least 32 a level)")
+    parser.add_argument("--requests-per-client", type=int, default=8, help="requests per client")
+    parser.add_argument("--min-requests", type=int, default=32, help="at least this many requests a level")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (OMP_NUM_THREADS)")
-    parser.add_argument("--model-dir", type=Path, help="serve this Hugging Face folder instead of a fresh tiny model")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="the random-weight model to build")
+    parser.add_argument("--model-dir", type=Path, help="serve this Hugging Face folder instead of building one")
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["mlflow", "ours", "transformers-serve"],
+        default=["mlflow", "ours", "transformers-serve"],
+    )
+    parser.add_argument("--skip-ceilings", action="store_true", help="no in-process generate/engine numbers")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, store, logs)")
     args = parser.parse_args(argv)
@@ -194,23 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     print(f"work folder: {work}", flush=True)
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from deployments.client import EndpointAdminClient
+    from deployments.device import Placement
+    from deployments.engines import EngineLaunch, engine_command
     from deployments.keys import read_keys
     from deployments.service import start_server, stop_server
     from tasks import registry
     from tasks.config import Settings
     from tasks.jobs import stop_process_group
 
-    # A tiny model, registered as the flow registers a job's model
-    if args.model_dir is None:
-        from training.tiny_model import build_tiny_model, chat_texts
-
-        texts = list(chat_texts(REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"))
-        model_dir = build_tiny_model(work / "job" / "model", texts)
-    else:
-        model_dir = args.model_dir
+    model_dir = args.model_dir or build_model(args.size, work / "job" / "model")
+    model_config = AutoConfig.from_pretrained(model_dir)
     tracking_uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"
     (work / "mlflow").mkdir()
     version = registry.register_job_model(
@@ -223,35 +373,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     threads_env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     max_clients = max(args.concurrency)
+    logs: list[Any] = []
+    processes: dict[str, subprocess.Popen] = {}
 
-    # MLflow's scoring server, as the sample serves a registered model
-    mlflow_port = free_port()
-    mlflow_log = open(work / "mlflow-serve.log", "wb")  # noqa: SIM115 - closed after the server stops
-    mlflow_process = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{version.name}/{version.version}",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(mlflow_port),
-        ],
-        env={
-            **os.environ,
-            **threads_env,
-            "MLFLOW_TRACKING_URI": tracking_uri,
-            # mlflow runs `uvicorn` by name: the venv's bin folder must be on PATH
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        },
-        stdout=mlflow_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    def spawn(name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log_file = open(work / f"{name}.log", "wb")  # noqa: SIM115 - closed after the server stops
+        logs.append(log_file)
+        process = subprocess.Popen(
+            argv,
+            env={**os.environ, **env, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        processes[name] = process
+        return process
+
+    mlflow_port, hf_port = free_port(), free_port()
+    if "mlflow" in args.servers:  # MLflow's scoring server, as the sample serves a registered model
+        mlflow_argv = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m"]
+        mlflow_argv += [f"models:/{version.name}/{version.version}", "--env-manager", "local"]
+        mlflow_argv += ["-h", "127.0.0.1", "-p", str(mlflow_port)]
+        mlflow_process = spawn("mlflow-serve", mlflow_argv, {**threads_env, "MLFLOW_TRACKING_URI": tracking_uri})
+    if "transformers-serve" in args.servers:  # the same command line a transformers-serve deployment gets
+        launch = EngineLaunch("transformers-serve", "bench", Path(model_dir), hf_port, torch_threads=args.threads)
+        command = engine_command(launch, Placement("cpu", "float32"))
+        hf_process = spawn("transformers-serve", command.argv, command.env)
     settings = Settings.model_validate(
         {
             "state_dir": str(work / "state"),
@@ -262,14 +409,51 @@ def main(argv: list[str] | None = None) -> int:
                 "max_concurrent_requests": max_clients,
                 "max_batch_size": max_clients,
                 "torch_threads": args.threads,
+                "device": "cpu",
+                "max_new_tokens_cap": max(512, args.max_new_tokens),
             },
         }
     )
+    targets: list[Target] = []
     results: list[dict[str, Any]] = []
+    greedy = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_full_text": False}
+
+    def chat_body(prompt: str) -> dict[str, Any]:
+        return {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": args.max_new_tokens,
+            "temperature": 0,
+            "stream": True,
+        }
+
     try:
         started = time.monotonic()
-        wait_http(f"http://127.0.0.1:{mlflow_port}/ping", 300, mlflow_process)
-        mlflow_ready_s = time.monotonic() - started
+        if "mlflow" in args.servers:
+            wait_http(f"http://127.0.0.1:{mlflow_port}/ping", 300, mlflow_process)
+            targets.append(
+                Target(
+                    "mlflow models serve",
+                    f"http://127.0.0.1:{mlflow_port}/invocations",
+                    mlflow_process.pid,
+                    {"Content-Type": "application/json"},
+                    lambda p: {"inputs": [rendered[p]], "params": greedy},
+                    lambda r: r.json()["predictions"][0],
+                )
+            )
+        if "transformers-serve" in args.servers:
+            wait_http(f"http://127.0.0.1:{hf_port}/health", 300, hf_process)
+            targets.append(
+                Target(
+                    "transformers serve --continuous-batching (stream)",
+                    f"http://127.0.0.1:{hf_port}/v1/chat/completions",
+                    hf_process.pid,
+                    {},
+                    chat_body,
+                    None,
+                    stream=True,
+                )
+            )
+        others_ready_s = time.monotonic() - started
         started = time.monotonic()
         pid = start_server(settings)
         keys = read_keys(work / "state" / "endpoint")
@@ -281,40 +465,48 @@ def main(argv: list[str] | None = None) -> int:
         admin.wait_ready("bench", 300)
         admin.set_traffic({"bench": 100})
         ours_ready_s = time.monotonic() - started
-        print(f"ready: mlflow {mlflow_ready_s:.1f} s, ours {ours_ready_s:.1f} s", flush=True)
-
-        params = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_full_text": False}
-        mlflow_target = Target(
-            "mlflow models serve",
-            f"http://127.0.0.1:{mlflow_port}/invocations",
-            mlflow_process.pid,
-            {"Content-Type": "application/json"},
-            lambda p: {"inputs": [rendered[p]], "params": params},
-            lambda r: r.json()["predictions"][0],
-        )
-        ours_target = Target(
-            "finetune-phi endpoint",
-            f"{base}/score",
-            pid,
-            {"Authorization": f"Bearer {keys['primary']}"},
-            lambda p: {"input_data": [p], "params": params},
-            lambda r: r.json()[0],
-        )
-        for target in (mlflow_target, ours_target):  # warm-up: first requests pay for lazy initialisation
+        print(f"ready: others {others_ready_s:.1f} s, ours {ours_ready_s:.1f} s", flush=True)
+        auth = {"Authorization": f"Bearer {keys['primary']}"}
+        if "mlflow" in args.servers:  # the sample's contract, beside MLflow's
+            targets.append(
+                Target(
+                    "finetune-phi endpoint",
+                    f"{base}/score",
+                    pid,
+                    auth,
+                    lambda p: {"input_data": [p], "params": greedy},
+                    lambda r: r.json()[0],
+                )
+            )
+        if "ours" in args.servers:
+            targets.append(
+                Target(
+                    "finetune-phi endpoint (stream)", f"{base}/v1/chat/completions", pid, auth, chat_body, None, True
+                )
+            )
+        for target in targets:  # warm-up: first requests pay for lazy initialisation
             run_level(target, PROMPTS, 2, 4, tokenizer)
         for clients in args.concurrency:
-            total = max(32, clients * args.requests_per_client)
-            for target in (mlflow_target, ours_target):
+            total = max(args.min_requests, clients * args.requests_per_client)
+            for target in targets:
                 result = run_level(target, PROMPTS, clients, total, tokenizer)
                 results.append(result)
                 print(json.dumps(result), flush=True)
     finally:
         stop_server(settings, grace_s=10)
-        stop_process_group(mlflow_process, grace_s=20)
-        mlflow_log.close()
-        if mlflow_process.returncode not in (None, 0, -signal.SIGTERM):
-            print((work / "mlflow-serve.log").read_text(errors="replace")[-3000:], file=sys.stderr)
+        for process in processes.values():
+            stop_process_group(process, grace_s=20)
+        for handle in logs:
+            handle.close()
+        for name, process in processes.items():
+            if process.returncode not in (None, 0, -signal.SIGTERM):
+                print((work / f"{name}.log").read_text(errors="replace")[-3000:], file=sys.stderr)
 
+    inprocess = (
+        []
+        if args.skip_ceilings
+        else ceilings(Path(model_dir), PROMPTS, args.threads, args.max_new_tokens, max_clients)
+    )
     machine = {
         "cpus": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
@@ -326,16 +518,28 @@ def main(argv: list[str] | None = None) -> int:
         names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
     if names:
         machine["cpu"] = names[0]
-    table = render_table(results)
+    parameters = sum(
+        v
+        for v in [
+            getattr(model_config, "vocab_size", 0) * model_config.hidden_size,
+            model_config.num_hidden_layers
+            * (4 * model_config.hidden_size**2 + 3 * model_config.hidden_size * model_config.intermediate_size),
+        ]
+    )
+    table = render_table(results, inprocess, max_clients)
     print()
+    print(f"model: {args.model_dir or args.size}, ~{parameters / 1e6:.1f} M parameters")
     print(table)
     args.output.mkdir(parents=True, exist_ok=True)
     out = args.output / f"serve_throughput-{time.strftime('%Y%m%dT%H%M%S')}.json"
     payload = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": str(args.model_dir or args.size),
+        "parameters_approx": parameters,
         "max_new_tokens": args.max_new_tokens,
         "machine": machine,
         "results": results,
+        "in_process": inprocess,
         "table": table,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -345,25 +549,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render_table(results: list[dict[str, Any]]) -> str:
+OURS, OURS_STREAM = "finetune-phi endpoint", "finetune-phi endpoint (stream)"
+MLFLOW, HF_CB = "mlflow models serve", "transformers serve --continuous-batching (stream)"
+
+
+def render_table(results: list[dict[str, Any]], inprocess: list[dict[str, Any]], batch: int) -> str:
     lines = [
-        "| clients | server | req/s | generated tok/s | p50 ms | p99 ms | peak RSS MB | tokens/reply | errors |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| clients | server | req/s | generated tok/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | peak RSS MB "
+        "| tokens/reply | errors |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['clients']} | {r['server']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_ms']} | "
-            f"{r['p99_ms']} | {r['peak_rss_mb']} | {r['mean_tokens_per_reply']} | {r['errors']} |"
+            f"{r['p99_ms']} | {r['ttft_p50_ms'] or '-'} | {r['ttft_p99_ms'] or '-'} | {r['peak_rss_mb']} | "
+            f"{r['mean_tokens_per_reply']} | {r['errors']} |"
         )
+    if inprocess:
+        lines += ["", "| in-process, same threads | rows | generated tok/s |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} |" for r in inprocess]
     by = {(r["clients"], r["server"]): r for r in results}
+    ceiling = {r["clients"]: r["tokens_per_s"] for r in inprocess if r["server"].startswith("model.generate")}
+    lines.append("")
     for clients in sorted({r["clients"] for r in results}):
-        ours, theirs = by.get((clients, "finetune-phi endpoint")), by.get((clients, "mlflow models serve"))
+        ours, theirs = by.get((clients, OURS)), by.get((clients, MLFLOW))
         if ours and theirs and theirs["tokens_per_s"]:
             lines.append(
-                f"\n{clients} client(s): tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
+                f"{clients} client(s): tokens/s x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}, "
                 f"p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x, "
                 f"p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x of MLflow's"
             )
+        stream, hf = by.get((clients, OURS_STREAM)), by.get((clients, HF_CB))
+        best = max((r for r in (ours, stream) if r), key=lambda r: r["tokens_per_s"], default=None)
+        parts = []
+        if best and hf and hf["tokens_per_s"]:
+            parts.append(f"x{best['tokens_per_s'] / hf['tokens_per_s']:.2f} transformers-serve-CB tok/s")
+        if stream and hf and hf["p50_ms"]:
+            parts.append(f"p50 {stream['p50_ms'] / hf['p50_ms']:.2f}x of its")
+        generate_key = 1 if clients == 1 else batch if clients == batch else None
+        if best and generate_key in ceiling:
+            parts.append(f"{100 * best['tokens_per_s'] / ceiling[generate_key]:.0f}% of generate batch {generate_key}")
+        if parts:
+            lines.append(f"{clients} client(s), ours ({best['server'] if best else '-'}): " + ", ".join(parts))
+    one, many = by.get((1, OURS_STREAM)), by.get((batch, OURS_STREAM))
+    if one and many and one["ttft_p99_ms"]:
+        lines.append(
+            f"TTFT p99 at {batch} clients: {many['ttft_p99_ms'] / one['ttft_p99_ms']:.2f}x its 1-client value"
+        )
     return "\n".join(lines)
 
 
