@@ -14,7 +14,9 @@ folder), registers it in an MLflow SQLite store and serves it with each server o
   called on ``/invocations``; our endpoint is measured on ``/score`` beside it (the sample's contract);
 - ``ours``: our endpoint, one deployment, also on streaming ``/v1/chat/completions``;
 - ``transformers-serve``: ``transformers serve MODEL --continuous-batching`` (transformers' paged-attention
-  continuous batching), started by :func:`deployments.engines.engine_command`, on streaming chat completions.
+  continuous batching), started by :func:`deployments.engines.engine_command`, on streaming chat completions,
+  its paged cache capped at ``--hf-cache-tokens`` (16,384 tokens, 16 rows of a 1,024-token context; the library's
+  own default takes most of the machine's free RAM: 12-14 GB here).
 
 All get the same fixed prompts, greedy, with the same ``max_new_tokens``, from 1, 4 and 16 concurrent clients.
 MLflow gets the prompt already rendered with the chat template (its text-generation pipeline does not apply one);
@@ -338,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["mlflow", "ours", "transformers-serve"],
         default=["mlflow", "ours", "transformers-serve"],
     )
+    parser.add_argument(
+        "--hf-cache-tokens",
+        type=int,
+        default=16384,
+        help="transformers serve's paged KV cache in tokens (0: the library's default, most of free RAM)",
+    )
     parser.add_argument("--skip-ceilings", action="store_true", help="no in-process generate/engine numbers")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, store, logs)")
@@ -396,7 +404,14 @@ def main(argv: list[str] | None = None) -> int:
         mlflow_argv += ["-h", "127.0.0.1", "-p", str(mlflow_port)]
         mlflow_process = spawn("mlflow-serve", mlflow_argv, {**threads_env, "MLFLOW_TRACKING_URI": tracking_uri})
     if "transformers-serve" in args.servers:  # the same command line a transformers-serve deployment gets
-        launch = EngineLaunch("transformers-serve", "bench", Path(model_dir), hf_port, torch_threads=args.threads)
+        launch = EngineLaunch(
+            "transformers-serve",
+            "bench",
+            Path(model_dir),
+            hf_port,
+            torch_threads=args.threads,
+            cache_tokens=args.hf_cache_tokens or None,
+        )
         command = engine_command(launch, Placement("cpu", "float32"))
         hf_process = spawn("transformers-serve", command.argv, command.env)
     settings = Settings.model_validate(

@@ -33,6 +33,7 @@ ENGINES = ("builtin", "transformers-serve", "vllm")
 MODEL_SERVER_MODULE = "deployments.model_server"
 TRANSFORMERS_SERVE_NEEDS = ("fastapi", "uvicorn", "pydantic", "openai")  # transformers' is_serve_available()
 END_OF_TURN = "<|end|>"
+TRANSFORMERS_CB_PAGE_TOKENS = 256  # ContinuousBatchingConfig.page_size's default: tokens per cache block
 
 
 class EngineUnavailableError(RuntimeError):
@@ -52,6 +53,9 @@ class EngineLaunch:
     dtype: str = "auto"
     max_batch_size: int = 16
     torch_threads: int = 1
+    # transformers serve: KV cache size in tokens (None: the library sizes its paged cache from free memory, which
+    # on a CPU is most of the machine's RAM)
+    cache_tokens: int | None = None
     builtin_args: list[str] = field(default_factory=list)  # the model server's own flags (config file, limits)
 
 
@@ -141,6 +145,8 @@ def engine_command(launch: EngineLaunch, placement: Placement | None = None) -> 
             "--port", str(launch.port),
             "--log-level", "warning",
         ]  # fmt: skip
+        if launch.cache_tokens:
+            argv += ["--cb-num-blocks", str(-(-launch.cache_tokens // TRANSFORMERS_CB_PAGE_TOKENS))]
         return EngineCommand(argv, env, "/health")
     if launch.engine == "vllm":
         if placement.is_cuda:  # vllm takes its GPU from CUDA_VISIBLE_DEVICES, not from a device flag
@@ -162,7 +168,7 @@ def engine_command(launch: EngineLaunch, placement: Placement | None = None) -> 
 def chat_request_for(
     messages: list[dict[str, str]],
     *,
-    model: str,
+    model: str | None,
     max_new_tokens: int,
     do_sample: bool,
     temperature: float | None,
@@ -173,10 +179,11 @@ def chat_request_for(
 
     Greedy when ``do_sample`` is false (temperature 0: both transformers serve and vllm then take the argmax),
     the budget already capped by the router, and ``<|end|>`` as a stop so a model whose generation config lacks it
-    still stops at the end of its turn.
+    still stops at the end of its turn. ``model``: the name the engine serves (vllm: the deployment's name); None
+    leaves it out (transformers serve started on one folder serves it whatever the request names, and refuses any
+    other name).
     """
     body: dict[str, Any] = {
-        "model": model,
         "messages": messages,
         "max_tokens": max_new_tokens,
         "temperature": (temperature if temperature is not None else 1.0) if do_sample else 0.0,
@@ -184,6 +191,8 @@ def chat_request_for(
         "stop": [END_OF_TURN],
         "stream": stream,
     }
+    if model is not None:
+        body["model"] = model
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body

@@ -66,6 +66,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_model(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
+@pytest.fixture(scope="session")
+def context_sensitive_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose greedy replies depend on every token of the context (weights ~ N(0, 0.3))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = build_model(tmp_path_factory.mktemp("varied") / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
 @dataclass
 class LiveEndpoint:
     """A running server: its settings, URL, keys and an admin client."""

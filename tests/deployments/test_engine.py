@@ -1,9 +1,9 @@
 """The builtin engine's continuous batching on a real tiny Phi-3 model, against the model's own ``generate``.
 
 One runner (batch of 4, prefill chunks of 16 tokens so longer prompts are prefilled over several steps) serves
-the module; reference replies come from ``model.generate`` on the same weights while the runner is idle. The
-model's weights are redrawn with a large spread: the default initialisation gives a model that repeats one token
-whatever the context, under which a wrong cache row would go unnoticed.
+the module; reference replies come from ``model.generate`` on the same weights while the runner is idle. The model
+is ``context_sensitive_model`` (conftest): under the default initialisation a model repeats one token whatever
+the context, and a wrong cache row would go unnoticed.
 """
 
 from __future__ import annotations
@@ -15,26 +15,8 @@ from pathlib import Path
 import pytest
 
 from deployments.engine import IncrementalDetokenizer, ModelRunner, SamplingParams, Sequence
-from tests.deployments.conftest import build_model
 
 CHUNK = 16
-
-
-@pytest.fixture(scope="module")
-def context_sensitive_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model whose greedy replies depend on every token of the context (weights ~ N(0, 0.3))."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = build_model(tmp_path_factory.mktemp("varied") / "model")
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0.0, 0.3)
-    model.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

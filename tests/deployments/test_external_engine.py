@@ -1,0 +1,131 @@
+"""A real ``transformers serve --continuous-batching`` process, started from the command a ``transformers-serve``
+deployment gets, answering the endpoint's contract through :mod:`deployments.external`: ``/score``'s inputs as
+chat completions, greedy token for token equal to the model's own ``generate``, budgets kept, streaming passed
+through with the deployment's name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deployments.device import Placement
+from deployments.engines import EngineLaunch, chat_request_for, engine_command
+from deployments.external import ExternalEngineError, score_via_chat, stream_chat
+from tasks.jobs import stop_process_group
+from tests.deployments.conftest import free_port, wait_for
+
+QUESTIONS = ["Hello! Who are you?", "What is a Prefect flow?", "How are the endpoint's keys stored?"]
+
+
+@pytest.fixture(scope="module")
+def engine_url(context_sensitive_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    launch = EngineLaunch("transformers-serve", "ext", context_sensitive_model, port, cache_tokens=4096)
+    command = engine_command(launch, Placement("cpu", "float32"))
+    log_path = tmp_path_factory.mktemp("engine") / "transformers-serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command.argv,
+            env={**os.environ, **command.env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def healthy() -> bool:
+        assert process.poll() is None, log_path.read_text(errors="replace")[-2000:]
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}{command.ready_path}", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, "transformers serve to answer /health", timeout_s=180, poll_s=0.5)
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
+    finally:
+        stop_process_group(process, grace_s=10)
+
+
+def greedy_reference(model_dir: Path, question: str, max_new_tokens: int) -> tuple[str, list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+    )
+    tensor = torch.tensor([ids])
+    end_ids = list(model.generation_config.eos_token_id)
+    with torch.inference_mode():
+        out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    new = out[0, len(ids) :].tolist()
+    new = next((new[:i] for i, t in enumerate(new) if t in end_ids), new)
+    return tokenizer.decode(new, skip_special_tokens=True), new
+
+
+def test_score_inputs_become_chat_completions_equal_to_generate(
+    engine_url: str, context_sensitive_model: Path
+) -> None:
+    async def score() -> list:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await score_via_chat(
+                http,
+                engine_url,
+                None,
+                [[{"role": "user", "content": q}] for q in QUESTIONS],
+                max_new_tokens=12,
+                do_sample=False,
+                temperature=0.7,  # ignored: do_sample false is greedy on every engine
+                top_p=0.9,
+            )
+
+    replies = asyncio.run(score())
+    for question, reply in zip(QUESTIONS, replies, strict=True):
+        text, tokens = greedy_reference(context_sensitive_model, question, 12)
+        assert reply.text == text, question
+        assert reply.finish_reason == ("length" if len(tokens) == 12 else "stop")
+        assert reply.completion_tokens in (len(tokens), len(tokens) + 1)  # + the end token, where one came
+
+
+def test_streaming_passes_through_with_the_deployment_name(engine_url: str) -> None:
+    body = chat_request_for(
+        [{"role": "user", "content": QUESTIONS[0]}], model=None, max_new_tokens=8, do_sample=False, temperature=None,
+        top_p=None, stream=True,
+    )  # fmt: skip
+
+    async def collect() -> tuple[list[bytes], str]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            events = [e async for e in stream_chat(http, engine_url, body, "blue")]
+            whole = (await http.post(engine_url, json={**body, "stream": False})).json()
+        return events, whole["choices"][0]["message"]["content"]
+
+    events, whole = asyncio.run(collect())
+    assert events[-1] == b"data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert all(c["model"] == "blue" for c in chunks)
+    text = "".join((ch.get("delta") or {}).get("content") or "" for c in chunks for ch in c.get("choices") or [])
+    assert text == whole
+    finishes = [ch["finish_reason"] for c in chunks for ch in c.get("choices") or [] if ch.get("finish_reason")]
+    assert finishes in (["length"], ["stop"])
+
+
+def test_an_engine_error_is_raised_with_its_status(engine_url: str) -> None:
+    async def bad() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            await score_via_chat(
+                http, engine_url, "not-the-served-model", [[{"role": "user", "content": "hi"}]], max_new_tokens=4,
+                do_sample=False, temperature=None, top_p=None,
+            )  # fmt: skip
+
+    with pytest.raises(ExternalEngineError) as caught:
+        asyncio.run(bad())
+    assert caught.value.status >= 400 and "the engine answered" in str(caught.value)
