@@ -139,7 +139,9 @@ def read_stream(response: Any, started: float) -> tuple[str, float | None]:
     return "".join(parts), first
 
 
-def run_level(target: Target, prompts: list[str], clients: int, total: int, tokenizer: Any) -> dict[str, Any]:
+def run_level(
+    target: Target, prompts: list[str], clients: int, total: int, tokenizer: Any, budget: int
+) -> dict[str, Any]:
     import httpx
 
     latencies: list[float] = []
@@ -187,8 +189,10 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
             for future in [pool.submit(client) for _ in range(clients)]:
                 future.result()
         wall = time.perf_counter() - started
-    # Counted after the clock stops, so the client's own tokenising does not slow the servers down.
-    tokens = [len(tokenizer(reply, add_special_tokens=False)["input_ids"]) for reply in replies]
+    # Counted after the clock stops, so the client's own tokenising does not slow the servers down. A reply's text
+    # can re-tokenise into more tokens than were generated (random weights pick byte pieces that merge differently):
+    # never count more than the budget.
+    tokens = [min(len(tokenizer(reply, add_special_tokens=False)["input_ids"]), budget) for reply in replies]
     return {
         "server": target.name,
         "clients": clients,
@@ -500,11 +504,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         for target in targets:  # warm-up: first requests pay for lazy initialisation
-            run_level(target, PROMPTS, 2, 4, tokenizer)
+            run_level(target, PROMPTS, 2, 4, tokenizer, args.max_new_tokens)
         for clients in args.concurrency:
             total = max(args.min_requests, clients * args.requests_per_client)
             for target in targets:
-                result = run_level(target, PROMPTS, clients, total, tokenizer)
+                result = run_level(target, PROMPTS, clients, total, tokenizer, args.max_new_tokens)
                 results.append(result)
                 print(json.dumps(result), flush=True)
     finally:

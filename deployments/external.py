@@ -3,7 +3,8 @@
 A deployment served by an external engine speaks only OpenAI chat completions. The router keeps its own contract
 on top: ``/score`` with the sample's body becomes one chat completion per input (sent together, so the engine
 batches them), each reply's text and finish reason read back; a streaming chat completion is passed through
-chunk by chunk with the deployment's name as ``model``. Generation settings map as for the builtin engine
+chunk by chunk with the deployment's name as ``model``, ending with OpenAI's ``data: [DONE]`` whether or not the
+engine sends one. Generation settings map as for the builtin engine
 (:func:`deployments.engines.chat_request_for`).
 """
 
@@ -95,15 +96,19 @@ async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str
             raise ExternalEngineError(
                 response.status_code, f"the engine answered {response.status_code}: {_error_text(response)}"
             )
+        done = False
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
             data = line[6:]
-            if data.strip() != "[DONE]":
+            done = data.strip() == "[DONE]"
+            if not done:
                 chunk = json.loads(data)
                 chunk["model"] = model_name
                 data = json.dumps(chunk)
             yield f"data: {data}\n\n".encode()
+        if not done:  # transformers serve ends the stream without OpenAI's terminator; clients wait for it
+            yield b"data: [DONE]\n\n"
 
 
 __all__ = ["ChatReply", "ExternalEngineError", "chat_once", "score_via_chat", "stream_chat"]
