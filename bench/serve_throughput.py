@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         ours_ready_s = time.monotonic() - started
         print(f"ready: others {others_ready_s:.1f} s, ours {ours_ready_s:.1f} s", flush=True)
         auth = {"Authorization": f"Bearer {keys['primary']}"}
-        if "mlflow" in args.servers:  # the sample's contract, beside MLflow's
+        if "ours" in args.servers or "mlflow" in args.servers:  # the sample's contract (beside MLflow's)
             targets.append(
                 Target(
                     "finetune-phi endpoint",
