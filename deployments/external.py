@@ -88,6 +88,48 @@ async def score_via_chat(
     return list(await asyncio.gather(*(chat_once(http, url, body) for body in bodies)))
 
 
+def score_budget(requested: int | None, default_max_new_tokens: int, max_new_tokens_cap: int) -> int:
+    """``max_new_tokens`` as the builtin server caps it (the engine itself refuses a prompt over its context)."""
+    wanted = requested if requested is not None else default_max_new_tokens
+    return max(1, min(wanted, max_new_tokens_cap))
+
+
+async def score_response(
+    http: Any,
+    url: str,
+    model: str | None,
+    body: dict[str, Any],
+    *,
+    default_max_new_tokens: int,
+    max_new_tokens_cap: int,
+) -> tuple[list[Any], list[ChatReply]]:
+    """``/score``'s answer for the sample's body (``input_data``, ``params``), from an external engine: one text
+    per input (``return_full_text`` puts a string input before it, ``return_finish_reason`` answers
+    ``{"text", "finish_reason"}``), as the builtin server answers; and the engine's replies (for metrics)."""
+    params = body.get("params") or {}
+    temperature = params.get("temperature")
+    do_sample = bool(params.get("do_sample")) and (temperature is None or temperature > 0)
+    items = body["input_data"]
+    conversations = [[{"role": "user", "content": i}] if isinstance(i, str) else list(i) for i in items]
+    replies = await score_via_chat(
+        http,
+        url,
+        model,
+        conversations,
+        max_new_tokens=score_budget(params.get("max_new_tokens"), default_max_new_tokens, max_new_tokens_cap),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=params.get("top_p"),
+    )
+    answers: list[Any] = []
+    for item, reply in zip(items, replies, strict=True):
+        text = f"{item}\n{reply.text}" if params.get("return_full_text") and isinstance(item, str) else reply.text
+        answers.append(
+            {"text": text, "finish_reason": reply.finish_reason} if params.get("return_finish_reason") else text
+        )
+    return answers, replies
+
+
 async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str) -> AsyncIterator[bytes]:
     """The engine's server-sent events for a streaming chat completion, ``model`` renamed to the deployment's."""
     async with http.stream("POST", url, json={**body, "stream": True}) as response:
@@ -111,4 +153,12 @@ async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str
             yield b"data: [DONE]\n\n"
 
 
-__all__ = ["ChatReply", "ExternalEngineError", "chat_once", "score_via_chat", "stream_chat"]
+__all__ = [
+    "ChatReply",
+    "ExternalEngineError",
+    "chat_once",
+    "score_budget",
+    "score_response",
+    "score_via_chat",
+    "stream_chat",
+]

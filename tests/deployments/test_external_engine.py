@@ -17,7 +17,7 @@ import pytest
 
 from deployments.device import Placement
 from deployments.engines import EngineLaunch, chat_request_for, engine_command
-from deployments.external import ExternalEngineError, score_via_chat, stream_chat
+from deployments.external import ExternalEngineError, score_response, score_via_chat, stream_chat
 from tasks.jobs import stop_process_group
 from tests.deployments.conftest import free_port, wait_for
 
@@ -129,3 +129,29 @@ def test_an_engine_error_is_raised_with_its_status(engine_url: str) -> None:
     with pytest.raises(ExternalEngineError) as caught:
         asyncio.run(bad())
     assert caught.value.status >= 400 and "the engine answered" in str(caught.value)
+
+
+def test_the_samples_body_gets_the_builtin_servers_answer_shape(
+    engine_url: str, context_sensitive_model: Path
+) -> None:
+    sample = {  # the sample's own request (Prompt flow node), plus chat turns as a second input
+        "input_data": ["What is a Prefect flow?", [{"role": "user", "content": "Hello! Who are you?"}]],
+        "params": {"temperature": 0.0, "max_new_tokens": 128, "do_sample": True, "return_full_text": True},
+    }
+
+    async def score(body: dict) -> tuple[list, list]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await score_response(http, engine_url, None, body, default_max_new_tokens=8, max_new_tokens_cap=10)
+
+    answers, replies = asyncio.run(score(sample))
+    first, _ = greedy_reference(context_sensitive_model, "What is a Prefect flow?", 10)  # capped at 10, greedy at 0
+    second, _ = greedy_reference(context_sensitive_model, "Hello! Who are you?", 10)
+    assert answers == [f"What is a Prefect flow?\n{first}", second]  # full text only for a string input
+    assert all(r.completion_tokens is not None and r.completion_tokens <= 11 for r in replies)
+    with_reasons = {**sample, "params": {"max_new_tokens": 3, "return_finish_reason": True}}
+    answers, _ = asyncio.run(score(with_reasons))
+    expected = []
+    for question in ("What is a Prefect flow?", "Hello! Who are you?"):
+        text, tokens = greedy_reference(context_sensitive_model, question, 3)
+        expected.append({"text": text, "finish_reason": "length" if len(tokens) == 3 else "stop"})
+    assert answers == expected
