@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.engines import chat_request_for
+from deployments.engines import END_OF_TURN, chat_request_for
 
 
 class ExternalEngineError(RuntimeError):
@@ -130,6 +130,37 @@ async def score_response(
     return answers, replies
 
 
+def engine_chat_body(
+    body: dict[str, Any], *, model: str | None, default_max_new_tokens: int, max_new_tokens_cap: int
+) -> dict[str, Any]:
+    """An OpenAI chat completion body as the router received it, made what the builtin engine would honour: the
+    budget capped, OpenAI's default temperature (1) spelled out, ``<|end|>`` added to the stops, ``model`` the name
+    the engine serves (None: left out), usage asked for in a stream."""
+    out = {k: v for k, v in body.items() if k not in ("model", "max_completion_tokens")}
+    requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    out["max_tokens"] = score_budget(requested, default_max_new_tokens, max_new_tokens_cap)
+    out["temperature"] = 1.0 if body.get("temperature") is None else body["temperature"]
+    stops = body.get("stop")
+    out["stop"] = [*([stops] if isinstance(stops, str) else [s for s in (stops or []) if s]), END_OF_TURN][-4:]
+    if model is not None:
+        out["model"] = model
+    if body.get("stream"):
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+async def chat_completion(http: Any, url: str, body: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """A non-streaming chat completion from the engine, ``model`` renamed to the deployment's."""
+    response = await http.post(url, json={**body, "stream": False})
+    if response.status_code != 200:
+        raise ExternalEngineError(
+            response.status_code, f"the engine answered {response.status_code}: {_error_text(response)}"
+        )
+    payload = response.json()
+    payload["model"] = model_name
+    return payload
+
+
 async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str) -> AsyncIterator[bytes]:
     """The engine's server-sent events for a streaming chat completion, ``model`` renamed to the deployment's."""
     async with http.stream("POST", url, json={**body, "stream": True}) as response:
@@ -156,7 +187,9 @@ async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str
 __all__ = [
     "ChatReply",
     "ExternalEngineError",
+    "chat_completion",
     "chat_once",
+    "engine_chat_body",
     "score_budget",
     "score_response",
     "score_via_chat",
