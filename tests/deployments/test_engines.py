@@ -98,3 +98,20 @@ def test_generation_settings_map_the_same_for_external_engines(
     )
     assert (body["temperature"], body["top_p"]) == expected
     assert body["max_tokens"] == 64 and body["stop"] == ["<|end|>"] and body["stream"] is False
+
+
+def test_a_chat_body_for_an_external_engine_gets_the_builtin_engines_settings() -> None:
+    from deployments.external import engine_chat_body
+
+    body = {"model": "blue", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "stop": "###"}
+    out = engine_chat_body(body, model=None, default_max_new_tokens=128, max_new_tokens_cap=512)
+    assert "model" not in out and out["max_tokens"] == 512 and out["temperature"] == 1.0  # OpenAI's default
+    assert out["stop"] == ["###", "<|end|>"]
+    out = engine_chat_body(
+        {**body, "max_tokens": None, "temperature": 0, "stream": True, "stop": None},
+        model="blue",
+        default_max_new_tokens=128,
+        max_new_tokens_cap=512,
+    )
+    assert out["model"] == "blue" and out["max_tokens"] == 128 and out["temperature"] == 0
+    assert out["stop"] == ["<|end|>"] and out["stream_options"] == {"include_usage": True}
