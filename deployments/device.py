@@ -8,8 +8,10 @@ any weights are read.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:\d+)$"
@@ -42,6 +44,20 @@ def _cuda_facts() -> tuple[int, bool]:
     if not torch.cuda.is_available():
         return 0, False
     return torch.cuda.device_count(), bool(torch.cuda.is_bf16_supported())
+
+
+def cuda_facts_without_torch(proc_root: Path = Path("/proc/driver/nvidia/gpus")) -> tuple[int, bool]:
+    """GPU count as torch would see it, without importing torch (the endpoint's router must stay torch-free): the
+    NVIDIA driver's GPU list, narrowed by ``CUDA_VISIBLE_DEVICES``. bfloat16 is assumed (it only picks between two
+    2-byte dtypes; the deployment process resolves for real)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    present = len(list(proc_root.iterdir())) if proc_root.is_dir() else 0
+    if visible is not None:
+        entries = [v for v in visible.split(",") if v.strip()]
+        if any(v.strip().startswith("-") for v in entries[:1]):
+            return 0, False
+        present = min(present, len(entries)) if present else 0
+    return present, present > 0
 
 
 def resolve_placement(
@@ -88,4 +104,12 @@ def load_causal_lm(model_dir: Any, placement: Placement) -> Any:
     return model
 
 
-__all__ = ["DEVICE_PATTERN", "DTYPES", "Placement", "PlacementError", "load_causal_lm", "resolve_placement"]
+__all__ = [
+    "DEVICE_PATTERN",
+    "DTYPES",
+    "Placement",
+    "PlacementError",
+    "cuda_facts_without_torch",
+    "load_causal_lm",
+    "resolve_placement",
+]

@@ -105,10 +105,14 @@ def engine_problem(
     return None
 
 
-def check_engine(engine: str, device: str = "auto", dtype: str = "auto") -> Placement:
+def check_engine(
+    engine: str, device: str = "auto", dtype: str = "auto", *, cuda_facts: tuple[int, bool] | None = None
+) -> Placement:
     """The placement for a deployment of ``engine``; raises :class:`EngineUnavailableError` (or
-    :class:`~deployments.device.PlacementError`) with the one-sentence fix when it cannot start here."""
-    placement = resolve_placement(device, dtype)
+    :class:`~deployments.device.PlacementError`) with the one-sentence fix when it cannot start here.
+    ``cuda_facts``: see :func:`~deployments.device.resolve_placement` (the router passes
+    :func:`~deployments.device.cuda_facts_without_torch`)."""
+    placement = resolve_placement(device, dtype, cuda_facts=cuda_facts)
     problem = engine_problem(engine, placement)
     if problem is not None:
         raise EngineUnavailableError(problem)

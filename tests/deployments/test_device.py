@@ -112,3 +112,37 @@ def test_evaluation_runs_on_the_gpu(tiny_model_dir: Path, tmp_path: Path) -> Non
     split.write_text("\n".join(rows[:4]) + "\n")
     result = evaluate_model(tiny_model_dir, split, "m", label="gpu", num_prompts=1, max_new_tokens=4, device="cuda")
     assert result.loss > 0 and result.generations
+
+
+def test_gpu_facts_without_torch_follow_the_driver_and_cuda_visible_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deployments.device import cuda_facts_without_torch
+
+    for index in range(2):
+        (tmp_path / f"0000:0{index}:00.0").mkdir()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert cuda_facts_without_torch(tmp_path) == (2, True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert cuda_facts_without_torch(tmp_path) == (1, True)
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert cuda_facts_without_torch(tmp_path) == (0, False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert cuda_facts_without_torch(tmp_path / "no-driver") == (0, False)
+
+
+def test_the_routers_checks_import_no_torch() -> None:
+    """The endpoint's router refuses impossible deployments without loading torch (it holds no model)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from deployments.device import cuda_facts_without_torch\n"
+        "from deployments.engines import check_engine\n"
+        "check_engine('transformers-serve', 'auto', 'auto', cuda_facts=cuda_facts_without_torch())\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
