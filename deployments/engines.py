@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deployments.device import Placement, PlacementError, resolve_placement
+from deployments.device import Placement, PlacementError, cuda_facts_without_torch, resolve_placement
 
 ENGINES = ("builtin", "transformers-serve", "vllm")
 MODEL_SERVER_MODULE = "deployments.model_server"
@@ -120,12 +120,13 @@ def check_engine(
 
 
 def engine_command(launch: EngineLaunch, placement: Placement | None = None) -> EngineCommand:
-    """The argv and environment that start ``launch``'s engine (``placement`` defaults to resolving its choice)."""
-    placement = placement or resolve_placement(launch.device, launch.dtype)
+    """The argv and environment that start ``launch``'s engine. ``placement`` defaults to resolving the launch's
+    choice without torch (:func:`~deployments.device.cuda_facts_without_torch`: the caller is the router); the
+    builtin model server resolves its own."""
     threads = str(launch.torch_threads) if launch.torch_threads > 0 else ""
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {}
     env["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "1")  # a model folder, never a download
-    if launch.engine == "builtin":
+    if launch.engine == "builtin":  # the model server gets --device/--dtype in builtin_args and resolves them
         argv = [
             sys.executable,
             "-m",
@@ -137,6 +138,7 @@ def engine_command(launch: EngineLaunch, placement: Placement | None = None) -> 
         ]
         argv += ["--port", str(launch.port), *launch.builtin_args]
         return EngineCommand(argv, env, "/ready")
+    placement = placement or resolve_placement(launch.device, launch.dtype, cuda_facts=cuda_facts_without_torch())
     if launch.engine == "transformers-serve":
         argv = [
             _venv_script("transformers") or "transformers",

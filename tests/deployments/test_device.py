@@ -141,7 +141,11 @@ def test_the_routers_checks_import_no_torch() -> None:
         "import sys\n"
         "from deployments.device import cuda_facts_without_torch\n"
         "from deployments.engines import check_engine\n"
+        "from pathlib import Path\n"
+        "from deployments.engines import EngineLaunch, engine_command\n"
         "check_engine('transformers-serve', 'auto', 'auto', cuda_facts=cuda_facts_without_torch())\n"
+        "for engine in ('builtin', 'transformers-serve', 'vllm'):\n"
+        "    engine_command(EngineLaunch(engine, 'blue', Path('/m'), 1, device='cpu'))\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
