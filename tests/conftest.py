@@ -87,7 +87,7 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_split) -
     ``sample_split``, logging to an MLflow SQLite store beside it. Returns the job's output folder: ``model/``,
     ``metrics.json`` (with ``mlflow_run_id``/``mlflow_model_uri``), ``loss_curve.png``, ``checkpoint-*``."""
     from tasks.backends.base import TrainingJobSpec
-    from tasks.jobs import LocalJobRunner
+    from tasks.backends.local_jobs import LocalJobRunner
 
     root = tmp_path_factory.mktemp("trained-tiny")
     runner = LocalJobRunner(root / "jobs")

@@ -59,7 +59,7 @@ from tasks.backends.base import (
     TransientBackendError,
 )
 from tasks.config import Settings
-from tasks.jobs import split_log_chunk
+from tasks.logs import split_log_chunk
 from tasks.retry import backoff_delay, call_with_retry
 from tasks.state import atomic_write_text
 

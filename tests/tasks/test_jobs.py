@@ -23,16 +23,10 @@ from prefect.exceptions import TerminationSignal
 
 from tasks.backends.base import JobFailedError, JobInfo, JobStatus, TrainingJobSpec, TransientBackendError
 from tasks.backends.local import LocalBackend
+from tasks.backends.local_jobs import LocalJobRunner, training_argv
 from tasks.config import RetryConfig, Settings
-from tasks.jobs import (
-    LocalJobRunner,
-    LogFollower,
-    PollTiming,
-    read_lines_since,
-    training_argv,
-    wait_for_job,
-    wait_for_training_job,
-)
+from tasks.jobs import PollTiming, wait_for_job, wait_for_training_job
+from tasks.logs import LogFollower, read_lines_since
 from tasks.retry import jitter_bounds
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -461,8 +461,8 @@ def test_registration_tags_have_the_same_keys_on_both_backends(backend, fake, tm
 
     from tasks.backends.azureml_entities import OWNER_TAG
     from tasks.backends.local import LocalBackend
+    from tasks.backends.local_jobs import LocalJobRunner
     from tasks.config import load_config
-    from tasks.jobs import LocalJobRunner
     from tests.tasks.test_jobs import _spec, _training_dir
 
     flow_tags = {"manifest_sha256": "ab" * 32, "recipe": "training/recipes/tiny_full_cpu.yaml"}
