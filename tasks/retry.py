@@ -156,6 +156,18 @@ def prefect_delays(policy: RetryConfig, rng: random.Random | None = None) -> lis
     return [backoff_delay(n, policy, rng) for n in range(max(policy.attempts - 1, 0))]
 
 
+def with_step_retries(step: Any, policy: RetryConfig, **options: Any) -> Any:
+    """The Prefect task ``step`` retried as a whole step on transient faults only: ``policy.attempts`` runs in all,
+    our own jittered delays between them. The one retry layer above a backend call (the backend retries its own
+    transport faults only where it has a transport to retry)."""
+    return step.with_options(
+        retries=policy.attempts - 1,
+        retry_delay_seconds=prefect_delays(policy),
+        retry_condition_fn=retry_condition_fn,
+        **options,
+    )
+
+
 __all__ = [
     "POLL_BACKOFF_CAP",
     "TRANSIENT_STATUS",
@@ -167,4 +179,5 @@ __all__ = [
     "poll_policy",
     "prefect_delays",
     "retry_condition_fn",
+    "with_step_retries",
 ]

@@ -599,6 +599,22 @@ def run_rollout(
     return result
 
 
+def rollout_step(
+    backend: Backend, version: ModelVersion, decision: dict[str, Any], settings: Settings, force: bool = False
+) -> tuple[dict[str, Any] | None, RolloutFailed | None]:
+    """The flow's rollout step: roll a promoted candidate out (a rejected one leaves the champion serving).
+
+    Returns what the rollout did and, when it failed, the :class:`RolloutFailed` for the flow to raise once the run's
+    summary (what the rollback left) is published."""
+    if not decision["promote"]:
+        get_run_logger().warning("the candidate was not promoted; the champion keeps serving: %s", decision["reason"])
+        return None, None
+    try:
+        return run_rollout(backend, version, settings, force=force).to_dict(), None
+    except RolloutFailed as exc:
+        return (exc.rollout.to_dict() if exc.rollout is not None else None), exc
+
+
 __all__ = [
     "CHAMPION",
     "Rollback",
@@ -612,6 +628,7 @@ __all__ = [
     "is_live",
     "reconcile",
     "retire_old",
+    "rollout_step",
     "run_rollout",
     "split_traffic",
     "version_of",

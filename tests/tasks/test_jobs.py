@@ -346,9 +346,9 @@ def test_a_prefect_task_timeout_kills_the_jobs_process_group(prefect_api, local_
 def _train(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Any]:
     """The flow's train step as the flow runs it (``training_task``, with this run's retries) on ``backend``:
     the final state's name and its result (the exception for a failed run)."""
-    from flows.finetune_deploy import training_task
+    from tasks.train import training_task
 
-    monkeypatch.setattr("flows.finetune_deploy.get_backend", lambda settings: backend)
+    monkeypatch.setattr("tasks.train.get_backend", lambda settings: backend)
     settings = backend.settings.model_copy(
         update={"retry": RetryConfig(attempts=3, base_delay_s=0.05, max_delay_s=0.1, jitter=0.5)}
     )
