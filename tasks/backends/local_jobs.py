@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import json
 import logging
 import os
 import shlex
@@ -33,11 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from tasks.backends.base import BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
+from tasks.backends.training_job import TRAINING_DIR, job_identity, training_args
 from tasks.logs import LogFollower, read_lines_since, run_logger
-from tasks.state import atomic_write_json, read_json, sha256_file, sha256_text, sha256_tree
+from tasks.state import atomic_write_json, read_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAINING_DIR = REPO_ROOT / "training"
 LOG_NAME = "train.log"
 RECORD_NAME = "job.json"
 EXIT_CODE_NAME = "exit_code"
@@ -55,54 +53,26 @@ def _now() -> str:
 
 def training_argv(spec: TrainingJobSpec, output_dir: Path, training_dir: Path = TRAINING_DIR) -> list[str]:
     """``python sft.py --config recipes/X.yaml ...``: the Azure ML command line with local paths filled in."""
-    recipe = spec.recipe if spec.recipe.is_absolute() else REPO_ROOT / spec.recipe
-    try:
-        recipe_arg = recipe.resolve().relative_to(training_dir.resolve()).as_posix()
-    except ValueError:
-        raise BackendError(
-            f"recipe {spec.recipe} is outside {training_dir}: jobs run from training/ (the code snapshot), "
-            "so put the recipe in training/recipes/"
-        ) from None
-    argv = [
+    return [
         sys.executable,
-        "sft.py",
-        "--config",
-        recipe_arg,
-        "--train_file",
-        str(Path(spec.train_file).resolve()),
-        "--eval_file",
-        str(Path(spec.eval_file).resolve()),
-        "--output_dir",
-        str(output_dir.resolve()),
-        "--manifest_sha256",
-        spec.manifest_sha256,
+        *training_args(
+            spec,
+            train_file=str(Path(spec.train_file).resolve()),
+            eval_file=str(Path(spec.eval_file).resolve()),
+            output_dir=str(output_dir.resolve()),
+            training_dir=training_dir,
+        ),
     ]
-    for key, value in sorted(spec.overrides.items()):
-        argv += [f"--{key}", str(value)]
-    return argv
 
 
 def training_job_id(spec: TrainingJobSpec, training_dir: Path = TRAINING_DIR) -> str:
-    """``train-<12 hex>`` from what the job computes: data manifest, recipe (path and bytes), the training code,
-    overrides, data paths and where it logs (MLflow URI, experiment).
-
-    The same inputs give the same id, so a flow re-run after a crash finds the job it already started, as
-    ``tasks.backends.azureml_entities.job_name`` does on Azure ML. Override values count as the command line
-    shows them (``5`` and ``"5"`` are the same job).
-    """
-    recipe = (spec.recipe if spec.recipe.is_absolute() else REPO_ROOT / spec.recipe).resolve()
-    document = {
-        "manifest": spec.manifest_sha256,
-        "recipe": str(recipe),
-        "recipe_sha256": sha256_file(recipe) if recipe.is_file() else "missing",
-        "code": sha256_tree(training_dir) if Path(training_dir).is_dir() else "missing",
-        "overrides": {str(k): str(v) for k, v in spec.overrides.items()},
-        "train_file": str(Path(spec.train_file).resolve()),
-        "eval_file": str(Path(spec.eval_file).resolve()),
-        "tracking_uri": spec.tracking_uri or "",
-        "experiment": spec.experiment,
-    }
-    return f"train-{sha256_text(json.dumps(document, sort_keys=True))[:12]}"
+    """``train-<12 hex>``: :func:`~tasks.backends.training_job.job_identity` with the local data paths and the
+    MLflow store the job logs to, the identity the Azure ML backend names its jobs with too."""
+    data = (str(Path(spec.train_file).resolve()), str(Path(spec.eval_file).resolve()))
+    identity = job_identity(
+        spec, data=data, target={"tracking_uri": spec.tracking_uri or ""}, training_dir=training_dir
+    )
+    return f"train-{identity}"
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
