@@ -14,12 +14,12 @@ a deployment that failed to load raises :class:`DeploymentFailedError` with the 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
 
 from tasks.backends.base import BackendError, DeploymentFailedError, TransientBackendError
+from tasks.polling import PollTimeout, every, poll_until
 
 
 class EndpointAdminClient:
@@ -68,15 +68,17 @@ class EndpointAdminClient:
 
     def wait_ready(self, name: str, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
         """The deployment's state once ready. DeploymentFailedError if it failed, TimeoutError past ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            deployment = self.get_state().get("deployments", {}).get(name)
-            if deployment is None:
-                raise DeploymentFailedError(f"deployment {name} does not exist on {self.base_url}")
-            if deployment["state"] == "ready":
-                return deployment
-            if deployment["state"] == "failed":
-                raise DeploymentFailedError(f"deployment {name} failed to load: {deployment.get('error')}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"deployment {name} was not ready within {timeout_s:.0f} s")
-            time.sleep(poll_s)
+        try:
+            deployment = poll_until(
+                lambda: self.get_state().get("deployments", {}).get(name),
+                lambda d: d is None or d["state"] in ("ready", "failed"),
+                timeout_s=timeout_s,
+                schedule=every(poll_s),
+            )
+        except PollTimeout:
+            raise TimeoutError(f"deployment {name} was not ready within {timeout_s:.0f} s") from None
+        if deployment is None:
+            raise DeploymentFailedError(f"deployment {name} does not exist on {self.base_url}")
+        if deployment["state"] == "failed":
+            raise DeploymentFailedError(f"deployment {name} failed to load: {deployment.get('error')}")
+        return deployment

@@ -9,10 +9,7 @@ last log lines and is never retried.
 from __future__ import annotations
 
 import logging
-import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import cast
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -20,16 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.backends.base import Backend, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
 from tasks.config import Settings
 from tasks.logs import run_logger
-from tasks.retry import backoff_delay, is_worth_another_try_later, poll_policy
-
-
-@dataclass(frozen=True)
-class PollTiming:
-    """Where a wait takes its time from: tests pass a fake clock whose ``sleep`` advances it and records the delay."""
-
-    sleep: Callable[[float], None] = time.sleep
-    clock: Callable[[], float] = time.monotonic
-    rng: random.Random | None = None  # None: the ``random`` module
+from tasks.polling import PollTimeout, PollTiming, backoff, poll_until
+from tasks.retry import is_worth_another_try_later, poll_policy
 
 
 def _poll_status(backend: Backend, job_id: str, log: logging.Logger | logging.LoggerAdapter) -> JobInfo | None:
@@ -60,30 +49,36 @@ def _stream_log(backend: Backend, job_id: str, offset: int, log: logging.Logger 
 
 
 def _poll_until_terminal(backend: Backend, job_id: str, settings: Settings, timing: PollTiming) -> JobInfo:
-    """Poll until the job reaches a terminal status; raise :class:`JobFailedError` at ``training.timeout_s``.
+    """Poll until the job reaches a terminal status, streaming its log; raise :class:`JobFailedError` at
+    ``training.timeout_s``.
 
     The interval grows from ``training.poll_interval_s`` to a cap with jitter (:func:`tasks.retry.poll_policy`),
     and starts again from the bottom when the status changes, so a job that just started running is looked at soon.
     """
     log = run_logger()
-    schedule = poll_policy(settings.training.poll_interval_s, settings.retry)
-    deadline = timing.clock() + settings.training.timeout_s
-    offset, attempt, last_status = 0, 0, None
-    while True:
+    offset = 0
+
+    def read() -> JobInfo | None:
+        nonlocal offset
         job = _poll_status(backend, job_id, log)
         offset = _stream_log(backend, job_id, offset, log)
-        if job is not None and job.status.is_terminal:
-            return job
-        if job is not None and job.status != last_status:
-            attempt, last_status = 0, job.status
-        remaining = deadline - timing.clock()
-        if remaining <= 0:
-            raise JobFailedError(
-                f"training job {job_id} did not finish within training.timeout_s={settings.training.timeout_s:.0f} s "
-                "and was canceled; raise the timeout or use a smaller recipe"
-            )
-        timing.sleep(min(remaining, backoff_delay(attempt, schedule, timing.rng)))
-        attempt += 1
+        return job
+
+    try:
+        job = poll_until(
+            read,
+            lambda job: job is not None and job.status.is_terminal,
+            timeout_s=settings.training.timeout_s,
+            schedule=backoff(poll_policy(settings.training.poll_interval_s, settings.retry), timing),
+            timing=timing,
+            phase=lambda job: job.status if job is not None else None,
+        )
+    except PollTimeout:
+        raise JobFailedError(
+            f"training job {job_id} did not finish within training.timeout_s={settings.training.timeout_s:.0f} s "
+            "and was canceled; raise the timeout or use a smaller recipe"
+        ) from None
+    return cast(JobInfo, job)  # done() accepts only a job
 
 
 def _cancel_abandoned(backend: Backend, job_id: str, exc: BaseException) -> None:

@@ -39,7 +39,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from tasks.backends.base import Backend, BackendError, DeploymentFailedError, EndpointInfo, ModelVersion
+from tasks.backends.base import Backend, BackendError, EndpointInfo, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.retry import call_with_retry
 from tasks.smoke import SmokeReport, smoke_endpoint
@@ -392,10 +392,8 @@ def _delete_new_deployment(txn: Transaction) -> None:
 
 @task(name="wait-deployment-ready", cache_policy=NO_CACHE, persist_result=False)
 def wait_ready_task(backend: Backend, name: str, timeout_s: float) -> str:
-    info = backend.wait_deployment_ready(name, timeout_s)
-    if info.state != "ready":
-        raise DeploymentFailedError(f"deployment {name} is {info.state}: {info.error or 'no reason given'}")
-    return info.state
+    """Wait for the new deployment; a failed one raises :class:`DeploymentFailedError` (every backend's contract)."""
+    return backend.wait_deployment_ready(name, timeout_s).state
 
 
 def can_mirror(backend: Backend) -> bool:

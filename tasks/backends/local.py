@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from tasks.backends.base import (
 )
 from tasks.backends.local_jobs import LocalJobRunner, submit_or_resume
 from tasks.config import Settings
+from tasks.polling import PollTimeout, every, poll_until
 from tasks.retry import is_transient
 from tasks.state import StatePaths, configure_environment, read_json
 
@@ -170,13 +170,15 @@ class LocalBackend:
         return info
 
     def _wait_loaded(self, timeout_s: float) -> None:
-        """After a (re)start the server reloads its deployments: wait until none is still loading."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = self.get_endpoint()
-            if info is not None and all(d.state != "creating" for d in info.deployments):
-                return
-            time.sleep(0.5)
+        """After a (re)start the server reloads its deployments: wait until none is still loading (past
+        ``timeout_s`` the rollout's own readiness wait says which one is stuck)."""
+        with contextlib.suppress(PollTimeout):
+            poll_until(
+                self.get_endpoint,
+                lambda info: info is not None and all(d.state != "creating" for d in info.deployments),
+                timeout_s=timeout_s,
+                schedule=every(0.5),
+            )
 
     def get_endpoint(self) -> EndpointInfo | None:
         if not self._server_running():
@@ -210,6 +212,8 @@ class LocalBackend:
         return DeploymentInfo(name=name, model_version=version.version, state="creating")
 
     def wait_deployment_ready(self, name: str, timeout_s: float) -> DeploymentInfo:
+        """The deployment once ready; :class:`DeploymentFailedError` when it failed to load, vanished or was not
+        ready within ``timeout_s`` (the contract of every backend)."""
         with _translated(f"waiting for deployment {name}"):
             try:
                 self._client().wait_ready(name, timeout_s)

@@ -19,12 +19,12 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
+import math
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -34,6 +34,7 @@ from typing import Any
 from tasks.backends.base import BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
 from tasks.backends.training_job import TRAINING_DIR, job_identity, training_args
 from tasks.logs import LogFollower, read_lines_since, run_logger
+from tasks.polling import PollTimeout, every, poll_until
 from tasks.state import atomic_write_json, read_json
 
 LOG_NAME = "train.log"
@@ -355,16 +356,17 @@ class LocalJobRunner:
         pgid = int(record["pid"])  # start_new_session: the launcher leads its own group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
+
+        def group_alive() -> bool:
             self._reap(job_id)
-            time.sleep(0.1)
-        if _group_alive(pgid):
+            return _group_alive(pgid)
+
+        try:
+            poll_until(group_alive, lambda alive: not alive, timeout_s=self.grace_s, schedule=every(0.1))
+        except PollTimeout:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            while _group_alive(pgid):
-                self._reap(job_id)
-                time.sleep(0.05)
+            poll_until(group_alive, lambda alive: not alive, timeout_s=math.inf, schedule=every(0.05))
         self._reap(job_id)
         with open(self.job_dir(job_id) / LOG_NAME, "a", encoding="utf-8") as log:
             log.write(f"[finetune-phi] canceled at {_now()}\n")
@@ -388,23 +390,25 @@ class LocalJobRunner:
 
         Returns the completed job; raises :class:`JobFailedError` when it failed, was canceled or timed out.
         """
-        deadline = time.monotonic() + timeout_s
         follower = LogFollower(self.job_dir(job_id) / LOG_NAME)
-        while True:
+
+        def read() -> JobInfo:
             info = self.get(job_id)
-            if on_lines is not None:
-                fresh = follower.read_new()
-                if fresh:
-                    on_lines(fresh)
-            if info.status.is_terminal:
-                break
-            if time.monotonic() > deadline:
-                self.cancel(job_id)
-                raise JobFailedError(
-                    f"training job {job_id} did not finish within {timeout_s:.0f} s and was canceled; raise "
-                    "training.timeout_s or use a smaller recipe"
-                )
-            time.sleep(poll_interval_s)
+            fresh = follower.read_new() if on_lines is not None else []
+            if fresh and on_lines is not None:
+                on_lines(fresh)
+            return info
+
+        try:
+            info = poll_until(
+                read, lambda info: info.status.is_terminal, timeout_s=timeout_s, schedule=every(poll_interval_s)
+            )
+        except PollTimeout:
+            self.cancel(job_id)
+            raise JobFailedError(
+                f"training job {job_id} did not finish within {timeout_s:.0f} s and was canceled; raise "
+                "training.timeout_s or use a smaller recipe"
+            ) from None
         if info.status == JobStatus.CANCELED:
             raise JobFailedError(f"training job {job_id} was canceled")
         if info.status == JobStatus.FAILED:
