@@ -7,8 +7,9 @@ matters against Azure's throttling (many clients retrying in lock-step). So:
   :class:`~tasks.backends.base.TransientBackendError`. A failed training job or a bad request is final.
 - :func:`backoff_delay` is ``min(max_delay, base * 2**attempt)`` scaled by a uniform factor in
   ``[1 - jitter, 1 + jitter]``.
-- :func:`call_with_retry` is the loop every backend call in the flow goes through.
-- :func:`retry_condition_fn` lets a Prefect task retry on the same rule (``@task(retry_condition_fn=...)``).
+- :func:`call_with_retry` is the loop a backend wraps around its own transport (the Azure ML client, the local
+  endpoint's admin client): the one retry layer of a backend call; the flow and the rollout call backends directly.
+- :func:`retry_condition_fn` and :func:`with_step_retries` retry a whole Prefect step on the same rule.
 - :func:`poll_policy` is the same backoff for status polls: from the poll interval, doubling up to a cap.
 """
 

@@ -28,7 +28,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.backends.base import EndpointInfo
+from tasks.backends.base import Backend, EndpointInfo
 from tasks.config import Settings, SmokeConfig
 
 PIN_HEADER = "azureml-model-deployment"
@@ -334,6 +334,24 @@ def publish_smoke_table(report: SmokeReport, key: str = "smoke-test") -> None:
     create_table_artifact(report.table(), key=key, description=report.summary())
 
 
+def smoke_deployment(
+    backend: Backend,
+    config: SmokeConfig,
+    missing: Exception,
+    *,
+    deployment: str | None = None,
+    prompts: Sequence[str] | None = None,
+) -> SmokeReport:
+    """Smoke-test what ``backend``'s endpoint serves: ``deployment`` pinned, or the live traffic split when None.
+    Reads the endpoint and its key first; raises ``missing`` (the caller's sentence) when there is no endpoint."""
+    endpoint = backend.get_endpoint()
+    if endpoint is None:
+        raise missing
+    return smoke_endpoint(
+        endpoint, backend.scoring_key(), config, backend.name, deployment=deployment, prompts=prompts
+    )
+
+
 @task(name="smoke-test", cache_policy=NO_CACHE, persist_result=False)
 def smoke_test_task(
     settings: Settings, deployment: str | None = None, artifact_key: str | None = "smoke-test"
@@ -341,15 +359,11 @@ def smoke_test_task(
     """Run the smoke test against the configured endpoint, publish its table, fail the task run on any failure."""
     from tasks.backends import get_backend
 
-    backend = get_backend(settings)
-    endpoint = backend.get_endpoint()
-    if endpoint is None:
-        raise SmokeTestFailed(
-            f"endpoint {settings.endpoint.name!r} is not up; start it (`finetune-phi endpoint start`) "
-            "or create it with `finetune-phi run`"
-        )
-    name = getattr(backend, "name", settings.backend)
-    report = smoke_endpoint(endpoint, backend.scoring_key(), settings.smoke, name, deployment=deployment)
+    missing = SmokeTestFailed(
+        f"endpoint {settings.endpoint.name!r} is not up; start it (`finetune-phi endpoint start`) "
+        "or create it with `finetune-phi run`"
+    )
+    report = smoke_deployment(get_backend(settings), settings.smoke, missing, deployment=deployment)
     if artifact_key:
         publish_smoke_table(report, artifact_key)
     get_run_logger().info(report.summary())
@@ -372,6 +386,7 @@ __all__ = [
     "ask",
     "ask_score",
     "resolve_route",
+    "smoke_deployment",
     "smoke_endpoint",
     "smoke_test",
     "smoke_test_task",

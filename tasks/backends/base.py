@@ -133,3 +133,13 @@ class Backend(Protocol):
     def delete_deployment(self, name: str) -> None: ...
     def set_traffic(self, traffic: dict[str, int]) -> dict[str, int]: ...
     def scoring_key(self) -> str: ...  # the endpoint's primary key; never log it
+
+
+@runtime_checkable
+class MirroringBackend(Backend, Protocol):
+    """A backend whose endpoint can mirror a share of live traffic to a deployment (Azure ML's ``mirror_traffic``);
+    the rollout's mirror step needs one, and refuses ``rollout.mirror_percent`` on any other backend."""
+
+    # Mirror ``percent`` (None: the rollout's share) of live traffic to ``name``; ``name=None`` stops mirroring.
+    # Returns the endpoint's mirror weights after the change.
+    def set_mirror_traffic(self, name: str | None, percent: int | None = None) -> dict[str, int]: ...

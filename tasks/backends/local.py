@@ -8,8 +8,10 @@
   (:class:`deployments.client.EndpointAdminClient`); :meth:`LocalBackend.ensure_endpoint` starts the server
   when it is not running and leaves it running for the user.
 
-Every method turns connection failures and HTTP 429/5xx into :class:`TransientBackendError` (retried by the
-flow) and everything else into a :class:`BackendError` that says what to do.
+The admin client retries the endpoint server's transient faults (connection failures, HTTP 429/5xx) as
+``settings.retry`` says, the one retry layer of an endpoint call; other library faults that may pass become
+:class:`TransientBackendError` (a Prefect step retries them whole) and everything else a :class:`BackendError` that
+says what to do.
 """
 
 from __future__ import annotations
@@ -145,7 +147,9 @@ class LocalBackend:
             from deployments.client import EndpointAdminClient
             from deployments.keys import read_admin_key
 
-            self._admin = EndpointAdminClient(self.base_url, read_admin_key(self.paths.endpoint))
+            self._admin = EndpointAdminClient(
+                self.base_url, read_admin_key(self.paths.endpoint), retry=self.settings.retry
+            )
         return self._admin
 
     def _server_running(self) -> bool:
