@@ -104,3 +104,15 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_split) -
     done = runner.wait(job.job_id, timeout_s=900, poll_interval_s=1.0)
     assert done.output_dir is not None
     return Path(done.output_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The suite's one temporary Prefect server and database (started on first use, it is the slow part: ~15 s on
+    2 cores); results persist under tmp. Yields the API URL."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield str(PREFECT_API_URL.value())

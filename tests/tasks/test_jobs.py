@@ -315,17 +315,7 @@ def test_an_interrupted_wait_kills_the_jobs_process_group(local_backend, interru
     assert backend.get_job(job_id).status == JobStatus.CANCELED
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        yield
-
-
-def test_a_prefect_task_timeout_kills_the_jobs_process_group(prefect_api, local_backend) -> None:
+def test_a_prefect_task_timeout_kills_the_jobs_process_group(prefect_harness, local_backend) -> None:
     """Prefect's own timeout of the wait task (not an exception we raise) cancels the job."""
     backend = local_backend(SLEEPER)
     job_id = _submit(backend)
@@ -383,7 +373,7 @@ def _count_submits(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch, *faul
     return calls
 
 
-def test_train_task_retries_a_transient_fault_in_submit(prefect_api, local_backend, monkeypatch) -> None:
+def test_train_task_retries_a_transient_fault_in_submit(prefect_harness, local_backend, monkeypatch) -> None:
     backend = local_backend("print('step 1/1 | loss 1.0', flush=True)\n")
     calls = _count_submits(backend, monkeypatch, TransientBackendError("HTTP 503 while submitting"))
     name, result = _train(backend, monkeypatch)
@@ -392,7 +382,7 @@ def test_train_task_retries_a_transient_fault_in_submit(prefect_api, local_backe
     assert backend.get_job(result["job_id"]).status == JobStatus.COMPLETED
 
 
-def test_train_task_never_retries_a_failed_training(prefect_api, local_backend, monkeypatch) -> None:
+def test_train_task_never_retries_a_failed_training(prefect_harness, local_backend, monkeypatch) -> None:
     backend = local_backend("import sys\nprint('oops', flush=True)\nsys.exit(1)\n")
     calls = _count_submits(backend, monkeypatch)
     name, result = _train(backend, monkeypatch)

@@ -21,7 +21,6 @@ from azure.core.exceptions import HttpResponseError
 from prefect import flow
 from prefect._internal.concurrency.cancellation import CancelledError
 from prefect.exceptions import TerminationSignal
-from prefect.testing.utilities import prefect_test_harness
 
 from tasks.backends.base import BackendError, JobFailedError, JobStatus, ModelVersion
 from tasks.config import ConfigError, Settings, load_config
@@ -31,11 +30,7 @@ from tasks.rollout import CHAMPION, RolloutFailed, live_traffic, reconcile, run_
 from tasks.train import train
 from tests.tasks.backends.fake_azure import http_error
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 class _Endpoint(BaseHTTPRequestHandler):

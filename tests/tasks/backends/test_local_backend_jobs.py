@@ -22,7 +22,7 @@ from tasks.backends.local_jobs import MAX_JOB_ATTEMPTS, LocalJobRunner, submit_o
 from tests.tasks.test_jobs import _live_members, _spec
 from tests.tasks.test_jobs import _training_dir as _stand_in_training_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # Like sft.py: resumes from the highest checkpoint-N in --output_dir, writes one checkpoint per step. It pauses after
 # step STANDIN_PAUSE_AT while the file STANDIN_HOLD exists, so a test can act while the job is mid-training.
