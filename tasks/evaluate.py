@@ -1,7 +1,7 @@
 """Evaluation: held-out loss and perplexity, and a generation check that replies end.
 
 The same :func:`evaluate_model` runs on the candidate and on the champion, on the same test split, so the gate
-compares like with like (STYLE.md section 8). A champion's recorded numbers are reused only when they were
+compares like with like. A champion's recorded numbers are reused only when they were
 computed on the same dataset manifest; otherwise it is evaluated again from its model folder.
 
 The generation check exists because fine-tuned Phi-3 models that never stop generating are the commonest

@@ -1,6 +1,6 @@
 """The promotion gate: promote the candidate only if it is no worse than the champion, and say why.
 
-Both sides come from :func:`tasks.evaluate.evaluate_model` on the same test split (STYLE.md section 8). Lower is
+Both sides come from :func:`tasks.evaluate.evaluate_model` on the same test split. Lower is
 better for both metrics (loss, perplexity). The tolerance is relative: 0.02 lets the candidate be at most 2%
 worse. A candidate whose replies do not end is refused whatever its loss (a model that never stops generating is
 the commonest complaint about fine-tuned Phi-3). A candidate that already is the champion (the same job on the

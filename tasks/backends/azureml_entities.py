@@ -139,8 +139,8 @@ def mlflow_export_step(subpath: str) -> str:
 
     Registering it as an ``mlflow_model`` lets Azure ML deploy it without a scoring script (the sample's route);
     ``sft.py`` logs the model to the MLflow run, but an MLflow 3 logged model is not a job output folder we can
-    register by path. Saving from the folder copies the weights without loading them (weak point 5). Rank 0 only:
-    with PyTorchDistribution every process runs the command.
+    register by path. Saving from the folder copies the weights without loading them into memory (loading a 3.8B
+    model would need its RAM twice). Rank 0 only: with PyTorchDistribution every process runs the command.
     """
     output = f"${{{{outputs.{MODEL_OUTPUT}}}}}"
     code = (

@@ -1,4 +1,4 @@
-"""The flow's own code (tasks/rollout.py, tasks/train.py) driving the azureml backend over the fake client.
+"""The flow's own code (tasks/rollout/, tasks/train.py) driving the azureml backend over the fake client.
 
 A real Prefect (test harness) runs the rollout's tasks and transaction hooks; the endpoint's routes that the smoke test
 calls are a real HTTP server on loopback standing in for the managed endpoint's host: ``/score`` as a no-code MLflow
