@@ -146,7 +146,7 @@ def mlflow_export_step(subpath: str) -> str:
     code = (
         "import contextlib, sys, mlflow, sft; "
         "stack = contextlib.ExitStack(); "
-        "stack.enter_context(getattr(sft, '_pipeline_impl_as_class', contextlib.nullcontext)()); "
+        "stack.enter_context(getattr(sft, 'pipeline_impl_as_class', contextlib.nullcontext)()); "
         "mlflow.transformers.save_model(transformers_model=sys.argv[1], path=sys.argv[2], "
         "task='text-generation', pip_requirements=sft.MLFLOW_PIP_REQUIREMENTS)"
     )
