@@ -41,7 +41,44 @@ def run_rollout(
     When the version is already live with all traffic the rollout is skipped, unless ``force`` (``--refresh
     deploy``) asks for a fresh deployment of it.
     """
-    logger = get_run_logger()
+    refuse_impossible(backend, settings)
+    # Create the endpoint if missing (locally: start the server, which reloads its deployments); never delete it.
+    backend.ensure_endpoint()
+    champion = backend.get_model_by_alias(CHAMPION)
+    actions = reconcile_task(backend, champion, settings)
+    endpoint = backend.get_endpoint()
+    before = live_traffic(endpoint)
+    result = RolloutResult(
+        version.version, fresh_name(endpoint, version.version), False, before, before, reconcile=actions,
+        previous_champion=champion.version if champion else None,
+    )  # fmt: skip
+    if is_live(endpoint, version.version) and not force:
+        return _already_live(backend, version, champion, result)
+    try:
+        with transaction() as txn:
+            txn.set("backend", backend)
+            txn.set("new_deployment", result.deployment)
+            txn.set("previous_traffic", before)
+            txn.set("previous_champion", champion)
+            _transaction_steps(backend, version, settings, check, result)
+    except Exception as exc:
+        result.rollback = read_rollback(backend)
+        failed = RolloutFailed(
+            f"rollout of model v{version.version} rolled back "
+            f"({rollback_state(result.rollback, result.deployment)}): {exc}"
+        )
+        failed.rollout = result
+        raise failed from exc
+    result.traffic_after = live_traffic(backend.get_endpoint())
+    try:
+        result.retired = retire_old(backend, result.deployment, settings.rollout.keep_previous, settings)
+    except BackendError as exc:  # the rollout succeeded; an old deployment left over is not a failure
+        get_run_logger().warning("could not retire old deployments (%s); they stay at 0 traffic", exc)
+    return result
+
+
+def refuse_impossible(backend: Backend, settings: Settings) -> None:
+    """Refuse, before anything changes, a mirror the backend cannot make or an approval nobody could give."""
     mirror = settings.rollout.mirror_percent
     if mirror and not can_mirror(backend):
         raise RolloutFailed(
@@ -49,71 +86,45 @@ def run_rollout(
             "mirror traffic (only Azure ML endpoints can); set rollout.mirror_percent to 0"
         )
     check_approval_possible(settings)
-    # Create the endpoint if missing (locally: start the server, which reloads its deployments); never delete it.
-    backend.ensure_endpoint()
-    champion = backend.get_model_by_alias(CHAMPION)
-    actions = reconcile_task(backend, champion, settings)
-    endpoint = backend.get_endpoint()
-    before = live_traffic(endpoint)
-    name = fresh_name(endpoint, version.version)
-    result = RolloutResult(
-        version.version, name, False, before, before, reconcile=actions,
-        previous_champion=champion.version if champion else None,
-    )  # fmt: skip
-    if is_live(endpoint, version.version) and not force:
-        name = next(iter(before))
-        logger.info("model v%s is already live on %s with all traffic: nothing to roll out", version.version, name)
-        if champion is None or champion.version != version.version:
-            backend.set_alias(CHAMPION, version)
-        result.skipped = True
-        result.deployment = name
-        return result
 
-    # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
-    steps = settings.rollout.traffic_steps if before else [100]
-    try:
-        with transaction() as txn:
-            txn.set("backend", backend)
-            txn.set("new_deployment", name)
-            txn.set("previous_traffic", before)
-            txn.set("previous_champion", champion)
-            create_deployment_task(backend, name, version, settings)
-            wait_ready_task(backend, name, settings.rollout.ready_timeout_s)
-            # Mirroring copies live traffic: on a first rollout there is none to copy.
-            if mirror and before:
-                mirror_task(backend, name, settings)
-                result.mirror = {
-                    "percent": mirror,
-                    "duration_s": settings.rollout.mirror_duration_s,
-                    "deployment": name,
-                }
-            elif mirror:
-                logger.info(
-                    "rollout.mirror_percent is set but no deployment takes live traffic yet: nothing to mirror"
-                )
-            result.pinned_smoke = pinned_smoke_task(backend, name, settings)
-            if result.mirror:
-                end_mirror_task(backend, settings)
-            if settings.rollout.require_approval:
-                await_approval(name, settings)
-            for percent in steps:
-                weights = shift_traffic_task(backend, name, percent, settings)
-                result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
-            promote_task(backend, version, settings)
-    except Exception as exc:
-        result.rollback = read_rollback(backend)
-        failed = RolloutFailed(
-            f"rollout of model v{version.version} rolled back ({rollback_state(result.rollback, name)}): {exc}"
-        )
-        failed.rollout = result
-        raise failed from exc
-    after = backend.get_endpoint()
-    result.traffic_after = live_traffic(after)
-    try:
-        result.retired = retire_old(backend, name, settings.rollout.keep_previous, settings)
-    except BackendError as exc:  # the rollout succeeded; an old deployment left over is not a failure
-        logger.warning("could not retire old deployments (%s); they stay at 0 traffic", exc)
+
+def _already_live(
+    backend: Backend, version: ModelVersion, champion: ModelVersion | None, result: RolloutResult
+) -> RolloutResult:
+    """Nothing to roll out: the version takes all traffic already; the champion alias follows it if it lagged."""
+    result.deployment = next(iter(result.traffic_before))
+    get_run_logger().info(
+        "model v%s is already live on %s with all traffic: nothing to roll out", version.version, result.deployment
+    )
+    if champion is None or champion.version != version.version:
+        backend.set_alias(CHAMPION, version)
+    result.skipped = True
     return result
+
+
+def _transaction_steps(
+    backend: Backend, version: ModelVersion, settings: Settings, check: StepCheck, result: RolloutResult
+) -> None:
+    """Create, wait, mirror, pinned smoke test, approval, traffic steps, promotion: recording into ``result``."""
+    name, before, mirror = result.deployment, result.traffic_before, settings.rollout.mirror_percent
+    create_deployment_task(backend, name, version, settings)
+    wait_ready_task(backend, name, settings.rollout.ready_timeout_s)
+    # Mirroring copies live traffic: on a first rollout there is none to copy.
+    if mirror and before:
+        mirror_task(backend, name, settings)
+        result.mirror = {"percent": mirror, "duration_s": settings.rollout.mirror_duration_s, "deployment": name}
+    elif mirror:
+        get_run_logger().info("rollout.mirror_percent is set but no live traffic to mirror yet (a first rollout)")
+    result.pinned_smoke = pinned_smoke_task(backend, name, settings)
+    if result.mirror:
+        end_mirror_task(backend, settings)
+    if settings.rollout.require_approval:
+        await_approval(name, settings)
+    # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
+    for percent in settings.rollout.traffic_steps if before else [100]:
+        weights = shift_traffic_task(backend, name, percent, settings)
+        result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
+    promote_task(backend, version, settings)
 
 
 def rollout_step(
@@ -132,4 +143,4 @@ def rollout_step(
         return (exc.rollout.to_dict() if exc.rollout is not None else None), exc
 
 
-__all__ = ["rollout_step", "run_rollout"]
+__all__ = ["refuse_impossible", "rollout_step", "run_rollout"]
