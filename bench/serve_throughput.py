@@ -368,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.keys import read_keys
     from deployments.service import start_server, stop_server
     from tasks import registry
+    from tasks.backends.local_jobs import stop_process_group
     from tasks.config import Settings
-    from tasks.jobs import stop_process_group
 
     model_dir = args.model_dir or build_model(args.size, work / "job" / "model")
     model_config = AutoConfig.from_pretrained(model_dir)
