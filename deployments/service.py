@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deployments.instances import stop_recorded
 from tasks.backends.base import BackendError
 from tasks.config import Settings
 from tasks.state import atomic_write_json, read_json, state_paths
@@ -196,10 +197,12 @@ def stop_server(settings: Settings, grace_s: float | None = None) -> bool:
     pid = _running_pid(settings)
     if pid is None:
         (folder / PID_FILE).unlink(missing_ok=True)
+        stop_recorded(folder)
         return False
     # uvicorn gives in-flight requests stop_grace_s; a few seconds more before the hard kill.
     _terminate(pid, settings.endpoint.stop_grace_s + 5.0 if grace_s is None else grace_s)
     (folder / PID_FILE).unlink(missing_ok=True)
+    stop_recorded(folder)  # deployment processes of a router that had to be killed: none is left behind
     return True
 
 
@@ -252,7 +255,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for name, dep in state.get("deployments", {}).items():
             error = f" ({dep['error']})" if dep.get("error") else ""
             traffic = state.get("traffic", {}).get(name, 0)
-            print(f"  {name}: {dep['state']}{error}, model version {dep.get('model_version')}, traffic {traffic}%")
+            instances = dep.get("instances") or []
+            rss = sum(i.get("rss_mb") or 0 for i in instances)
+            print(
+                f"  {name}: {dep['state']}{error}, model version {dep.get('model_version')}, traffic {traffic}%, "
+                f"{len(instances)} instance(s), {dep.get('restarts', 0)} restart(s), {rss:.0f} MB"
+            )
     return 0
 
 

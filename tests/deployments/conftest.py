@@ -115,7 +115,14 @@ def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
         {
             "state_dir": str(state_dir),
             "data": {"path": str(SAMPLE)},
-            "endpoint": {"port": free_port(), "startup_timeout_s": 60, "stop_grace_s": 10, **endpoint},
+            # the session's tiny models live in pytest's own temporary folders, beside the state folders
+            "endpoint": {
+                "port": free_port(),
+                "startup_timeout_s": 60,
+                "stop_grace_s": 10,
+                "model_roots": [str(state_dir.parent)],
+                **endpoint,
+            },
         }
     )
 
