@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from deployments.client import EndpointAdminClient
 from deployments.keys import read_keys
@@ -110,6 +111,11 @@ class LiveEndpoint:
         return (self.endpoint_dir / "server.log").read_text(encoding="utf-8", errors="replace")
 
 
+def _pytest_root(folder: Path) -> Path:
+    """pytest's base temporary folder for this run (``.../pytest-N``), which holds every fixture's folders."""
+    return next((p for p in folder.parents if p.name.startswith("pytest-")), folder.parent)
+
+
 def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
     return Settings.model_validate(
         {
@@ -120,7 +126,7 @@ def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
                 "port": free_port(),
                 "startup_timeout_s": 60,
                 "stop_grace_s": 10,
-                "model_roots": [str(state_dir.parent)],
+                "model_roots": [str(_pytest_root(state_dir))],
                 **endpoint,
             },
         }
@@ -141,3 +147,15 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., L
     yield _launch
     for settings in started:
         stop_server(settings, grace_s=10)
+
+
+def write_config(settings: Settings, folder: Path) -> Path:
+    """A config file for the CLI (``--config``) describing ``settings``."""
+    path = folder / "endpoint.yaml"
+    data = {
+        "state_dir": str(settings.state_dir),
+        "data": {"path": str(settings.data.path)},
+        "endpoint": settings.endpoint.model_dump(mode="json"),
+    }
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
