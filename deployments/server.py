@@ -771,7 +771,15 @@ def _bearer(request: Request) -> str | None:
     return request.headers.get("api-key") or None
 
 
-def _crashed(deployment: Deployment, instance: procs.Instance) -> ApiError:
+async def _crashed(deployment: Deployment, instance: procs.Instance) -> ApiError:
+    """The answer for requests whose instance dropped the connection. When its process is gone (the kernel closes
+    the sockets just before the process is reaped: wait a moment), it takes no more requests from now on, before
+    its supervisor's next look."""
+    deadline = time.monotonic() + 0.5
+    while not instance.exited() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if instance.exited() and instance.state == "ready":
+        instance.state = "restarting"
     return ApiError(
         502,
         "ModelContainerCrashed",
@@ -895,7 +903,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         except httpx.TimeoutException:
             raise _timed_out(config) from None
         except httpx.TransportError:
-            raise _crashed(deployment, instance) from None
+            raise await _crashed(deployment, instance) from None
         finally:
             slot.release()
         tokens = upstream.headers.get(TOKENS_HEADER, "")
@@ -927,7 +935,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             raise _timed_out(config) from None
         except httpx.TransportError:
             slot.release()
-            raise _crashed(deployment, instance) from None
+            raise await _crashed(deployment, instance) from None
         if upstream.status_code != 200:
             try:
                 content = await upstream.aread()
@@ -949,7 +957,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                         yield _sse_error(_timed_out(config)) + b"data: [DONE]\n\n"
                         break
                     except httpx.TransportError:
-                        yield _sse_error(_crashed(deployment, instance)) + b"data: [DONE]\n\n"
+                        yield _sse_error(await _crashed(deployment, instance)) + b"data: [DONE]\n\n"
                         break
                     chunks += piece.count(b'"delta": {"content": ')
                     finish = _stream_finish(piece) or finish

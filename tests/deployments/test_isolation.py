@@ -33,7 +33,7 @@ PIN_BLUE = {"azureml-model-deployment": "blue"}
 # Probes every second; three missed liveness probes in a row restart a process.
 PROBES = {
     "liveness_probe": {"initial_delay": 0, "period": 1, "timeout": 2, "failure_threshold": 3},
-    "readiness_probe": {"initial_delay": 0, "period": 0.2, "timeout": 2, "failure_threshold": 30},
+    "readiness_probe": {"initial_delay": 0, "period": 1, "timeout": 2, "failure_threshold": 30},
 }
 
 
@@ -128,17 +128,21 @@ def test_a_killed_deployment_answers_502_in_flight_and_restarts(live: LiveEndpoi
     stream_body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 480,
                    "stream": True}  # fmt: skip
     events: list[str] = []
+    started = threading.Event()  # the stream's 200 and first event are out: the kill hits it mid-stream
 
     def stream() -> None:
         with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=stream_body, headers=live.headers(),
                           timeout=60) as response:  # fmt: skip
             assert response.status_code == 200
-            events.extend(line for line in response.iter_lines() if line.startswith("data: "))
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    started.set()
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         posts = [pool.submit(httpx.post, url, json=LONG, headers=live.headers(), timeout=60) for _ in range(3)]
         streamed = pool.submit(stream)
-        wait_for(lambda: live.in_flight("blue") == 4, "4 requests in flight on blue")
+        wait_for(lambda: live.in_flight("blue") == 4 and started.is_set(), "4 requests in flight on blue")
         os.kill(old_pid, signal.SIGKILL)
         answers = [f.result() for f in posts]
         streamed.result()
