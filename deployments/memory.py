@@ -20,9 +20,10 @@ import psutil
 log = logging.getLogger(__name__)
 
 MB = 1024 * 1024
-# Address space of a deployment process with torch and transformers imported and no model yet (measured about
-# 0.7 GB of VmSize on a 2-core CPU machine, 2026-12-01), plus room for activations and the KV cache of a batch.
-RUNTIME_ADDRESS_SPACE_MB = 1024
+# Address space of a deployment process besides its weights: torch and transformers imported (about 0.7 GB of
+# VmSize on a 2-core CPU machine, 2026-12-01; 1.1-1.2 GB VmPeak once the tiny model had loaded), plus room for
+# activations and a batch's KV cache.
+RUNTIME_ADDRESS_SPACE_MB = 1536
 # Resident memory of the same process without a model (measured about 0.25 GB RSS), for the machine check.
 RUNTIME_RESIDENT_MB = 300
 _BYTES = {

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -74,7 +75,14 @@ from pydantic import Field
 
 from deployments import instances as procs
 from deployments.keys import KeyStore
-from deployments.memory import IDLE_OOM_SCORE_ADJ, LIVE_OOM_SCORE_ADJ, MemoryCheckError, check_fits, tree_rss
+from deployments.memory import (
+    IDLE_OOM_SCORE_ADJ,
+    LIVE_OOM_SCORE_ADJ,
+    MemoryCheckError,
+    check_fits,
+    set_oom_score_adj,
+    tree_rss,
+)
 from deployments.names import name_problem
 from deployments.protocol import (
     FINISH_HEADER,
@@ -434,8 +442,6 @@ class Endpoint:
 
     def update_oom_scores(self) -> None:
         """Live deployments 0, the others higher: under memory pressure the kernel kills a newcomer first."""
-        from deployments.memory import set_oom_score_adj
-
         for name, deployment in self.deployments.items():
             for instance in deployment.instances:
                 if instance.pid is not None:
@@ -615,8 +621,6 @@ class Endpoint:
 
 
 def _own_rss() -> int:
-    import psutil
-
     return int(psutil.Process().memory_info().rss)
 
 

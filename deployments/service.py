@@ -6,10 +6,13 @@
     finetune-phi endpoint stop
     finetune-phi endpoint keys   [--regenerate primary|secondary|admin]
 
-The server runs in its own session (``python -m deployments.server``), with ``server.pid`` and ``server.log`` in
-``<state_dir>/endpoint/``. ``stop`` sends SIGTERM: new requests get 503 at once (the port stays open), in-flight
-ones finish, and the process is killed if it is still there 5 s after ``endpoint.stop_grace_s``. Keys are printed
-only by ``keys``.
+The server (the router, ``python -m deployments.server``) runs in its own session, with ``server.pid`` and
+``server.log`` in ``<state_dir>/endpoint/``; it starts each deployment's processes itself, with their logs in
+``<state_dir>/endpoint/deployments/``. ``status`` lists each deployment's state, instances, restarts and memory.
+``stop`` sends SIGTERM: new requests get 503 at once (the port stays open), in-flight ones finish, the router stops
+its deployment processes, and it is killed if it is still there 5 s after ``endpoint.stop_grace_s`` (deployment
+processes a killed router leaves behind are then stopped by their recorded PIDs). Keys are printed only by
+``keys``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ PROBES = {
 
 @pytest.fixture(scope="module")
 def live(launch, tiny_model_dir: Path) -> LiveEndpoint:
-    endpoint = launch(max_concurrent_requests=8, max_pending_requests=32, max_new_tokens_cap=480, **PROBES)
+    endpoint = launch(
+        max_concurrent_requests=8, max_pending_requests=32, max_new_tokens_cap=480, memory_limit_mb=4096, **PROBES
+    )
     endpoint.deploy(tiny_model_dir, {"blue": 100})
     return endpoint
 
@@ -84,6 +86,11 @@ def test_the_router_loads_no_model_and_imports_no_torch(live: LiveEndpoint) -> N
     assert Path(blue["log_file"]).is_file() and Path(blue["log_file"]).is_relative_to(live.endpoint_dir)
     # the model and torch live in the deployment's process: the router stays small
     assert router["own_rss_mb"] < blue["rss_mb"]
+    # the deployment's memory limit holds on its process as an address-space limit
+    limits = Path(f"/proc/{blue['pid']}/limits").read_text()
+    assert next(line for line in limits.splitlines() if line.startswith("Max address space")).split()[3] == str(
+        4096 * 1024 * 1024
+    )
 
 
 def test_a_deployment_over_its_memory_limit_fails_to_create_while_blue_serves_16_clients(
@@ -184,8 +191,11 @@ def test_names_that_azure_refuses_are_refused_with_the_same_message_on_both_back
 
     azure = AzureMLBackend(
         Settings.model_validate(
-            {"backend": "azureml", "data": {"path": "x.jsonl"},
-             "azureml": {"subscription_id": "s", "resource_group": "g", "workspace": "w"}}
+            {
+                "backend": "azureml",
+                "data": {"path": "x.jsonl"},
+                "azureml": {"subscription_id": "s", "resource_group": "g", "workspace": "w"},
+            }
         )
     )  # fmt: skip; no client is built: the name is checked before any call
     version = ModelVersion("finetune-phi", "1", "job", "models:/finetune-phi/1")
@@ -240,9 +250,7 @@ def test_a_hung_deployment_times_out_without_delaying_the_other(
         assert 1.4 <= elapsed < 4.0, elapsed  # at request_timeout_ms, not later
 
 
-def test_a_restarted_router_finds_its_processes_and_a_stop_leaves_none(
-    launch, tiny_model_dir: Path
-) -> None:
+def test_a_restarted_router_finds_its_processes_and_a_stop_leaves_none(launch, tiny_model_dir: Path) -> None:
     endpoint = launch(max_concurrent_requests=2, max_new_tokens_cap=480, **PROBES)
     endpoint.admin.create_deployment("blue", str(tiny_model_dir), "1", instance_count=2)
     endpoint.admin.wait_ready("blue", 120)
