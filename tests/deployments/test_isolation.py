@@ -7,6 +7,7 @@ Real routers and real deployment processes on loopback, the tiny model.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -288,3 +289,23 @@ def _group_running(pgid: int) -> bool:
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
     return False
+
+
+def test_the_size_check_reads_the_safetensors_headers(tiny_model_dir: Path) -> None:
+    from safetensors import safe_open
+
+    from deployments.memory import MemoryCheckError, check_fits, model_size
+
+    parameters = 0
+    for path in tiny_model_dir.rglob("*.safetensors"):
+        with safe_open(str(path), framework="np") as weights:
+            names = weights.keys()  # a safetensors handle, not a dict
+            parameters += sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
+    size = model_size(tiny_model_dir)
+    assert size.files >= 1 and size.parameters == parameters
+    assert size.bytes_as("float32") == 2 * size.bytes_as("bfloat16")  # every tensor of the tiny model is a float
+    assert check_fits(tiny_model_dir, "float32", 4096, 1, "blue") == size
+    with pytest.raises(MemoryCheckError, match="memory limit is 100 MB"):
+        check_fits(tiny_model_dir, "float32", 100, 1, "blue")
+    with pytest.raises(MemoryCheckError, match="available on this machine"):
+        check_fits(tiny_model_dir, "float32", None, 10**6, "blue")  # a million instances: more than any machine
