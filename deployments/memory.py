@@ -32,9 +32,10 @@ _BYTES = {
 }  # fmt: skip
 _FLOAT = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# Oom_score_adj of a deployment that takes no traffic: the kernel's OOM killer picks it before live ones (0).
+# How much higher a deployment without traffic scores than the live ones (0): the OOM killer picks it first.
 IDLE_OOM_SCORE_ADJ = 500
 LIVE_OOM_SCORE_ADJ = 0
+MAX_OOM_SCORE_ADJ = 1000
 
 
 class MemoryCheckError(ValueError):
@@ -114,7 +115,7 @@ def set_oom_score_adj(pid: int, value: int) -> bool:
     try:
         Path(f"/proc/{pid}/oom_score_adj").write_text(str(value), encoding="ascii")
         return True
-    except (OSError, PermissionError) as exc:
+    except OSError as exc:
         log.warning("could not set oom_score_adj of process %d to %d: %s", pid, value, exc)
         return False
 

@@ -78,8 +78,10 @@ from deployments.keys import KeyStore
 from deployments.memory import (
     IDLE_OOM_SCORE_ADJ,
     LIVE_OOM_SCORE_ADJ,
+    MAX_OOM_SCORE_ADJ,
     MemoryCheckError,
     check_fits,
+    oom_score_adj,
     set_oom_score_adj,
     tree_rss,
 )
@@ -438,11 +440,24 @@ class Endpoint:
 
     # admin
     def oom_adj_for(self, name: str) -> int:
-        return LIVE_OOM_SCORE_ADJ if self.traffic.get(name, 0) > 0 else IDLE_OOM_SCORE_ADJ
+        """Live deployments 0; the others IDLE_OOM_SCORE_ADJ above the highest live one. Lowering a score needs
+        CAP_SYS_RESOURCE: where that is refused (a live one kept a newcomer's score), the idle ones go higher
+        instead, which anyone may do, so the newcomer is still the kernel's first choice."""
+        if self.traffic.get(name, 0) > 0:
+            return LIVE_OOM_SCORE_ADJ
+        live = [
+            oom_score_adj(i.pid) or 0
+            for n, d in self.deployments.items()
+            if self.traffic.get(n, 0) > 0
+            for i in d.instances
+            if i.pid is not None
+        ]
+        return min(MAX_OOM_SCORE_ADJ, max(live, default=LIVE_OOM_SCORE_ADJ) + IDLE_OOM_SCORE_ADJ)
 
     def update_oom_scores(self) -> None:
-        """Live deployments 0, the others higher: under memory pressure the kernel kills a newcomer first."""
-        for name, deployment in self.deployments.items():
+        """Under memory pressure the kernel's OOM killer picks a deployment without traffic before a live one."""
+        ordered = sorted(self.deployments.items(), key=lambda item: self.traffic.get(item[0], 0) == 0)
+        for name, deployment in ordered:  # live ones first: the idle scores are set above theirs
             for instance in deployment.instances:
                 if instance.pid is not None:
                     set_oom_score_adj(instance.pid, self.oom_adj_for(name))
