@@ -126,7 +126,7 @@ def test_deleting_a_deployment_gives_its_memory_back(live: LiveEndpoint, tiny_mo
     assert with_green - before > 50 * 1024 * 1024, (before, with_green)  # a process with torch and a model
     live.admin.delete_deployment("green")  # answered once the process is gone
     after = tree_rss(live.pid)
-    assert not psutil.pid_exists(green["pid"]) or psutil.Process(green["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert not _running(green["pid"])
     assert after - before < 0.2 * (with_green - before), (before, with_green, after)
 
 
@@ -224,9 +224,10 @@ def test_a_model_path_outside_the_state_folder_and_the_registry_is_refused(live:
 def test_a_hung_deployment_times_out_without_delaying_the_other(
     launch, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(ENV_TEST_ENGINE, "stuck=tests.deployments.hanging_engine:HangingRunner")
+    engines = "tests.deployments.hanging_engine"
+    monkeypatch.setenv(ENV_TEST_ENGINE, f"stuck={engines}:HangingRunner,frozen={engines}:FreezingRunner")
     endpoint = launch(request_timeout_ms=1500, **PROBES)
-    endpoint.deploy(tiny_model_dir, {"blue": 100, "stuck": 0})
+    endpoint.deploy(tiny_model_dir, {"blue": 100, "stuck": 0, "frozen": 0})
     url = f"{endpoint.url}/score"
 
     def stuck() -> tuple[int, float, str]:
@@ -249,6 +250,18 @@ def test_a_hung_deployment_times_out_without_delaying_the_other(
     for status, elapsed, code in results:
         assert status == 408 and code == "RequestTimeout"
         assert 1.4 <= elapsed < 4.0, elapsed  # at request_timeout_ms, not later
+
+    # a process that stops answering altogether: the router answers 408 for it, then its liveness probe fails
+    # failure_threshold times and it is restarted
+    frozen_pid = instances(endpoint, "frozen")[0]["pid"]
+    pin = endpoint.headers(**{"azureml-model-deployment": "frozen"})
+    started = time.monotonic()
+    response = httpx.post(url, json=SHORT, headers=pin, timeout=30)
+    assert response.status_code == 408 and time.monotonic() - started < 4.0
+    wait_for(lambda: instances(endpoint, "frozen")[0]["restarts"] == 1, "the frozen process's restart", 60)
+    endpoint.admin.wait_ready("frozen", 90)
+    assert instances(endpoint, "frozen")[0]["pid"] != frozen_pid and not _running(frozen_pid)
+    assert httpx.post(url, json=SHORT, headers=endpoint.headers(**PIN_BLUE), timeout=30).status_code == 200
 
 
 def test_a_restarted_router_finds_its_processes_and_a_stop_leaves_none(launch, tiny_model_dir: Path) -> None:
@@ -279,6 +292,13 @@ def test_a_restarted_router_finds_its_processes_and_a_stop_leaves_none(launch, t
     stop_server(endpoint.settings, grace_s=20)
     for group in (router, *pids):
         assert not _group_running(group), f"process group {group} still has a running process"
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _group_running(pgid: int) -> bool:
