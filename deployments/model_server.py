@@ -69,6 +69,13 @@ def apply_memory_limit(limit_mb: int | None) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def may_use_gpu(config: Any) -> bool:
+    """True unless the engine is sure to run on the CPU: CUDA maps far more address space than it uses, so an
+    address-space limit would stop it from starting."""
+    device = str(getattr(config, "device", None) or "cpu")
+    return device != "cpu" and (device.startswith("cuda") or Path("/dev/nvidiactl").exists())
+
+
 def _runner_class(name: str) -> Any:
     from deployments.engine import ModelRunner
 
@@ -342,14 +349,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--endpoint-config", required=True, type=Path, help="JSON of tasks.config.EndpointConfig")
     parser.add_argument("--memory-limit-mb", type=int, default=None)
     args = parser.parse_args(argv)
-    apply_memory_limit(args.memory_limit_mb)  # first: before torch and the model are in memory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
-    from deployments.protocol import ENV_INSTANCE_TOKEN
     from tasks.config import EndpointConfig
 
     config = EndpointConfig.model_validate(json.loads(args.endpoint_config.read_text(encoding="utf-8")))
+    if may_use_gpu(config):
+        log.info("deployment %s: no address-space limit on a GPU (the router's size check still applies)", args.name)
+    else:
+        apply_memory_limit(args.memory_limit_mb)  # before torch and the model are in memory
+    import uvicorn
+
+    from deployments.protocol import ENV_INSTANCE_TOKEN
+
     token = os.environ.pop(ENV_INSTANCE_TOKEN, "")
     if not token:
         raise SystemExit(f"{ENV_INSTANCE_TOKEN} is not set: deployment processes are started by the endpoint's router")
