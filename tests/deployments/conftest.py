@@ -111,9 +111,12 @@ class LiveEndpoint:
         return (self.endpoint_dir / "server.log").read_text(encoding="utf-8", errors="replace")
 
 
-def _pytest_root(folder: Path) -> Path:
-    """pytest's base temporary folder for this run (``.../pytest-N``), which holds every fixture's folders."""
-    return next((p for p in folder.parents if p.name.startswith("pytest-")), folder.parent)
+_BASETEMP: list[Path] = []  # pytest's base temporary folder for this run, which holds every fixture's folders
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pytest_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _BASETEMP[:] = [tmp_path_factory.getbasetemp()]
 
 
 def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
@@ -126,7 +129,7 @@ def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
                 "port": free_port(),
                 "startup_timeout_s": 60,
                 "stop_grace_s": 10,
-                "model_roots": [str(_pytest_root(state_dir))],
+                "model_roots": [str(p) for p in _BASETEMP],
                 **endpoint,
             },
         }
