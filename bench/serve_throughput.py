@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.protocol import INSTANCE_TOKEN_HEADER
     from deployments.service import start_server, stop_server
     from tasks import registry
+    from tasks.backends.local_jobs import stop_process_group
     from tasks.config import Settings
-    from tasks.jobs import stop_process_group
     from tasks.state import read_json
 
     # A tiny model, registered as the flow registers a job's model
