@@ -228,11 +228,12 @@ def test_refresh_data_prepares_the_data_again_and_training_stays_cached(first_ru
 
 
 def test_a_model_that_fails_to_load_is_rolled_back_while_the_old_one_keeps_answering(
-    first_run, flow_config, backend, tmp_path: Path
+    first_run, flow_config, flow_settings, backend
 ) -> None:
     before = _consistent(backend)
     champion = backend.get_model_by_alias(CHAMPION)
-    broken = tmp_path / "broken-model"
+    # under the state folder, where the endpoint accepts a model path: the load itself must fail
+    broken = Path(flow_settings.state_dir) / "test-models" / "broken-model"
     shutil.copytree(backend.model_folder(champion), broken)
     (broken / "config.json").write_text('{"model_type": "phi3", "hidden_size": "not a number"', encoding="utf-8")
     version = ModelVersion(champion.name, "900", "no-job", "models:/broken/900", local_path=broken)
