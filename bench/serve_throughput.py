@@ -18,6 +18,12 @@ folder), registers it in an MLflow SQLite store and serves it with each server o
   its paged cache capped at ``--hf-cache-tokens`` (16,384 tokens, 16 rows of a 1,024-token context; the library's
   own default takes most of the machine's free RAM: 12-14 GB here).
 
+"deployment process (direct)" sends the same ``/score`` bodies to the deployment's model-server process on its
+loopback port, with the instance token the router uses (read from the state folder's ``instances.json``), so the
+difference to "finetune-phi endpoint" is the router alone: keys, routing, admission, metrics and one more HTTP
+hop. The router's own RSS and each deployment process's RSS are read from ``/admin/state`` after the run (our
+endpoint's peak RSS counts the router and its deployment processes).
+
 All get the same fixed prompts, greedy, with the same ``max_new_tokens``, from 1, 4 and 16 concurrent clients.
 MLflow gets the prompt already rendered with the chat template (its text-generation pipeline does not apply one);
 the others render it themselves. Generated tokens are counted the same way for all: the reply text re-tokenised
@@ -366,10 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.device import Placement
     from deployments.engines import EngineLaunch, engine_command
     from deployments.keys import read_keys
+    from deployments.protocol import INSTANCE_TOKEN_HEADER
     from deployments.service import start_server, stop_server
     from tasks import registry
     from tasks.backends.local_jobs import stop_process_group
     from tasks.config import Settings
+    from tasks.state import read_json
 
     model_dir = args.model_dir or build_model(args.size, work / "job" / "model")
     model_config = AutoConfig.from_pretrained(model_dir)
@@ -430,11 +438,13 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_threads": args.threads,
                 "device": "cpu",
                 "max_new_tokens_cap": max(512, args.max_new_tokens),
+                "model_roots": [str(work)],  # the benchmark's registry is beside the state folder, not in it
             },
         }
     )
     targets: list[Target] = []
     results: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
     greedy = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "return_full_text": False}
 
     def chat_body(prompt: str) -> dict[str, Any]:
@@ -503,6 +513,17 @@ def main(argv: list[str] | None = None) -> int:
                     "finetune-phi endpoint (stream)", f"{base}/v1/chat/completions", pid, auth, chat_body, None, True
                 )
             )
+            instance = read_json(work / "state" / "endpoint" / "instances.json", default={})["bench"][0]
+            targets.append(
+                Target(
+                    DIRECT,
+                    f"http://127.0.0.1:{instance['port']}/score",
+                    instance["pid"],
+                    {INSTANCE_TOKEN_HEADER: instance["token"]},
+                    lambda p: {"input_data": [p], "params": greedy},
+                    lambda r: r.json()[0],
+                )
+            )
         for target in targets:  # warm-up: first requests pay for lazy initialisation
             run_level(target, PROMPTS, 2, 4, tokenizer, args.max_new_tokens)
         for clients in args.concurrency:
@@ -511,6 +532,15 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_level(target, PROMPTS, clients, total, tokenizer, args.max_new_tokens)
                 results.append(result)
                 print(json.dumps(result), flush=True)
+        state = admin.get_state()
+        memory = {
+            "router_rss_mb": state["router"]["own_rss_mb"],
+            "deployment_rss_mb": {
+                f"{name}/{i['index']}": i["rss_mb"] for name, d in state["deployments"].items() for i in d["instances"]
+            },
+            "router_imports_torch": state["router"]["torch_imported"],
+        }
+        print(json.dumps(memory), flush=True)
     finally:
         stop_server(settings, grace_s=10)
         for process in processes.values():
@@ -545,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             * (4 * model_config.hidden_size**2 + 3 * model_config.hidden_size * model_config.intermediate_size),
         ]
     )
-    table = render_table(results, inprocess, max_clients)
+    table = render_table(results, inprocess, max_clients, memory)
     print()
     print(f"model: {args.model_dir or args.size}, ~{parameters / 1e6:.1f} M parameters")
     print(table)
@@ -559,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "results": results,
         "in_process": inprocess,
+        "memory": memory,
         "table": table,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -569,10 +600,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OURS, OURS_STREAM = "finetune-phi endpoint", "finetune-phi endpoint (stream)"
+DIRECT = "deployment process (direct)"
 MLFLOW, HF_CB = "mlflow models serve", "transformers serve --continuous-batching (stream)"
 
 
-def render_table(results: list[dict[str, Any]], inprocess: list[dict[str, Any]], batch: int) -> str:
+def render_table(
+    results: list[dict[str, Any]], inprocess: list[dict[str, Any]], batch: int, memory: dict[str, Any]
+) -> str:
     lines = [
         "| clients | server | req/s | generated tok/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | peak RSS MB "
         "| tokens/reply | errors |",
@@ -598,6 +632,13 @@ def render_table(results: list[dict[str, Any]], inprocess: list[dict[str, Any]],
                 f"p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x, "
                 f"p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x of MLflow's"
             )
+        direct = by.get((clients, DIRECT))
+        if ours and direct and direct["tokens_per_s"]:
+            lines.append(
+                f"{clients} client(s), through the router vs the deployment process direct: tokens/s "
+                f"{(ours['tokens_per_s'] / direct['tokens_per_s'] - 1) * 100:+.1f}%, "
+                f"p50 {ours['p50_ms'] - direct['p50_ms']:+.1f} ms"
+            )
         stream, hf = by.get((clients, OURS_STREAM)), by.get((clients, HF_CB))
         best = max((r for r in (ours, stream) if r), key=lambda r: r["tokens_per_s"], default=None)
         parts = []
@@ -614,6 +655,12 @@ def render_table(results: list[dict[str, Any]], inprocess: list[dict[str, Any]],
     if one and many and one["ttft_p99_ms"]:
         lines.append(
             f"TTFT p99 at {batch} clients: {many['ttft_p99_ms'] / one['ttft_p99_ms']:.2f}x its 1-client value"
+        )
+    if memory:
+        deployments = ", ".join(f"{k} {v} MB" for k, v in memory["deployment_rss_mb"].items())
+        lines.append(
+            f"\nRSS after the run: router {memory['router_rss_mb']} MB (torch imported: "
+            f"{memory['router_imports_torch']}); deployment processes: {deployments}"
         )
     return "\n".join(lines)
 

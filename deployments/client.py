@@ -76,14 +76,17 @@ class EndpointAdminClient:
         model_path: str,
         model_version: str | None = None,
         *,
+        memory_limit_mb: int | None = None,
+        instance_count: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
         engine: str | None = None,
     ) -> dict[str, Any]:
-        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background.
-
-        ``device``/``dtype``/``engine`` left None take the endpoint's defaults (``EndpointConfig``)."""
+        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; its processes start in
+        the background. ``memory_limit_mb``, ``instance_count``, ``device``, ``dtype`` and ``engine`` left None take
+        the endpoint's config."""
         body: dict[str, Any] = {"model_path": model_path, "model_version": model_version}
+        body |= {"memory_limit_mb": memory_limit_mb, "instance_count": instance_count}
         body.update({k: v for k, v in {"device": device, "dtype": dtype, "engine": engine}.items() if v is not None})
         return self._call("PUT", f"/admin/deployments/{name}", body)
 

@@ -155,3 +155,44 @@ def test_the_samples_body_gets_the_builtin_servers_answer_shape(
         text, tokens = greedy_reference(context_sensitive_model, question, 3)
         expected.append({"text": text, "finish_reason": "length" if len(tokens) == 3 else "stop"})
     assert answers == expected
+
+
+def test_a_transformers_serve_deployment_serves_score_and_streaming_chat_through_the_router(
+    launch, context_sensitive_model: Path
+) -> None:
+    live = launch(max_new_tokens_cap=10, default_max_new_tokens=6)
+    live.admin.create_deployment("ext", str(context_sensitive_model), "1", engine="transformers-serve", device="cpu")
+    live.admin.wait_ready("ext", 240)
+    live.admin.set_traffic({"ext": 100})
+    assert live.admin.get_state()["deployments"]["ext"]["engine"] == "transformers-serve"
+    question = "What is a Prefect flow?"
+    greedy_text, tokens = greedy_reference(context_sensitive_model, question, 10)  # the cap, not the 128 asked
+
+    # /score with the sample's body shape, greedy first (transformers' CB keeps its first request's settings)
+    body = {"input_data": [question], "params": {"max_new_tokens": 128, "do_sample": False, "return_full_text": True}}
+    scored = httpx.post(f"{live.url}/score", json=body, headers=live.headers(), timeout=120)
+    assert scored.status_code == 200, scored.text
+    assert scored.json() == [f"{question}\n{greedy_text}"]
+    assert scored.headers["azureml-model-deployment"] == "ext"
+    assert scored.headers["x-finish-reason"] == ("length" if len(tokens) == 10 else "stop")
+
+    # streaming chat completions through the router: the same greedy text, OpenAI's framing, the deployment's name
+    chat = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=chat, headers=live.headers(), timeout=120) as r:
+        assert r.status_code == 200
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert {c["model"] for c in chunks} == {"ext"}
+    text = "".join((ch.get("delta") or {}).get("content") or "" for c in chunks for ch in c.get("choices") or [])
+    assert text == greedy_text
+
+    # the router's own contract on top: keys, and per-deployment metrics
+    assert httpx.post(f"{live.url}/score", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    metrics = httpx.get(f"{live.url}/metrics", timeout=10).text
+    generated = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('finetune_phi_generated_tokens_total{deployment="ext"}')
+    ]
+    assert generated and float(generated[0].split()[-1]) > 0

@@ -243,7 +243,9 @@ def test_admin_api_states_and_refusals(live: LiveEndpoint, tmp_path: Path) -> No
     assert saved["traffic"] == {"blue": 70, "green": 30} and set(saved["deployments"]) == {"blue", "green"}
 
 
-def test_a_deployment_names_its_device_and_an_impossible_one_is_422(live: LiveEndpoint, tiny_model_dir: Path) -> None:
+def test_a_deployment_names_its_device_and_an_impossible_one_is_refused(
+    live: LiveEndpoint, tiny_model_dir: Path
+) -> None:
     import torch
 
     admin = live.admin
@@ -255,10 +257,12 @@ def test_a_deployment_names_its_device_and_an_impossible_one_is_422(live: LiveEn
     }
     if not torch.cuda.is_available():
         refusals["cuda"] = ({"device": "cuda"}, "needs a CUDA GPU but torch sees none")
-    for name, (fields, message) in refusals.items():
-        with pytest.raises(BackendError, match=message):
-            admin.create_deployment(name.replace("/", "-"), str(tiny_model_dir), "1", **fields)
-    assert set(admin.get_state()["deployments"]) == {"blue", "green"}  # nothing half-created
+    for name, (fields, message) in refusals.items():  # refused before any process starts, saying why
+        created = admin.create_deployment(name.replace("/", "-"), str(tiny_model_dir), "1", **fields)
+        assert created["state"] == "failed" and message in created["error"], created
+        assert all(i["pid"] is None for i in created["instances"])
+        admin.delete_deployment(name.replace("/", "-"))
+    assert set(admin.get_state()["deployments"]) == {"blue", "green"}
     admin.create_deployment("cpu32", str(tiny_model_dir), "1", device="cpu", dtype="float32")
     admin.wait_ready("cpu32", 60)
     assert admin.get_state()["deployments"]["cpu32"]["device"] == "cpu"
