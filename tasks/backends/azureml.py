@@ -26,6 +26,7 @@ exception types, and load every entity back with the SDK's own YAML loaders.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -44,8 +45,10 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.pipeline.transport import RequestsTransport
 
 from tasks.backends import azureml_entities as entities
+from tasks.backends.azure_names import name_problem
 from tasks.backends.base import (
     BackendError,
     DeploymentFailedError,
@@ -97,6 +100,11 @@ TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 ALIAS_TAG = "alias.{alias}"
 MAX_JOB_ATTEMPTS = 50  # fresh job names tried after failed/canceled jobs with the same inputs
 LOG_LINES_ON_FAILURE = 50
+POLLER_STOP_WAIT_S = 10.0  # a stopped poller ends after its current sleep (the injected clock's in tests)
+# Codes of a failed long-running operation worth another try (the operation's status answer is HTTP 200).
+TRANSIENT_LRO_CODES = frozenset(
+    {"internalservererror", "serviceunavailable", "toomanyrequests", "requesttimeout", "timeout", "conflict"}
+)
 
 
 def map_job_status(status: str | None) -> JobStatus:
@@ -171,6 +179,59 @@ def _prefect_secret_store(name: str, value: str) -> None:
     Secret(value=value).save(name, overwrite=True)
 
 
+class _PollingStopped(Exception):
+    """Raised inside a poller's thread to end it: the backend polls (or gave up on) that operation itself."""
+
+
+def _stop_polling(poller: Any) -> None:
+    """End an SDK poller's thread at its next poll, without a request.
+
+    An ``LROPoller`` polls on a daemon thread until Azure says the operation ended, 15 to 40 minutes for a
+    deployment; azure-core offers no cancel, so its polling method's next status update raises instead."""
+    if poller is None or poller.done():
+        return
+
+    def stopped() -> None:
+        raise _PollingStopped()
+
+    poller.polling_method().update_status = stopped
+    with contextlib.suppress(Exception):  # wait() re-raises what ended the thread: ours, or the poll it raced with
+        poller.wait(timeout=POLLER_STOP_WAIT_S)
+
+
+def _silence_progress_dots() -> None:
+    """azure-ai-ml's ``AzureMLPolling`` prints a ``.`` to stdout on every poll (and the job ops a progress bar):
+    nothing the flow's logs or a CLI's output should get."""
+    from azure.ai.ml._utils import _azureml_polling
+
+    _azureml_polling.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+
+
+def _usage_family(usage: Any) -> str:
+    """The VM family of a quota usage. ``Usage._from_rest_object`` copies the REST dict onto the entity, so
+    ``usage.name`` is ``{"value": ..., "localizedValue": ...}`` from the SDK (a ``UsageName`` only when built)."""
+    name = getattr(usage, "name", None)
+    value = name.get("value") if isinstance(name, dict) else getattr(name, "value", None)
+    return str(value or "")
+
+
+def _weights(traffic: dict[str, Any] | None) -> dict[str, int]:
+    """A traffic map as Azure means it: ``online_endpoints.get`` fills in 0 for every deployment without traffic,
+    and ``begin_create_or_update`` drops zeros (and lowercases names) before the PUT, so zeros carry nothing."""
+    return {str(k).lower(): int(v) for k, v in (traffic or {}).items() if int(v or 0) > 0}
+
+
+class _ClockedTransport(RequestsTransport):
+    """azure-core's requests transport whose ``sleep`` (what LRO pollers wait with between polls) is ours."""
+
+    def __init__(self, sleep: Callable[[float], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._clock_sleep = sleep
+
+    def sleep(self, duration: float) -> None:
+        self._clock_sleep(duration)
+
+
 class AzureMLBackend:
     """:class:`~tasks.backends.base.Backend` on Azure ML. ``ml_client`` may be injected (tests use a fake)."""
 
@@ -188,6 +249,7 @@ class AzureMLBackend:
         fetch_log: Callable[[str, int | None], bytes] = _fetch_log,
         secret_store: Callable[[str, str], None] | None = _prefect_secret_store,
         training_dir: Path = entities.TRAINING_DIR,
+        cloud: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = entities.azure_config(settings)
@@ -201,11 +263,23 @@ class AzureMLBackend:
         self._secret_store = secret_store
         self._training_dir = training_dir
         self._secret_saved = False
+        self._cloud = dict(cloud or {})
+        self._transport: _ClockedTransport | None = None
+        self._lro_timeout_s = float(
+            settings.rollout.ready_timeout_s
+        )  # MLClient's ``cloud`` / ``cloud_metadata`` for a sovereign or test cloud
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AzureMLBackend:
         # A backend is a handle on remote state, not a value: Prefect's transaction ``get`` deep-copies what the
         # rollout stored (the backend included), and the rollback hooks must act through this same client.
         return self
+
+    def close(self) -> None:
+        """Close the client's connections (a later call builds a new client)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            self._client_obj = None
+            transport.close()
 
     # ------------------------------------------------------------------------------------------ plumbing
     @property
@@ -214,13 +288,26 @@ class AzureMLBackend:
         if self._client_obj is None:
             from azure.ai.ml import MLClient
 
+            _silence_progress_dots()
             self._client_obj = MLClient(
                 self._credential or self._make_credential(),
                 self.cfg.subscription_id,
                 self.cfg.resource_group,
                 self.cfg.workspace,
+                # One retry layer: ours (_call, on retry.* and the injected clock). azure-core's RetryPolicy would
+                # retry each request 3 more times with real sleeps the config and the clock never see.
+                retry_total=0,
+                # Long-running-operation polls sleep through the transport: on the injected clock too.
+                transport=self._new_transport(),
+                enable_telemetry=False,
+                show_progress=False,
+                **self._cloud,
             )
         return self._client_obj
+
+    def _new_transport(self) -> _ClockedTransport:
+        self._transport = _ClockedTransport(self._sleep)
+        return self._transport
 
     def _make_credential(self) -> Any:
         from azure.identity import AzureCliCredential, DefaultAzureCredential, ManagedIdentityCredential
@@ -243,6 +330,12 @@ class AzureMLBackend:
             )
         if isinstance(exc, ResourceNotFoundError):
             return BackendError(f"could not {what}: it does not exist in {where}")
+        if isinstance(exc, HttpResponseError) and (exc.status_code or 0) < 400 and exc.error is not None:
+            # A long-running operation that failed: the exception carries the last poll's status (200) and the
+            # operation's error body, which is what Azure has to say.
+            code, message = exc.error.code or "OperationFailed", (exc.error.message or "").strip()
+            text = f"Azure ML could not {what}: {code}: {message.splitlines()[0] if message else 'no message'}"
+            return TransientBackendError(text) if code.lower() in TRANSIENT_LRO_CODES else BackendError(text)
         if isinstance(exc, HttpResponseError):
             code = exc.status_code
             reason = (exc.message or str(exc)).strip().splitlines()[0] if (exc.message or str(exc)) else ""
@@ -292,6 +385,29 @@ class AzureMLBackend:
         except ResourceNotFoundError as exc:
             raise self._translate(exc, what) from exc  # type: ignore[misc]
 
+    def _lro(self, what: str, begin: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+        """A long-running operation, waited for at most ``rollout.ready_timeout_s``: an SDK poller is never left
+        polling (one still running at the deadline is stopped) and a transient failure restarts the operation."""
+
+        def run() -> Any:
+            poller = begin()
+            try:
+                poller.wait(timeout=self._lro_timeout_s)  # raises the operation's error when it failed
+                if not poller.done():
+                    raise BackendError(
+                        f"could not {what} within {self._lro_timeout_s:.0f} s (rollout.ready_timeout_s): Azure ML "
+                        "is still working on it; a re-run picks up what it finished"
+                    )
+                return poller.result()
+            finally:
+                _stop_polling(poller)
+
+        return self._call(what, run, missing_ok=missing_ok)
+
+    def _start(self, what: str, begin: Callable[..., Any], *args: Any) -> None:
+        """Start a long-running operation the backend then polls itself (or needs no answer of): no SDK poller."""
+        _stop_polling(self._call(what, begin, *args))
+
     # ------------------------------------------------------------------------------------------ training
     def _ensure_environment(self) -> Any:
         env = entities.training_environment(self.cfg, self._training_dir.parent)
@@ -314,9 +430,7 @@ class AzureMLBackend:
             return found
         _LOG.info("creating compute cluster %s (%s)", name, self.cfg.compute.size)
         cluster = entities.compute_cluster(self.cfg)
-        return self._call(
-            f"create compute {name}", lambda: self.client.compute.begin_create_or_update(cluster).result()
-        )
+        return self._lro(f"create compute {name}", lambda: self.client.compute.begin_create_or_update(cluster))
 
     def _job_for(self, spec: TrainingJobSpec) -> tuple[str, Any | None]:
         """The job name to submit under, and the job already there when one with these inputs is reusable."""
@@ -393,7 +507,7 @@ class AzureMLBackend:
         if job is None or map_job_status(job.status).is_terminal:
             return
         _LOG.warning("canceling Azure ML job %s (%s)", job_id, job.status)
-        self._call(f"cancel job {job_id}", self.client.jobs.begin_cancel, job_id)
+        self._start(f"cancel job {job_id}", self.client.jobs.begin_cancel, job_id)
 
     @staticmethod
     def _pick_log(log_files: dict[str, str], any_log: bool = True) -> str | None:
@@ -471,8 +585,8 @@ class AzureMLBackend:
 
         try:
             run = self._mlflow_run(job_id)
-        except BackendError as exc:
-            _LOG.warning("registering job %s without its lineage tags: %s", job_id, exc)
+        except Exception as exc:  # the azureml-mlflow plugin raises bare Exceptions too: lineage never blocks it
+            _LOG.warning("registering job %s without its lineage tags: %s: %s", job_id, type(exc).__name__, exc)
             return {}
         params = {str(k): str(v) for k, v in (run.data.params or {}).items()}
         # sft.py's params name the base model "tiny (built from the training split)" where metrics.json says "tiny".
@@ -594,6 +708,10 @@ class AzureMLBackend:
     # ------------------------------------------------------------------------------------------ endpoint
     @property
     def endpoint_name(self) -> str:
+        """The configured endpoint name, refused before any request when Azure ML would refuse it."""
+        problem = name_problem(self.settings.endpoint.name, "endpoint.name")
+        if problem:
+            raise BackendError(problem)
         return self.settings.endpoint.name
 
     def _get_endpoint_entity(self) -> Any | None:
@@ -627,7 +745,7 @@ class AzureMLBackend:
             scoring_uri=scoring,
             # Only a deployment that serves the OpenAI routes answers here; a no-code MLflow deployment serves /score.
             openai_base_url=re.sub(r"/score/?$", "", scoring).rstrip("/") + "/v1" if scoring else "",
-            traffic={k: int(v) for k, v in (endpoint.traffic or {}).items()},
+            traffic=_weights(endpoint.traffic),
             deployments=deployments,
         )
 
@@ -640,12 +758,10 @@ class AzureMLBackend:
         endpoint = self._get_endpoint_entity()
         if endpoint is None:
             _LOG.info("creating endpoint %s", self.endpoint_name)
-            endpoint = self._call(
+            endpoint = self._lro(
                 f"create endpoint {self.endpoint_name}",
                 # A fresh entity per attempt: the SDK rewrites the identity objects of one it has serialised.
-                lambda: self.client.online_endpoints.begin_create_or_update(
-                    entities.online_endpoint(self.settings)
-                ).result(),
+                lambda: self.client.online_endpoints.begin_create_or_update(entities.online_endpoint(self.settings)),
             )
         return self._endpoint_info(endpoint)
 
@@ -664,7 +780,7 @@ class AzureMLBackend:
         need = instances * vcpus
         usages = self._call("list quota usage", self.client.compute.list_usage)
         family = (size.family or "").lower()
-        usage = next((u for u in usages or [] if (getattr(u.name, "value", "") or "").lower() == family), None)
+        usage = next((u for u in usages or [] if _usage_family(u).lower() == family), None)
         if usage is None or usage.limit is None:
             _LOG.warning("no quota figure for VM family %s; creating deployment without a quota check", size.family)
             return
@@ -679,6 +795,9 @@ class AzureMLBackend:
 
     def create_deployment(self, name: str, version: ModelVersion) -> DeploymentInfo:
         """Start creating the deployment at 0 traffic (after a quota check); :meth:`wait_deployment_ready` waits."""
+        problem = name_problem(name, "the deployment name", deployment=True)
+        if problem:
+            raise DeploymentFailedError(problem)
         if self._get_endpoint_entity() is None:
             raise DeploymentFailedError(f"endpoint {self.endpoint_name} does not exist; ensure_endpoint() first")
         existing = self._call(
@@ -698,7 +817,7 @@ class AzureMLBackend:
             tags={"model_version": version.version, "job_id": version.source_job_id},
         )
         # Not waiting on the poller: creation takes many minutes, wait_deployment_ready polls with backoff.
-        self._call(f"create deployment {name}", self.client.online_deployments.begin_create_or_update, deployment)
+        self._start(f"create deployment {name}", self.client.online_deployments.begin_create_or_update, deployment)
         return DeploymentInfo(name, version.version, "creating")
 
     def _deployment_logs(self, name: str) -> str:
@@ -754,11 +873,11 @@ class AzureMLBackend:
         endpoint = self._get_endpoint_entity()
         if endpoint is None:
             return
-        if int((endpoint.traffic or {}).get(name, 0)) > 0:
+        if _weights(endpoint.traffic).get(name.lower(), 0) > 0:
             raise BackendError(
                 f"deployment {name} still takes {endpoint.traffic[name]}% of the traffic; move it first (set_traffic)"
             )
-        if name in (endpoint.mirror_traffic or {}):
+        if name.lower() in _weights(endpoint.mirror_traffic):
             endpoint.mirror_traffic = {k: v for k, v in endpoint.mirror_traffic.items() if k != name}
             self._update_endpoint(endpoint, f"drop mirror traffic to {name}")
         found = self._call(
@@ -766,14 +885,14 @@ class AzureMLBackend:
         )
         if found is None:
             return
-        self._call(
+        self._lro(
             f"delete deployment {name}",
-            lambda: self.client.online_deployments.begin_delete(name, self.endpoint_name).result(),
+            lambda: self.client.online_deployments.begin_delete(name, self.endpoint_name),
             missing_ok=True,
         )
 
     def _update_endpoint(self, endpoint: Any, what: str) -> Any:
-        return self._call(what, lambda: self.client.online_endpoints.begin_create_or_update(endpoint).result())
+        return self._lro(what, lambda: self.client.online_endpoints.begin_create_or_update(endpoint))
 
     def set_traffic(self, traffic: dict[str, int]) -> dict[str, int]:
         """Set ``endpoint.traffic`` (weights add up to 100, or 0 to stop serving); mirror traffic to a deployment
@@ -793,7 +912,7 @@ class AzureMLBackend:
             k: v for k, v in (endpoint.mirror_traffic or {}).items() if weights.get(k, 0) == 0 and k in known
         }
         updated = self._update_endpoint(endpoint, f"set traffic {weights} on {self.endpoint_name}")
-        return {k: int(v) for k, v in (updated.traffic or {}).items()}
+        return _weights(updated.traffic)
 
     def set_mirror_traffic(self, name: str | None, percent: int | None = None) -> dict[str, int]:
         """Mirror ``percent`` (default ``rollout.mirror_percent``, at most 50) of live traffic to a deployment that
@@ -804,11 +923,11 @@ class AzureMLBackend:
         percent = self.settings.rollout.mirror_percent if percent is None else int(percent)
         if not 0 <= percent <= 50:
             raise BackendError(f"mirror traffic {percent}% is out of range: Azure ML mirrors 0 to 50% of traffic")
-        if name is not None and int((endpoint.traffic or {}).get(name, 0)) > 0:
+        if name is not None and _weights(endpoint.traffic).get(name.lower(), 0) > 0:
             raise BackendError(f"deployment {name} takes live traffic; Azure ML mirrors only to one that does not")
         endpoint.mirror_traffic = {name: percent} if name is not None and percent > 0 else {}
         updated = self._update_endpoint(endpoint, f"mirror {percent}% of traffic to {name}")
-        return {k: int(v) for k, v in (updated.mirror_traffic or {}).items()}
+        return _weights(updated.mirror_traffic)
 
     @property
     def secret_block_name(self) -> str:
@@ -865,22 +984,20 @@ class AzureMLBackend:
                 continue
             if kind == "deployment":
                 endpoint_name, deployment = name.split("/", 1)
-                self._call(
+                self._lro(
                     f"delete deployment {name}",
-                    lambda d=deployment, e=endpoint_name: self.client.online_deployments.begin_delete(d, e).result(),
+                    lambda d=deployment, e=endpoint_name: self.client.online_deployments.begin_delete(d, e),
                     missing_ok=True,
                 )
             elif kind == "endpoint":
-                self._call(
+                self._lro(
                     f"delete endpoint {name}",
-                    lambda n=name: self.client.online_endpoints.begin_delete(name=n).result(),
+                    lambda n=name: self.client.online_endpoints.begin_delete(name=n),
                     missing_ok=True,
                 )
             elif kind == "compute":
-                self._call(
-                    f"delete compute {name}",
-                    lambda n=name: self.client.compute.begin_delete(n).result(),
-                    missing_ok=True,
+                self._lro(
+                    f"delete compute {name}", lambda n=name: self.client.compute.begin_delete(n), missing_ok=True
                 )
             done.append(f"{kind} {name}")
         return done

@@ -51,6 +51,9 @@ class Poller:
     def wait(self, timeout: float | None = None) -> None:
         return None
 
+    def done(self) -> bool:  # the fake's operations finish at once
+        return True
+
 
 class _Ops:
     group = ""
