@@ -377,36 +377,6 @@ def test_a_deployment_not_ready_in_time_says_so(backend, fake, clock) -> None:
     assert sum(clock.sleeps) == pytest.approx(30)
 
 
-def test_traffic_and_mirror_rules(backend, fake, settings) -> None:
-    backend.ensure_endpoint()
-    for n in ("1", "2"):
-        backend.create_deployment(f"model-v{n}", _version(n))
-        backend.wait_deployment_ready(f"model-v{n}", 60)
-    assert backend.set_traffic({"model-v1": 100, "model-v2": 0}) == {"model-v1": 100, "model-v2": 0}
-    assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
-    settings.rollout.mirror_percent = 25  # the default share is the rollout's
-    assert backend.set_mirror_traffic("model-v2") == {"model-v2": 25}
-    with pytest.raises(BackendError, match="0 to 50%"):
-        backend.set_mirror_traffic("model-v2", 60)
-    with pytest.raises(BackendError, match="takes live traffic"):
-        backend.set_mirror_traffic("model-v1", 10)
-    assert backend.set_mirror_traffic(None) == {}
-    assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
-    with pytest.raises(BackendError, match="add up to 100"):
-        backend.set_traffic({"model-v1": 50})
-    with pytest.raises(BackendError, match="no such deployment"):
-        backend.set_traffic({"model-v9": 100})
-    # Live traffic to the mirrored deployment ends the mirror (Azure ML refuses both at once).
-    assert backend.set_traffic({"model-v1": 90, "model-v2": 10}) == {"model-v1": 90, "model-v2": 10}
-    assert fake.online_endpoints.store[settings.endpoint.name].mirror_traffic == {}
-    with pytest.raises(BackendError, match="still takes 10%"):
-        backend.delete_deployment("model-v2")
-    backend.set_traffic({"model-v1": 100, "model-v2": 0})
-    backend.delete_deployment("model-v2")
-    backend.delete_deployment("model-v2")  # already gone: a no-op
-    assert [d.name for d in backend.get_endpoint().deployments] == ["model-v1"]
-
-
 def test_scoring_key_goes_to_the_secret_store_and_never_to_the_log(backend, fake, secrets, caplog) -> None:
     backend.ensure_endpoint()
     with caplog.at_level(logging.DEBUG):
