@@ -14,8 +14,8 @@ import random
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -593,26 +593,18 @@ def test_contract_the_dict_fake_and_the_rest_fake_agree_on_a_rollout(
     """One scenario (v1 live, v2 rolled out with a mirror first) through both fakes: the same result, the same
     traffic maps in the same order, the same endpoint and registry afterwards."""
     settings.rollout.mirror_percent, settings.rollout.mirror_duration_s = 10, 0.0
-    outcomes = []
-    for b, history in (
-        (backend, lambda: [(t, m) for t, m in fake_history]),
-        (rest_backend, lambda: _maps_sent(azure, settings.endpoint.name)),
-    ):
-        if b is backend:
-            _live_v1(backend, fake, settings)
-            fake_history = _record_endpoint_updates(fake, monkeypatch)
-        else:
-            _rest_live_v1(rest_backend, azure)
-        result = _rollout(b, b.register_model("job-2", {}), settings)
+
+    def outcome(b, result, maps) -> tuple[Any, ...]:
         endpoint = b.get_endpoint()
-        outcomes.append(
-            (
-                result.traffic_after,
-                [s["percent"] for s in result.steps],
-                history(),
-                endpoint.traffic,
-                sorted((d.name, d.model_version, d.state) for d in endpoint.deployments),
-                b.get_model_by_alias(CHAMPION).version,
-            )
-        )
-    assert outcomes[0] == outcomes[1]
+        deployments = sorted((d.name, d.model_version, d.state) for d in endpoint.deployments)
+        steps = [s["percent"] for s in result.steps]
+        return result.traffic_after, steps, maps, endpoint.traffic, deployments, b.get_model_by_alias(CHAMPION).version
+
+    _live_v1(backend, fake, settings)
+    history = _record_endpoint_updates(fake, monkeypatch)
+    by_dict_fake = outcome(backend, _rollout(backend, backend.register_model("job-2", {}), settings), history)
+    _rest_live_v1(rest_backend, azure)
+    result = _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    by_rest_fake = outcome(rest_backend, result, _maps_sent(azure, settings.endpoint.name))
+    assert by_dict_fake == by_rest_fake
+    assert by_rest_fake[0] == {"model-v2": 100} and len(by_rest_fake[2]) == 5
