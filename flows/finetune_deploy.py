@@ -32,6 +32,7 @@ from tasks.config import Settings, load_config, normalise_overrides
 from tasks.evaluate import EvalResult, evaluate_model, recorded_result
 from tasks.gate import gate_task
 from tasks.jobs import PollTiming, submit_training_job, wait_for_training_job
+from tasks.preflight import preflight_task
 from tasks.retry import call_with_retry, prefect_delays, retry_condition_fn
 from tasks.rollout import CHAMPION, RolloutFailed, check_approval_possible, run_rollout
 from tasks.smoke import smoke_test_task
@@ -209,6 +210,7 @@ def finetune_and_deploy(
     wanted = _check_refresh(refresh)
     check_approval_possible(settings)  # before training, not after it
     backend = get_backend(settings)
+    preflight_task(settings, backend)  # what would stop the run later (recipe, quota, names...), before any cost
     from tasks.data import source_fingerprint
 
     # Data: keyed on the source's content fingerprint and the data section.

@@ -50,10 +50,12 @@ from azure.core.pipeline.transport import RequestsTransport
 from tasks.backends import azureml_entities as entities
 from tasks.backends.azure_names import name_problem
 from tasks.backends.base import (
+    USAGE_ERROR_EXIT_CODE,
     BackendError,
     DeploymentFailedError,
     DeploymentInfo,
     EndpointInfo,
+    JobFailedError,
     JobInfo,
     JobStatus,
     ModelVersion,
@@ -100,6 +102,8 @@ TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 ALIAS_TAG = "alias.{alias}"
 MAX_JOB_ATTEMPTS = 50  # fresh job names tried after failed/canceled jobs with the same inputs
 LOG_LINES_ON_FAILURE = 50
+# How Azure ML reports the user process's exit code in a failed job's error ("... exited with status code 2 ...").
+_USAGE_EXIT = re.compile(rf"exit(?:ed)? (?:with )?(?:status |exit )?code:? {USAGE_ERROR_EXIT_CODE}\b", re.IGNORECASE)
 POLLER_STOP_WAIT_S = 10.0  # a stopped poller ends after its current sleep (the injected clock's in tests)
 # Codes of a failed long-running operation worth another try (the operation's status answer is HTTP 200).
 TRANSIENT_LRO_CODES = frozenset(
@@ -408,6 +412,68 @@ class AzureMLBackend:
         """Start a long-running operation the backend then polls itself (or needs no answer of): no SDK poller."""
         _stop_polling(self._call(what, begin, *args))
 
+    # ------------------------------------------------------------------------------------------ preflight reads
+    @property
+    def credential(self) -> Any:
+        if self._credential is None:
+            self._credential = self._make_credential()
+        return self._credential
+
+    @property
+    def resource_manager_url(self) -> str:
+        """Azure Resource Manager of the client's cloud (public Azure, a sovereign cloud, or a test server)."""
+        from azure.ai.ml._azure_environments import _get_base_url_from_metadata
+
+        self.client  # noqa: B018 - building the client registers and selects its cloud
+        return _get_base_url_from_metadata(self._cloud.get("cloud")).rstrip("/")
+
+    def arm_token(self) -> str:
+        """A token for Azure Resource Manager from the configured credential (what every call needs first)."""
+        return self.credential.get_token(self.resource_manager_url + "/.default").token
+
+    def workspace_location(self) -> str:
+        workspace = self._call(f"get workspace {self.cfg.workspace}", self.client.workspaces.get, self.cfg.workspace)
+        return str(workspace.location or "")
+
+    def vm_sizes(self) -> dict[str, tuple[str, int]]:
+        """The workspace region's VM sizes: lowercase name -> (family, vCPUs)."""
+        sizes = self._call("list VM sizes", self.client.compute.list_sizes)
+        return {(s.name or "").lower(): (s.family or "", int(getattr(s, "v_cp_us", 0) or 0)) for s in sizes or []}
+
+    def vcpu_quota(self) -> dict[str, tuple[int, int]]:
+        """The region's vCPU quota: lowercase VM family -> (in use, limit)."""
+        usages = self._call("list quota usage", self.client.compute.list_usage)
+        return {
+            _usage_family(u).lower(): (int(u.current_value or 0), int(u.limit))
+            for u in usages or []
+            if u.limit is not None
+        }
+
+    def arm_resource_exists(self, resource_id: str, api_version: str) -> bool:
+        """An ARM GET on ``resource_id`` (e.g. the user-assigned identity): True found, False 404."""
+        from azure.core import PipelineClient
+        from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+        from azure.core.rest import HttpRequest
+
+        base = self.resource_manager_url
+        policy = BearerTokenCredentialPolicy(self.credential, base + "/.default")
+        url = f"{base}/{resource_id.lstrip('/')}?api-version={api_version}"
+
+        def get() -> bool:
+            with PipelineClient(base, policies=[policy], transport=_ClockedTransport(self._sleep)) as client:
+                response = client.send_request(HttpRequest("GET", url))
+            if response.status_code == 404:
+                return False
+            response.raise_for_status()
+            return True
+
+        return self._call(f"get {resource_id.rsplit('/', 1)[-1]}", get)
+
+    def endpoint_tags(self) -> dict[str, str] | None:
+        """The existing endpoint's tags, or None when the name is free in the workspace."""
+        endpoint = self._get_endpoint_entity()
+        return None if endpoint is None else dict(endpoint.tags or {})
+
     # ------------------------------------------------------------------------------------------ training
     def _ensure_environment(self) -> Any:
         env = entities.training_environment(self.cfg, self._training_dir.parent)
@@ -443,6 +509,14 @@ class AzureMLBackend:
                 continue  # refresh asked: the next free attempt name, a new job
             if map_job_status(job.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
                 return name, job  # running or completed: same data, recipe and code, so the same result
+            if map_job_status(job.status) == JobStatus.FAILED:
+                reason = self._failure_reason(job)
+                if _USAGE_EXIT.search(reason):
+                    raise JobFailedError(
+                        f"{reason.splitlines()[0]} That is training/sft.py's usage error (exit code "
+                        f"{USAGE_ERROR_EXIT_CODE}): the same inputs fail the same way, so no new job is submitted; "
+                        "fix the recipe or the overrides"
+                    )
         raise BackendError(
             f"{MAX_JOB_ATTEMPTS} Azure ML jobs with these exact inputs failed or were canceled; fix the cause "
             "(see the last job's log in the studio) before trying again"

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from tasks.backends.base import (
+    USAGE_ERROR_EXIT_CODE,
     BackendError,
     DeploymentFailedError,
     DeploymentInfo,
     EndpointInfo,
+    JobFailedError,
     JobInfo,
     JobStatus,
     ModelVersion,
@@ -112,6 +114,12 @@ def submit_or_resume(runner: Any, spec: TrainingJobSpec, max_attempts: int = MAX
             why = "was canceled"
         else:
             why = _exit_reason(info.exit_code)
+        if info.status == JobStatus.FAILED and info.exit_code == USAGE_ERROR_EXIT_CODE:
+            raise JobFailedError(
+                f"training job {job_id} refused its arguments (exit code {USAGE_ERROR_EXIT_CODE}, a usage error: "
+                f"the same on every attempt, so it is not restarted); read its log {info.url}, fix the recipe or "
+                f"the overrides, or delete {runner.job_dir(job_id)} to run these inputs again"
+            )
         if attempt >= max_attempts:
             raise BackendError(
                 f"training job {job_id} ended without a model on all {attempt} attempts (last: {why}); read its log "

@@ -196,6 +196,17 @@ class AzureMLFake:
         self.identities.add(resource_id.lower())
         return resource_id
 
+    def add_endpoint(self, name: str, tags: dict[str, str] | None = None) -> None:
+        """An endpoint made outside the backend (by someone else, when its tags say so)."""
+        props = {"authMode": "Key", "properties": {}, "traffic": {}, "mirrorTraffic": {}}
+        props.update(provisioningState="Succeeded", scoringUri=self.scoring_uri(name))
+        with self.lock:
+            self.endpoints[name] = self._resource(
+                self._arm_id("onlineEndpoints", name), name, "onlineEndpoints", props,
+                location=self.location, kind="Managed", tags=dict(tags or {}), identity=None,
+            )  # fmt: skip
+            self.deployments.setdefault(name, {})
+
     def add_job(self, name: str, status: str, script: list[str] | None = None) -> None:
         with self.lock:
             self.jobs[name] = self._job_resource(name, {"jobType": "Command", "status": status, "tags": {}})
