@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.backends.base import BackendError
 from tasks.config import Settings
+from tasks.state import atomic_write_text, sha256_file, sha256_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_API_VERSION = "2023-01-31"
@@ -221,7 +222,8 @@ def _repo_path(path: Path) -> Path:
 
 def recipe_check(settings: Settings) -> Check:
     """The recipe parsed by ``training/sft.py``'s own parser (its ``check_recipe``), in a child process: the same
-    interpreter, environment and imports the training job gets."""
+    interpreter, environment and imports the training job gets. A pass is remembered in the state folder under the
+    hash of recipe and script (importing TRL takes seconds; an unchanged recipe need not pay them every run)."""
     recipe = _repo_path(Path(settings.training.recipe))
     if not recipe.is_file():
         return Check(
@@ -230,6 +232,11 @@ def recipe_check(settings: Settings) -> Check:
             f"{settings.training.recipe} does not exist",
             "set training.recipe to a file in training/recipes/",
         )
+    script = REPO_ROOT / "training" / "sft.py"
+    key = sha256_text(f"{sys.executable}\n{sha256_file(recipe)}\n{sha256_file(script)}")[:24]
+    passed = Path(settings.state_dir).expanduser() / "preflight" / f"recipe-{key}.ok"
+    if passed.is_file():
+        return Check("recipe", True, f"{settings.training.recipe} parses with training/sft.py's parser")
     code = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import sft; "
         "sft.check_recipe(sft.TrlParser(sft.DATACLASSES), Path(sys.argv[2]))"
@@ -242,6 +249,8 @@ def recipe_check(settings: Settings) -> Check:
         env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")},
     )
     if proc.returncode == 0:
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(passed, str(recipe))
         return Check("recipe", True, f"{settings.training.recipe} parses with training/sft.py's parser")
     last = (proc.stderr.strip().splitlines() or ["the parser failed"])[-1]
     return Check("recipe", False, last.removeprefix("sft.UsageError: ").removeprefix("UsageError: "), "fix the recipe")

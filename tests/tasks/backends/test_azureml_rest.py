@@ -17,6 +17,7 @@ import pytest
 from tasks.backends.base import (
     BackendError,
     DeploymentFailedError,
+    JobFailedError,
     JobStatus,
     ModelVersion,
     RetriesExhaustedError,
@@ -314,3 +315,25 @@ def test_teardown_deletes_the_endpoint_with_its_deployments_and_the_compute(rest
     assert not azure.sent("DELETE", r"/deployments/")  # they go with the endpoint
     assert azure.endpoints == {} and azure.computes == {}
     assert rest_backend.teardown_plan(include_compute=True) == []
+
+
+def test_a_job_that_exited_2_is_not_resubmitted(rest_backend, azure, spec) -> None:
+    azure.job_statuses = ["Queued", "Failed"]
+    azure.job_error = {
+        "code": "UserError",
+        "message": "Execution failed. User process 'python' exited with status code 2. Please check log file.",
+    }
+    info = rest_backend.submit_training(_remote(spec))
+    assert rest_backend.get_job(info.job_id).status == JobStatus.FAILED
+    with pytest.raises(JobFailedError, match=r"usage error \(exit code 2\).*no new job is submitted"):
+        rest_backend.submit_training(_remote(spec))
+    assert len(azure.sent("PUT", r"/jobs/")) == 1
+
+
+def test_a_job_that_failed_otherwise_gets_a_fresh_name(rest_backend, azure, spec) -> None:
+    azure.job_statuses = ["Queued", "Failed"]
+    first = rest_backend.submit_training(_remote(spec))
+    rest_backend.get_job(first.job_id)
+    azure.job_statuses = ["Queued", "Running"]
+    second = rest_backend.submit_training(_remote(spec))
+    assert second.job_id == f"{first.job_id}-2"
