@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 from azure.core.credentials import AccessToken
 
-from tests.azure_fake.server import AzureMLFake
+from tests.azure_fake.server import STORAGE_DOMAIN, AzureMLFake
 
 _CLOUD_NAMES = itertools.count(1)
 # What constructing a client or trusting the fake's certificate changes in the environment.
@@ -46,18 +47,37 @@ def cloud_options(fake: AzureMLFake) -> dict[str, Any]:
             "azure_portal": base,
             "aml_resource_id": base,
             "registry_discovery_endpoint": base,
-            "storage_endpoint": "fake.core.windows.net",
+            "storage_endpoint": f"{STORAGE_DOMAIN}:{fake.port}",
         },
     }
 
 
 @contextlib.contextmanager
+def storage_hosts_on_loopback() -> Iterator[None]:
+    """Resolve ``*.blob.<STORAGE_DOMAIN>`` to 127.0.0.1 (blob storage is addressed by account host name)."""
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith("." + STORAGE_DOMAIN):
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+
+    socket.getaddrinfo = resolve
+    try:
+        yield
+    finally:
+        socket.getaddrinfo = real
+
+
+@contextlib.contextmanager
 def fake_cloud(fake: AzureMLFake) -> Iterator[dict[str, Any]]:
-    """Trust the fake's certificate and yield its cloud options; the environment is restored afterwards."""
+    """Trust the fake's certificate, resolve its storage host names, and yield its cloud options; the environment
+    and the resolver are restored afterwards."""
     saved = {key: os.environ.get(key) for key in _ENV_KEYS}
     os.environ["REQUESTS_CA_BUNDLE"] = os.environ["SSL_CERT_FILE"] = str(fake.cert_path)
     try:
-        yield cloud_options(fake)
+        with storage_hosts_on_loopback():
+            yield cloud_options(fake)
     finally:
         for key, value in saved.items():
             if value is None:

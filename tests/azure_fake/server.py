@@ -40,6 +40,11 @@ from urllib.parse import parse_qs, urlsplit
 from tests.azure_fake.tls import self_signed_certificate
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
+# Blob storage answers on https://<account>.blob.<STORAGE_DOMAIN>:<port>: a host name (the SDK builds the account URL
+# from the datastore's account name), which tests resolve to 127.0.0.1 (:func:`tests.azure_fake.client.fake_cloud`).
+STORAGE_DOMAIN = "fake.core.windows.net"
+STORAGE_ACCOUNT = "fakestorage"
+BLOB_CONTAINER = "azureml-blobstore-0000"
 PROVIDER = "Microsoft.MachineLearningServices"
 DEFAULT_SIZES = [
     {"name": "Standard_E4s_v3", "family": "standardESv3Family", "vCPUs": 4, "gpus": 0, "memoryGB": 32.0},
@@ -77,6 +82,7 @@ class Request:
     query: dict[str, str]
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""
 
 
 class AzureError(Exception):
@@ -130,6 +136,7 @@ class AzureMLFake:
             "standardDSv2Family": (0, 100),
             "StandardNCADSA100v4Family": (0, 24),
         }
+        self.blobs: dict[str, tuple[bytes, dict[str, str]]] = {}  # "container/path" -> (content, metadata)
         self.identities: set[str] = set()  # resource ids of user-assigned identities that exist
         self.endpoint_key = "fake-key-0123456789abcdef"
         self.broken: set[str] = set()  # deployments whose scoring route fails (424) or never stops generating
@@ -138,7 +145,7 @@ class AzureMLFake:
         self.lro_error = {"code": "BadArgument", "message": "The operation failed."}
         self._operations: dict[str, dict[str, Any]] = {}
         self._folder = Path(tempfile.mkdtemp(prefix="azure-fake-"))
-        self.cert_path, key_path = self_signed_certificate(self._folder)
+        self.cert_path, key_path = self_signed_certificate(self._folder, (f"{STORAGE_ACCOUNT}.blob.{STORAGE_DOMAIN}",))
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.fake = self  # type: ignore[attr-defined]
@@ -148,6 +155,10 @@ class AzureMLFake:
         self._thread = threading.Thread(target=self._server.serve_forever, name="azure-fake", daemon=True)
 
     # --------------------------------------------------------------------------------------------- lifecycle
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
     @property
     def base_url(self) -> str:
         return f"https://127.0.0.1:{self._server.server_port}"
@@ -222,7 +233,7 @@ class AzureMLFake:
         except ValueError:
             payload = body
         with self.lock:
-            self.requests.append(Request(method, path, query, payload, headers))
+            self.requests.append(Request(method, path, query, payload, headers, body))
             fault = next((f for f in self.faults if f.method == method and re.search(f.path, path) and f.times), None)
             if fault is not None:
                 fault.times -= 1
@@ -245,6 +256,8 @@ class AzureMLFake:
 
     def _route(self, request: Request) -> tuple[int, Any, dict]:
         method, path = request.method, request.path
+        if f".blob.{STORAGE_DOMAIN}" in request.headers.get("host", ""):
+            return self._blob(request)
         ws = re.escape(self.workspace_path)
         sub = re.escape(f"/subscriptions/{self.subscription}")
         routes: list[tuple[str, str, Any]] = [
@@ -256,6 +269,8 @@ class AzureMLFake:
             ("GET", rf"{ws}/codes/(?P<name>[^/]+)/versions", self._list_codes),
             ("GET", rf"{ws}/codes/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", self._get_code),
             ("PUT", rf"{ws}/codes/(?P<name>[^/]+)/versions/(?P<version>[^/]+)", self._put_code),
+            ("GET", rf"{ws}/datastores/(?P<name>[^/]+)", self._datastore),
+            ("POST", rf"{ws}/datastores/(?P<name>[^/]+)/listSecrets", self._datastore_secrets),
             ("GET", rf"{ws}/computes/(?P<name>[^/]+)", self._get_compute),
             ("PUT", rf"{ws}/computes/(?P<name>[^/]+)", self._put_compute),
             ("DELETE", rf"{ws}/computes/(?P<name>[^/]+)", self._delete_compute),
@@ -435,6 +450,48 @@ class AzureMLFake:
         )
         self.codes[(name, version)] = resource
         return 200, resource, {}
+
+    def _datastore(self, req: Request, name: str) -> tuple[int, Any, dict]:
+        if name != "workspaceblobstore":
+            raise AzureError(404, "UserError", f"datastore {name} not found")
+        props = {
+            "datastoreType": "AzureBlob",
+            "accountName": STORAGE_ACCOUNT,
+            "containerName": BLOB_CONTAINER,
+            "endpoint": STORAGE_DOMAIN,
+            "protocol": "https",
+            "credentials": {"credentialsType": "AccountKey"},
+            "isDefault": True,
+        }
+        return 200, self._resource(self._arm_id("datastores", name), name, "datastores", props), {}
+
+    def _datastore_secrets(self, req: Request, name: str) -> tuple[int, Any, dict]:
+        return 200, {"secretsType": "Sas", "sasToken": "sv=2021-08-06&ss=b&sig=fake"}, {}
+
+    def _blob(self, req: Request) -> tuple[int, Any, dict]:
+        """Enough of the Blob service for the SDK's upload: HEAD (properties, with metadata), PUT (a block blob),
+        PUT ?comp=metadata; errors carry ``x-ms-error-code`` as Azure Storage's do."""
+        key = req.path.lstrip("/")
+        comp = req.query.get("comp")
+        stamp = "Tue, 01 Dec 2026 00:00:00 GMT"
+        if req.method in ("GET", "HEAD"):
+            if key not in self.blobs:
+                return 404, b"", {"x-ms-error-code": "BlobNotFound"}
+            data, metadata = self.blobs[key]
+            headers = {"x-ms-blob-type": "BlockBlob", "Last-Modified": stamp, "ETag": '"0x1"'}
+            headers.update({f"x-ms-meta-{k}": v for k, v in metadata.items()})
+            return 200, data if req.method == "GET" else b"", headers
+        if req.method == "PUT" and comp == "metadata":
+            if key not in self.blobs:
+                return 404, b"", {"x-ms-error-code": "BlobNotFound"}
+            metadata = {k[len("x-ms-meta-") :]: v for k, v in req.headers.items() if k.startswith("x-ms-meta-")}
+            self.blobs[key] = (self.blobs[key][0], metadata)
+            return 200, b"", {"ETag": '"0x2"', "Last-Modified": stamp}
+        if req.method == "PUT" and comp is None:
+            data = req.body if isinstance(req.body, bytes) else json.dumps(req.body).encode() if req.body else b""
+            self.blobs[key] = (req.raw or data, {})
+            return 201, b"", {"ETag": '"0x1"', "Last-Modified": stamp, "x-ms-request-server-encrypted": "true"}
+        return 400, b"", {"x-ms-error-code": "UnsupportedHttpVerb"}
 
     def _get_compute(self, req: Request, name: str) -> tuple[int, Any, dict]:
         found = self.computes.get(name)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
-def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+def self_signed_certificate(folder: Path, dns_names: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """Write ``cert.pem`` (also the CA bundle clients trust) and ``key.pem`` into ``folder``; return both paths."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
@@ -28,6 +28,7 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+                + [x509.DNSName(name) for name in dns_names]
             ),
             critical=False,
         )

@@ -337,3 +337,22 @@ def test_a_job_that_failed_otherwise_gets_a_fresh_name(rest_backend, azure, spec
     azure.job_statuses = ["Queued", "Running"]
     second = rest_backend.submit_training(_remote(spec))
     assert second.job_id == f"{first.job_id}-2"
+
+
+# ---------------------------------------------------------------------------------------------- data inputs
+
+
+def test_local_data_inputs_are_uploaded_through_the_datastore_to_blob_storage(rest_backend, azure, spec) -> None:
+    info = rest_backend.submit_training(spec)  # train/test.jsonl are local files
+    assert azure.sent("GET", r"/datastores/workspaceblobstore$") and azure.sent("POST", r"/listSecrets$")
+    uploads = {k: v for k, v in azure.blobs.items() if k.endswith(".jsonl")}
+    assert sorted(Path(k).name for k in uploads) == ["test.jsonl", "train.jsonl"]
+    assert all(k.startswith("azureml-blobstore-0000/LocalUpload/") for k in uploads)
+    assert all(meta.get("upload_status") == "completed" for _, meta in uploads.values())  # confirmed, reusable
+    (train,) = [data for k, (data, _) in uploads.items() if k.endswith("train.jsonl")]
+    assert train == Path(spec.train_file).read_bytes()
+    (put,) = azure.sent("PUT", rf"/jobs/{info.job_id}$")
+    uri = put.body["properties"]["inputs"]["train_file"]["uri"]
+    assert uri.startswith("azureml://datastores/workspaceblobstore/paths/LocalUpload/") and uri.endswith(
+        "/train.jsonl"
+    )
