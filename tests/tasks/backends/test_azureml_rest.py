@@ -9,6 +9,7 @@ injected clock: the backend's backoff and the SDK pollers' sleeps both go throug
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from pathlib import Path
 
@@ -176,8 +177,11 @@ def test_register_is_idempotent_with_lineage_and_aliases_are_tags(rest_backend, 
 
 def test_the_endpoint_is_created_once_with_the_user_assigned_identity(rest_backend, azure, settings) -> None:
     info = rest_backend.ensure_endpoint()
+    assert info.name == settings.endpoint.name and info.traffic == {}
     assert info.scoring_uri == azure.scoring_uri(settings.endpoint.name)
+    assert info.openai_base_url == info.scoring_uri.removesuffix("/score") + "/v1"
     rest_backend.ensure_endpoint()
+    assert not azure.sent("DELETE", r"/onlineEndpoints/")
     (put,) = azure.sent("PUT", rf"/onlineEndpoints/{settings.endpoint.name}$")
     assert put.body["identity"]["type"] == "UserAssigned"
     assert list(put.body["identity"]["userAssignedIdentities"]) == [settings.azureml.user_assigned_identity_id]
@@ -210,8 +214,9 @@ def test_a_deployment_poller_started_with_an_lro_is_stopped(rest_backend, azure)
 def test_the_quota_check_refuses_a_2_of_8_vcpu_shortfall(rest_backend, azure) -> None:
     azure.usage["standardESv3Family"] = (6, 8)  # 2 of 8 free; one E4s_v3 needs 4, with the 20% reserve 8
     rest_backend.ensure_endpoint()
-    with pytest.raises(DeploymentFailedError, match=r"needs 8 vCPUs .* only 2 of 8 are available"):
+    with pytest.raises(DeploymentFailedError, match=r"needs 8 vCPUs .* only 2 of 8 are available") as caught:
         rest_backend.create_deployment("model-v1", _version("1"))
+    assert "Standard_E4s_v3" in str(caught.value) and "standardESv3Family" in str(caught.value)
     assert azure.sent("GET", r"/locations/eastus2/usages$") and not azure.sent("PUT", r"/deployments/")
 
 
@@ -284,7 +289,8 @@ def test_an_lro_that_never_ends_is_bounded_by_the_steps_timeout(rest_backend, az
 
 def test_keys_go_to_the_secret_store_never_to_the_log(rest_backend, azure, secrets, caplog) -> None:
     rest_backend.ensure_endpoint()
-    assert rest_backend.scoring_key() == azure.endpoint_key
+    with caplog.at_level(logging.DEBUG):
+        assert rest_backend.scoring_key() == azure.endpoint_key
     assert secrets == {rest_backend.secret_block_name: azure.endpoint_key}
     assert azure.sent("POST", r"/listKeys$")
     assert azure.endpoint_key not in caplog.text
