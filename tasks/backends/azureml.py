@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -211,6 +212,18 @@ def _silence_progress_dots() -> None:
     _azureml_polling.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
 
 
+def _sent(exc: Exception) -> str:
+    """The request an SDK error answers, as `` (at GET <path in the workspace>)``: one SDK call sends several (a
+    workspace GET before usages, an endpoint GET before a deployment PUT), and a fault in any of them would otherwise
+    read as a fault of the outer call."""
+    request = getattr(getattr(exc, "response", None), "request", None)
+    url = getattr(request, "url", None)
+    if not url:
+        return ""
+    path = urlsplit(url).path
+    return f" (at {request.method} {path.split('/workspaces/', 1)[-1] or path})"
+
+
 def _usage_family(usage: Any) -> str:
     """The VM family of a quota usage. ``Usage._from_rest_object`` copies the REST dict onto the entity, so
     ``usage.name`` is ``{"value": ..., "localizedValue": ...}`` from the SDK (a ``UsageName`` only when built)."""
@@ -333,7 +346,7 @@ class AzureMLBackend:
                 "azureml.credential / azureml.managed_identity_client_id in the config"
             )
         if isinstance(exc, ResourceNotFoundError):
-            return BackendError(f"could not {what}: it does not exist in {where}")
+            return BackendError(f"could not {what}: it does not exist in {where}{_sent(exc)}")
         if isinstance(exc, HttpResponseError) and (exc.status_code or 0) < 400 and exc.error is not None:
             # A long-running operation that failed: the exception carries the last poll's status (200) and the
             # operation's error body, which is what Azure has to say.
@@ -343,14 +356,15 @@ class AzureMLBackend:
         if isinstance(exc, HttpResponseError):
             code = exc.status_code
             reason = (exc.message or str(exc)).strip().splitlines()[0] if (exc.message or str(exc)) else ""
+            at = _sent(exc)
             if code is None or code in TRANSIENT_HTTP or code >= 500:
-                return TransientBackendError(f"Azure ML answered HTTP {code} to {what}: {reason}")
+                return TransientBackendError(f"Azure ML answered HTTP {code} to {what}{at}: {reason}")
             if code == 403:
                 return BackendError(
-                    f"permission denied to {what} in {where}: {reason}; the signed-in identity needs the "
+                    f"permission denied to {what} in {where}{at}: {reason}; the signed-in identity needs the "
                     "Contributor (or AzureML Data Scientist) role on the workspace"
                 )
-            return BackendError(f"Azure ML refused to {what} (HTTP {code}): {reason}")
+            return BackendError(f"Azure ML refused to {what} (HTTP {code}){at}: {reason}")
         if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
             return TransientBackendError(f"could not reach Azure ML to {what} ({type(exc).__name__}: {exc})")
         try:

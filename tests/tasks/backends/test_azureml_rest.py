@@ -362,3 +362,11 @@ def test_local_data_inputs_are_uploaded_through_the_datastore_to_blob_storage(re
     assert uri.startswith("azureml://datastores/workspaceblobstore/paths/LocalUpload/") and uri.endswith(
         "/train.jsonl"
     )
+
+
+def test_a_fault_in_a_request_the_sdk_adds_is_named_in_the_message(rest_backend, azure, settings) -> None:
+    """create_deployment's quota check lists VM sizes, for which the SDK first GETs the workspace."""
+    rest_backend.ensure_endpoint()
+    azure.fault("GET", rf"{azure.workspace_path}$", 503, times=settings.retry.attempts)
+    with pytest.raises(RetriesExhaustedError, match=r"HTTP 503 to list VM sizes \(at GET my-aml-workspace\)"):
+        rest_backend.create_deployment("model-v1", _version("1"))
