@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +147,5 @@ def rest_backend(settings, azure, clock, secrets, training_dir) -> Iterator[Azur
             yield backend
         finally:
             backend.close()
+    # However the test ended, the backend left no SDK poller polling (and printing) behind it.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("LROPoller")] == []
