@@ -473,7 +473,7 @@ def _maps_sent(azure, name: str) -> list[tuple[dict[str, int], dict[str, int]]]:
     ]
 
 
-def test_rest_rollout_shifts_traffic_in_steps_pinned_smoke_first(rest_backend, azure, settings) -> None:
+def test_rest_rollout_shifts_traffic_in_steps_pinned_smoke_first(rest_backend, azure, settings, capfd) -> None:
     _rest_live_v1(rest_backend, azure)
     v2 = rest_backend.register_model("job-2", {"manifest_sha256": "cd"})
     result = _rollout(rest_backend, v2, settings)
@@ -488,6 +488,7 @@ def test_rest_rollout_shifts_traffic_in_steps_pinned_smoke_first(rest_backend, a
     first = azure.scored[0]
     assert first[:2] == ("score", "model-v2") and first[2]["input_data"] == [settings.smoke.prompts[0]]
     assert {d.name for d in rest_backend.get_endpoint().deployments} == {"model-v1", "model-v2"}
+    assert "." not in capfd.readouterr().out  # the SDK's poll dots never reach stdout
 
 
 def test_rest_a_failed_deployment_is_rolled_back(rest_backend, azure, settings) -> None:
