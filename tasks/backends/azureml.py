@@ -15,13 +15,19 @@
 - Rollout primitives: the endpoint is created when missing and never deleted (only ``azureml teardown`` deletes it);
   deployments are created after a VM quota check, polled until ready (the container log on failure), and deleted;
   traffic is set on ``endpoint.traffic`` (mirror traffic is dropped from a deployment that gets live traffic).
-- Every SDK call goes through :meth:`AzureMLBackend._call`: transient faults (HTTP 408/429/5xx, connection errors)
-  are retried with :func:`tasks.retry.call_with_retry` (exponential backoff with our own jitter), everything else
-  becomes a :class:`BackendError` with a sentence. Once the retries are spent the error is a plain
-  :class:`BackendError`, so the flow's own retry wrapper does not multiply the attempts.
+- Every SDK call goes through :meth:`AzureMLBackend._call`: transient faults (HTTP 408/429/5xx, connection errors,
+  a long-running operation failing with a transient code) are retried with :func:`tasks.retry.call_with_retry`
+  (exponential backoff with our own jitter), everything else becomes a :class:`BackendError` with a sentence. That
+  is the only retry layer: the ``MLClient`` is built with ``retry_total=0``, so ``retry.*`` and the injected clock
+  govern every wait. Once the retries are spent the error is a :class:`RetriesExhaustedError`, so the flow's own
+  retry wrapper does not multiply the attempts.
+- Long-running operations (:meth:`AzureMLBackend._lro`) are waited for at most ``rollout.ready_timeout_s``; a poller
+  the backend does not wait on (deployment create, job cancel), or one still running at the deadline, is stopped,
+  and the SDK's progress dots never reach stdout.
 
-Azure cannot be reached from CI: the tests drive this code with a fake ``MLClient`` raising the SDK's real
-exception types, and load every entity back with the SDK's own YAML loaders.
+Azure cannot be reached from CI: the tests drive this code through the real ``MLClient`` against a REST fake of
+Azure ML on loopback HTTPS (``tests/azure_fake``), with a fake in-process ``MLClient`` kept for fast timing tests, and
+load every entity back with the SDK's own YAML loaders.
 """
 
 from __future__ import annotations
