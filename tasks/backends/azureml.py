@@ -413,13 +413,15 @@ class AzureMLBackend:
         """A long-running operation, waited for at most ``rollout.ready_timeout_s``: an SDK poller is never left
         polling (one still running at the deadline is stopped) and a transient failure restarts the operation."""
 
+        timeout_s = float(self.settings.rollout.ready_timeout_s)
+
         def run() -> Any:
             poller = begin()
             try:
-                poller.wait(timeout=self._lro_timeout_s)  # raises the operation's error when it failed
+                poller.wait(timeout=timeout_s)  # raises the operation's error when it failed
                 if not poller.done():
                     raise BackendError(
-                        f"could not {what} within {self._lro_timeout_s:.0f} s (rollout.ready_timeout_s): Azure ML "
+                        f"could not {what} within {timeout_s:.0f} s (rollout.ready_timeout_s): Azure ML "
                         "is still working on it; a re-run picks up what it finished"
                     )
                 return poller.result()
