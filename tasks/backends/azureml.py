@@ -286,11 +286,8 @@ class AzureMLBackend:
         self._secret_store = secret_store
         self._training_dir = training_dir
         self._secret_saved = False
-        self._cloud = dict(cloud or {})
+        self._cloud = dict(cloud or {})  # MLClient's ``cloud`` / ``cloud_metadata`` for a sovereign or test cloud
         self._transport: _ClockedTransport | None = None
-        self._lro_timeout_s = float(
-            settings.rollout.ready_timeout_s
-        )  # MLClient's ``cloud`` / ``cloud_metadata`` for a sovereign or test cloud
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AzureMLBackend:
         # A backend is a handle on remote state, not a value: Prefect's transaction ``get`` deep-copies what the
