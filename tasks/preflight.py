@@ -232,14 +232,14 @@ def recipe_check(settings: Settings) -> Check:
             f"{settings.training.recipe} does not exist",
             "set training.recipe to a file in training/recipes/",
         )
-    script = REPO_ROOT / "training" / "sft.py"
+    script = REPO_ROOT / "training" / "sft_args.py"  # the script's recipe and argument types
     key = sha256_text(f"{sys.executable}\n{sha256_file(recipe)}\n{sha256_file(script)}")[:24]
     passed = Path(settings.state_dir).expanduser() / "preflight" / f"recipe-{key}.ok"
     if passed.is_file():
         return Check("recipe", True, f"{settings.training.recipe} parses with training/sft.py's parser")
     code = (
-        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import sft; "
-        "sft.check_recipe(sft.TrlParser(sft.DATACLASSES), Path(sys.argv[2]))"
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import sft_args as a; "
+        "a.check_recipe(a.TrlParser(a.DATACLASSES), Path(sys.argv[2]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(REPO_ROOT / "training"), str(recipe)],
@@ -253,7 +253,9 @@ def recipe_check(settings: Settings) -> Check:
         atomic_write_text(passed, str(recipe))
         return Check("recipe", True, f"{settings.training.recipe} parses with training/sft.py's parser")
     last = (proc.stderr.strip().splitlines() or ["the parser failed"])[-1]
-    return Check("recipe", False, last.removeprefix("sft.UsageError: ").removeprefix("UsageError: "), "fix the recipe")
+    return Check(
+        "recipe", False, last.removeprefix("sft_args.UsageError: ").removeprefix("UsageError: "), "fix the recipe"
+    )
 
 
 def data_check(settings: Settings) -> Check:

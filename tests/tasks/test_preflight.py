@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from tasks.backends.base import JobFailedError, JobStatus
-from tasks.backends.local import submit_or_resume
+from tasks.backends.local_jobs import LocalJobRunner, submit_or_resume
 from tasks.config import load_config
-from tasks.jobs import LocalJobRunner
 from tasks.preflight import PreflightError, data_check, disk_check, local_checks, port_check, recipe_check, require
 from tests.tasks.test_jobs import _spec
 from tests.tasks.test_jobs import _training_dir as _stand_in_training_dir

@@ -231,8 +231,9 @@ def test_a_failed_deployment_reports_its_container_log(rest_backend, azure) -> N
     azure.deployment_states["model-v1"] = ["Failed"]
     rest_backend.ensure_endpoint()
     rest_backend.create_deployment("model-v1", _version("1"))
-    info = rest_backend.wait_deployment_ready("model-v1", 600)
-    assert info.state == "failed" and "model load: out of memory" in info.error
+    with pytest.raises(DeploymentFailedError) as failed:
+        rest_backend.wait_deployment_ready("model-v1", 600)
+    assert "deployment model-v1 Failed" in str(failed.value) and "model load: out of memory" in str(failed.value)
 
 
 def test_traffic_is_read_and_written_in_azures_shapes(rest_backend, azure, settings) -> None:
