@@ -28,7 +28,7 @@ from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.rollout import CHAMPION, RolloutFailed, default_step_check, live_traffic, run_rollout
 from tasks.smoke import SmokeReport
-from tests.flows.conftest import wait_for_paused_run
+from tests.flows.conftest import free_port, wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 16, "do_sample": False}}
@@ -355,9 +355,9 @@ def test_a_missing_recipe_is_stopped_by_preflight_before_any_work(prefect_harnes
     that exited 2, twice; preflight stops it first, with one sentence."""
     from flows.cli import main
 
-    state = tmp_path / "state"
+    state = tmp_path / "state"  # a state folder of its own, so the session's endpoint server is not its own
     args = ["run", "--config", str(flow_config), "--set", "training.recipe=training/recipes/nope.yaml"]
-    assert main([*args, "--set", f"state_dir={state}"]) == 2
+    assert main([*args, "--set", f"state_dir={state}", "--set", f"endpoint.port={free_port()}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
         "finetune-phi run: error: preflight stopped the run before it spent anything: recipe: "
