@@ -176,13 +176,13 @@ def _identity_check(cfg: Any, backend: Any) -> Check:
 
 
 def _endpoint_name_check(settings: Settings, backend: Any) -> Check:
-    from tasks.backends.azure_names import name_problem
+    from deployments.names import name_problem
     from tasks.backends.azureml_entities import OWNER_TAG
 
     name = settings.endpoint.name
-    problem = name_problem(name, "endpoint.name")
-    if problem:
-        return Check("endpoint name", False, problem, "choose another endpoint.name")
+    problem = name_problem(name, "endpoint")
+    if problem is not None:
+        return Check("endpoint name", False, f"endpoint.name {problem}", "choose another endpoint.name")
     if backend is None:
         return Check("endpoint name", True, f"{name} is a valid name (not looked up: no credential)")
     tags = backend.endpoint_tags()

@@ -54,8 +54,8 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import RequestsTransport
 
+from deployments.names import name_problem
 from tasks.backends import azureml_entities as entities
-from tasks.backends.azure_names import name_problem
 from tasks.backends.base import (
     USAGE_ERROR_EXIT_CODE,
     BackendError,
@@ -803,9 +803,9 @@ class AzureMLBackend:
     @property
     def endpoint_name(self) -> str:
         """The configured endpoint name, refused before any request when Azure ML would refuse it."""
-        problem = name_problem(self.settings.endpoint.name, "endpoint.name")
-        if problem:
-            raise BackendError(problem)
+        problem = name_problem(self.settings.endpoint.name, "endpoint")
+        if problem is not None:
+            raise BackendError(f"endpoint.name {problem}")
         return self.settings.endpoint.name
 
     def _get_endpoint_entity(self) -> Any | None:
@@ -889,8 +889,8 @@ class AzureMLBackend:
 
     def create_deployment(self, name: str, version: ModelVersion) -> DeploymentInfo:
         """Start creating the deployment at 0 traffic (after a quota check); :meth:`wait_deployment_ready` waits."""
-        problem = name_problem(name, "the deployment name", deployment=True)
-        if problem:
+        problem = name_problem(name, "deployment")  # the same rule and message as the local endpoint's
+        if problem is not None:
             raise DeploymentFailedError(problem)
         if self._get_endpoint_entity() is None:
             raise DeploymentFailedError(f"endpoint {self.endpoint_name} does not exist; ensure_endpoint() first")

@@ -304,7 +304,7 @@ def test_an_invalid_endpoint_name_is_refused_before_any_request(settings, azure,
     bad = settings.model_copy(update={"endpoint": settings.endpoint.model_copy(update={"name": "ep"})})
     with fake_cloud(azure) as cloud:
         backend = AzureMLBackend(bad, credential=StaticToken(), cloud=cloud, sleep=clock.sleep, clock=clock)
-        with pytest.raises(BackendError, match=r"endpoint\.name 'ep'.*3 and at most 32"):
+        with pytest.raises(BackendError, match=r"endpoint\.name 'ep' is not a valid name for an endpoint: .* 3 to 32"):
             backend.ensure_endpoint()
         backend.close()
     assert azure.requests == []
