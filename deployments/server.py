@@ -57,6 +57,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from deployments import chat_page
 from deployments.engine import InputTooLongError, ModelRunner, SamplingParams, Sequence
 from deployments.keys import KeyStore
 from tasks.config import EndpointConfig
@@ -605,6 +606,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.endpoint = endpoint
+    app.include_router(chat_page.router)  # GET /chat: the static chat page (no key to load it)
     app.state.metrics = metrics
 
     @app.exception_handler(ApiError)
