@@ -275,7 +275,9 @@ def finetune_and_deploy(
     endpoint = backend.get_endpoint()
     if failure is None and endpoint is not None and endpoint.traffic:
         smoke = smoke_test_task(settings, None, "smoke-test")
-        chat = how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=config_path)
+        chat = how_to_chat(
+            endpoint.openai_base_url, endpoint.scoring_uri, config=config_path, chat_page_url=endpoint.chat_page_url
+        )
         # Optional (evaluation.chat_flow_eval): the Prompt flow chat over the test split; a failure only warns.
         from tasks.batch_eval import maybe_evaluate_chat_flow
 
@@ -293,6 +295,7 @@ def finetune_and_deploy(
         chat=chat,
         cached={"data": _cached(data_state), "training": _cached(train_state)},
         failure=str(failure) if failure is not None else None,
+        chat_page_url=endpoint.chat_page_url if chat else None,
     )
     loss_curve = Path(training["output_dir"]) / "loss_curve.png" if training.get("output_dir") else None
     publish_summary_task(markdown, str(loss_curve) if loss_curve else None)
@@ -355,7 +358,14 @@ def _run_command(args: argparse.Namespace) -> int:
     if endpoint is not None:
         print(f"Endpoint: {endpoint.scoring_uri} (traffic {endpoint.traffic})")
         print(f"OpenAI-compatible base URL: {endpoint.openai_base_url}")
-        print(how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=args.config))
+        print(
+            how_to_chat(
+                endpoint.openai_base_url,
+                endpoint.scoring_uri,
+                config=args.config,
+                chat_page_url=endpoint.chat_page_url,
+            )
+        )
         if settings.backend == "local":
             print("The local endpoint server keeps running; stop it with `finetune-phi endpoint stop`.")
     return 0

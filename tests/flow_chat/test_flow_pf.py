@@ -30,7 +30,16 @@ import yaml
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
 from tasks.jobs import stop_process_group
-from tests.flow_chat.helpers import FLOW_DIR, PF_BIN, REPO_ROOT, free_port, pf_env, settings_for
+from tests.flow_chat.helpers import (
+    FLOW_DIR,
+    PF_BIN,
+    REPO_ROOT,
+    documented_serve_command,
+    free_port,
+    pf_env,
+    settings_for,
+    wait_until_healthy,
+)
 from tests.flow_chat.recording_server import RecordingServer
 
 pytestmark = pytest.mark.slow
@@ -148,18 +157,6 @@ def _post_json(url: str, payload: dict[str, Any], timeout: float = 60) -> tuple[
         return exc.code, exc.read()
 
 
-def _wait_until_healthy(server: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert server.poll() is None, log.read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            assert time.monotonic() < deadline, f"pf flow serve did not answer within {timeout_s:g} s"
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `pf flow serve` for the module, started while the connection holds the right key. Yields its /score URL.
@@ -167,10 +164,9 @@ def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFa
     It reads the connection once, at start: tests that change the connection later do not reach it.
     """
     port = free_port()
-    command = [PF_BIN, "flow", "serve", "--source", str(FLOW_DIR), "--port", str(port), "--host", "127.0.0.1"]
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     server = subprocess.Popen(
-        [*command, "--skip-open-browser"],
+        documented_serve_command(port),
         cwd=REPO_ROOT,
         env=pf_env(),
         stdout=log.open("wb"),  # a file, not a pipe: a full pipe would block the server
@@ -178,7 +174,7 @@ def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFa
         start_new_session=True,  # its own process group: stopped with everything it started
     )
     try:
-        _wait_until_healthy(server, port, log)
+        wait_until_healthy(server, port, log)
         yield f"http://127.0.0.1:{port}/score"
     finally:
         stop_process_group(server, grace_s=15)
