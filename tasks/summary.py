@@ -197,6 +197,7 @@ def render_summary(
     cached = cached or {}
     metrics = training.get("metrics", {})
     lines = ["# finetune-phi run summary", ""]
+    training_table = _training_table(metrics)
     if chat_page_url:
         lines += [f"**Chat with the model in the browser: [{chat_page_url}]({chat_page_url})**", ""]
     lines += [
@@ -209,8 +210,7 @@ def render_summary(
         "## Training" + (" (cached: same data, recipe and code)" if cached.get("training") else ""),
         f"- job `{training.get('job_id', '-')}` ({training.get('url') or 'no URL'})",
         "",
-        *_training_table(metrics),
-        "",
+        *([*training_table, ""] if training_table else []),
     ]
     if candidate is not None:
         rows = []

@@ -16,7 +16,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -136,6 +135,13 @@ def _last_json_object(text: str) -> dict:
     return json.loads(text[text.rindex("\n{") + 1 :] if "\n{" in text else text[text.index("{") :])
 
 
+def _chat_node_output_of_last_test() -> dict[str, Any]:
+    """The chat node's output as the last `pf flow test` recorded it (flow_chat/.promptflow/flow.detail.json)."""
+    detail = json.loads((FLOW_DIR / ".promptflow" / "flow.detail.json").read_text(encoding="utf-8"))
+    (node,) = (run for run in detail["node_runs"] if run["node"] == "chat")
+    return node["output"]
+
+
 def _assert_sentence_only(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
     """`pf flow test` failed with the tool's sentence and without a stack trace."""
     output = result.stdout + result.stderr
@@ -185,7 +191,10 @@ def test_pf_flow_test_answers(chat_endpoint: ChatEndpoint) -> None:
     result = _pf("flow", "test", "--flow", "flow_chat", "--inputs", "question=What is a Prefect flow?")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     outputs = _last_json_object(result.stdout)
-    assert isinstance(outputs["answer"], str) and outputs["finish_reason"] in ("stop", "length")
+    # One flow output (pf flow serve's page shows it as a message); the node's finish reason stays in its output.
+    assert set(outputs) == {"answer"} and isinstance(outputs["answer"], str)
+    node = _chat_node_output_of_last_test()
+    assert node["answer"] == outputs["answer"] and node["finish_reason"] in ("stop", "length")
     (sent,) = chat_endpoint.recorder.bodies()[before:]
     assert sent["messages"] == [{"role": "user", "content": "What is a Prefect flow?"}]
 
@@ -215,7 +224,7 @@ def test_pf_flow_serve_answers_a_post(chat_endpoint: ChatEndpoint, flow_server: 
     history = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
     status, raw = _post_json(flow_server, {"question": "What is MLflow?", "chat_history": history})
     answer = json.loads(raw)
-    assert status == 200 and isinstance(answer["answer"], str) and "finish_reason" in answer
+    assert status == 200 and isinstance(answer["answer"], str) and set(answer) == {"answer"}
     assert chat_endpoint.recorder.bodies()[-1]["messages"][:2] == [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
