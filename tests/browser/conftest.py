@@ -1,6 +1,6 @@
 """Real headless Chromium (Debian's ``chromium`` package) driven by Playwright for Python, for what a person sees.
 
-One browser per test session; each test gets a fresh context (its own session storage and cookies). Pages reach
+One browser per test module; each test gets a fresh context (its own session storage and cookies). Pages reach
 only loopback: every other request (web fonts a page asks for, anything else) is aborted, so nothing leaves the
 machine. Screenshots go to a temporary folder; with ``FINETUNE_PHI_UPDATE_SCREENSHOTS=1`` they also replace the
 README's images in ``docs/img/``.
@@ -44,8 +44,10 @@ def chromium_path() -> str | None:
     return next((found for name in CHROMIUM_CANDIDATES if (found := shutil.which(name))), None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One Chromium per test module (a second or so to start): Playwright's event loop ends with the module, so
+    it never outlives the browser tests into the rest of the suite."""
     executable = chromium_path()
     if executable is None:
         pytest.skip(

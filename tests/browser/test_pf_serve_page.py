@@ -91,4 +91,5 @@ def test_the_documented_command_serves_a_chat_that_keeps_the_history(
     # The page asked the serving app's own routes only; its web fonts from a CDN were blocked, nothing else left.
     scores = browser_page.posts("/score")
     assert len(scores) == 2 and all(r.url.startswith(pf_serve) for r in scores)
+    page.set_viewport_size({"width": 960, "height": 800})  # both turns in view
     save_screenshot(page, "pf-flow-serve.png", tmp_path)
