@@ -6,8 +6,9 @@ the OpenAI streaming protocol (server-sent events, ``[DONE]``) with answers chos
 
 - ``markup``: a reply made of HTML markup and script;
 - ``long``: a reply that streams for a minute unless the client goes away (it records that it did);
-- ``busy``: HTTP 429 as the endpoint answers past its queue; ``timeout``: a few words, then the endpoint's SSE
-  error event for a request past ``request_timeout_ms``;
+- ``busy``, ``stopping``, ``too slow``: HTTP 429, 503 and 408 as the endpoint answers them (past its queue, while it
+  stops, past ``request_timeout_ms`` before streaming); ``timeout``: a few words, then the endpoint's SSE error
+  event for a request past ``request_timeout_ms``;
 - anything else: ``heard N turns``.
 
 It checks ``Authorization: Bearer <key>`` (401 otherwise) and names the deployment in ``azureml-model-deployment``.
@@ -32,6 +33,12 @@ from deployments import chat_page
 DEPLOYMENT = "scripted-green"
 MARKUP_REPLY = '<script>document.title = "pwned"</script><img src=x onerror="window.pwned = 1"><b>bold?</b> & done'
 LONG_WORD = "word "
+# Questions answered with an error status before any streaming, as the endpoint answers them.
+REFUSALS = {
+    "busy": (429, "TooManyRequests", "rate_limit_error", "deployment 'scripted-green' is busy; retry later"),
+    "stopping": (503, "ServiceUnavailable", "service_unavailable_error", "the endpoint is stopping"),
+    "too slow": (408, "RequestTimeout", "timeout_error", "the request took longer than request_timeout_ms"),
+}
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -94,9 +101,9 @@ class ScriptedEndpoint:
         turns = body.get("messages") or []
         question = turns[-1]["content"] if turns else ""
         headers = {"azureml-model-deployment": DEPLOYMENT}
-        if question == "busy":
-            message = "deployment 'scripted-green' is busy: no slot became free within the queue wait; retry later"
-            return JSONResponse(_error(429, "TooManyRequests", "rate_limit_error", message), 429, headers)
+        if question in REFUSALS:
+            status, code, kind, message = REFUSALS[question]
+            return JSONResponse(_error(status, code, kind, message), status, headers)
         return StreamingResponse(self._stream(question, len(turns)), media_type="text/event-stream", headers=headers)
 
     async def _stream(self, question: str, turns: int) -> AsyncIterator[bytes]:

@@ -1,6 +1,7 @@
 """The chat page against a scripted OpenAI-compatible server (tests/browser/scripted_endpoint.py): the replies a
 real tiny model cannot be made to give on cue. Markup in a reply shows as text, "stop" ends a long reply (and the
-server sees the client go away), a 429 and a timeout each show their one sentence."""
+server sees the client go away), a 429, a 503 (stopping), a 408 and a timeout inside the stream each show their
+one sentence."""
 
 from __future__ import annotations
 
@@ -58,15 +59,31 @@ def test_stop_ends_a_long_reply(browser_page: BrowserPage, scripted: ScriptedEnd
     ]
 
 
-def test_busy_endpoint_shows_its_sentence(browser_page: BrowserPage, scripted: ScriptedEndpoint) -> None:
+@pytest.mark.parametrize(
+    ("question", "sentence"),
+    [
+        ("busy", "The endpoint is busy (HTTP 429, too many requests in flight): wait a moment and send again."),
+        (
+            "stopping",
+            "The endpoint cannot be reached or is stopping: start it with `finetune-phi endpoint start`, "
+            "then send again.",
+        ),
+        (
+            "too slow",
+            "The reply took longer than the endpoint's request timeout (HTTP 408): ask for fewer max tokens "
+            "or send again.",
+        ),
+    ],
+)
+def test_a_refused_request_shows_its_sentence(
+    browser_page: BrowserPage, scripted: ScriptedEndpoint, question: str, sentence: str
+) -> None:
     page = browser_page.page
     open_chat(page, scripted.url, KEY)
-    ask(page, "busy")
-    assert status(page) == (
-        "The endpoint is busy (HTTP 429, too many requests in flight): wait a moment and send again."
-    )
+    ask(page, question)
+    assert status(page) == sentence
     # Nothing came back: the exchange leaves the page and the question returns to the box, to send again.
-    assert replies(page) == [] and page.locator("#question").input_value() == "busy"
+    assert replies(page) == [] and page.locator("#question").input_value() == question
 
 
 def test_timeout_shows_its_sentence(browser_page: BrowserPage, scripted: ScriptedEndpoint) -> None:
