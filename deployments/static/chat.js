@@ -27,6 +27,7 @@
   const $ = (id) => document.getElementById(id);
   const history = []; // the chat so far as {role, content} turns, oldest first; sent with every question
   let controller = null; // the AbortController of the reply being streamed
+  let chatNumber = 0; // counts "new chat" clicks: a reply stopped by one belongs to the chat it left
 
   function storedKey() {
     return sessionStorage.getItem(KEY_ITEM);
@@ -124,6 +125,7 @@
       return;
     }
     setStatus("");
+    const chat = chatNumber;
     const turns = [...history, { role: "user", content: question }];
     const asked = addMessage("user", question);
     const reply = addMessage("assistant", "");
@@ -179,6 +181,7 @@
       setStreaming(false);
       reply.box.classList.remove("streaming");
     }
+    if (chat !== chatNumber) return; // "new chat" was clicked while this reply streamed: it is gone with its chat
     if (failure && !text) {
       // Nothing came back: take the exchange off the page and give the question back to send again.
       asked.box.remove();
@@ -192,6 +195,7 @@
   }
 
   function newChat() {
+    chatNumber += 1;
     if (controller) controller.abort();
     history.length = 0;
     $("messages").replaceChildren();

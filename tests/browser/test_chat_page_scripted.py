@@ -59,6 +59,23 @@ def test_stop_ends_a_long_reply(browser_page: BrowserPage, scripted: ScriptedEnd
     ]
 
 
+def test_new_chat_during_a_reply_stops_it_and_starts_empty(
+    browser_page: BrowserPage, scripted: ScriptedEndpoint
+) -> None:
+    page = browser_page.page
+    open_chat(page, scripted.url, KEY)
+    abandoned = scripted.long_replies_abandoned
+    ask(page, "long", wait=False)
+    page.wait_for_function("() => document.querySelector('#messages .msg.assistant .text').textContent.length > 10")
+    page.locator("#new-chat").click()
+    wait_idle(page)
+    assert replies(page) == [] and status(page) == ""
+    wait_for(lambda: scripted.long_replies_abandoned == abandoned + 1, "the server to see the client go away", 10)
+    ask(page, "hello")
+    assert scripted.bodies[-1]["messages"] == [{"role": "user", "content": "hello"}]
+    assert [m["text"] for m in replies(page)] == ["hello", "heard 1 turns"]
+
+
 @pytest.mark.parametrize(
     ("question", "sentence"),
     [
