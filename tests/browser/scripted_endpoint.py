@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from deployments import chat_page
+from tests.flow_chat.helpers import free_port
 
 DEPLOYMENT = "scripted-green"
 MARKUP_REPLY = '<script>document.title = "pwned"</script><img src=x onerror="window.pwned = 1"><b>bold?</b> & done'
@@ -62,9 +62,7 @@ class ScriptedEndpoint:
         self.bodies: list[dict[str, Any]] = []
         self.long_replies_abandoned = 0  # long replies whose client went away before the end
         self._lock = threading.Lock()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         config = uvicorn.Config(self._app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)

@@ -12,8 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 from tasks.jobs import stop_process_group
 from tasks.summary import SUMMARY_KEY, how_to_chat, render_summary
 from tests.browser.conftest import BrowserPage, save_screenshot
-from tests.flow_chat.helpers import free_port
+from tests.flow_chat.helpers import free_port, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -48,15 +46,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, log.read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "prefect server did not start within 180 s"
-                time.sleep(0.5)
+        wait_until_healthy(server, port, log, timeout_s=180, path="/api/health")
         yield api
     finally:
         stop_process_group(server, grace_s=15)

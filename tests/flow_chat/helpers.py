@@ -75,14 +75,17 @@ def documented_serve_command(port: int) -> list[str]:
     return [PF_BIN, *args[1:]]
 
 
-def wait_until_healthy(server: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 90) -> None:
-    """Until `pf flow serve` answers /health; fails with its log if it exits or takes longer than ``timeout_s``."""
+def wait_until_healthy(
+    server: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 90, path: str = "/health"
+) -> None:
+    """Until the server on ``port`` (`pf flow serve`; `prefect server start` with ``path="/api/health"``) answers
+    ``path``; fails with its log if it exits or takes longer than ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
         assert server.poll() is None, log.read_text()[-2000:]
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5):
                 return
         except (urllib.error.URLError, ConnectionError):
-            assert time.monotonic() < deadline, f"pf flow serve did not answer within {timeout_s:g} s"
+            assert time.monotonic() < deadline, f"{server.args[:4]} did not answer {path} within {timeout_s:g} s"
             time.sleep(0.3)
