@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.deployments.conftest import launch  # noqa: F401  (the endpoint tests' real servers, by PID)
+from tests.deployments.conftest import launch, tiny_model_dir  # noqa: F401  (the endpoint tests' fixtures)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README_IMAGES = REPO_ROOT / "docs" / "img"

@@ -2,7 +2,8 @@
 
 One endpoint server for the module (``python -m deployments.server``, one deployment ``blue`` at 100%): the page
 loads without a key, streams a reply that grows before it ends, keeps the history across two turns, "new chat"
-clears it, a wrong key and then a stopped endpoint each show their sentence, and the key is in no request URL
+clears it, "stop" ends a long reply (and the endpoint stops generating it), a wrong key and then a stopped
+endpoint each show their sentence, and the key is in no request URL
 and in no line of the server's log. The last test stops the server.
 """
 
@@ -16,18 +17,31 @@ import pytest
 from deployments.chat_page import SECURITY_HEADERS
 from deployments.service import stop_server
 from tests.browser.conftest import BrowserPage, save_screenshot
-from tests.browser.pages import WATCH_GROWTH, ask, open_chat, replies, sent_messages, status
-from tests.deployments.conftest import LiveEndpoint
+from tests.browser.pages import WATCH_GROWTH, ask, open_chat, replies, sent_messages, status, wait_idle
+from tests.deployments.conftest import LiveEndpoint, wait_for
 
 pytestmark = pytest.mark.slow
 
 
+LONG_BUDGET = 900  # tokens: an untrained model rarely ends, so a reply this long is still streaming when stopped
+
+
 @pytest.fixture(scope="module")
-def endpoint(launch, trained_tiny_model: Path) -> LiveEndpoint:
-    """The session's trained tiny model (trained once for the whole suite): its replies read like the README's."""
-    live = launch()
+def endpoint(launch, trained_tiny_model: Path, tiny_model_dir: Path) -> LiveEndpoint:
+    """``blue``: the session's trained tiny model (trained once for the suite) at 100%, its replies read like the
+    README's; ``untrained`` at 0% (reached by pinning it in the page), whose replies run to the token budget."""
+    live = launch(max_new_tokens_cap=LONG_BUDGET)
     live.deploy(trained_tiny_model, {"blue": 100})
+    live.admin.create_deployment("untrained", str(tiny_model_dir), "0")
+    live.admin.wait_ready("untrained", 120)
     return live
+
+
+def _generated_tokens(endpoint: LiveEndpoint, deployment: str) -> int:
+    """Tokens the deployment generated so far, from the endpoint's /metrics."""
+    prefix = f'finetune_phi_generated_tokens_total{{deployment="{deployment}"}} '
+    text = httpx.get(f"{endpoint.url}/metrics", timeout=10).text
+    return next((int(float(line[len(prefix) :])) for line in text.splitlines() if line.startswith(prefix)), 0)
 
 
 def _assert_key_never_in_a_url(seen: BrowserPage, key: str) -> None:
@@ -97,6 +111,27 @@ def test_wrong_key_shows_its_sentence_and_asks_again(browser_page: BrowserPage, 
     ask(page, "Hello?")
     assert status(page) == "" and replies(page)[1]["meta"].startswith("blue · finish: ")
     _assert_key_never_in_a_url(browser_page, endpoint.keys["primary"])
+
+
+def test_stop_ends_a_long_reply_and_the_endpoint_stops_generating(
+    browser_page: BrowserPage, endpoint: LiveEndpoint
+) -> None:
+    page = browser_page.page
+    open_chat(page, endpoint.url, endpoint.keys["primary"])
+    page.locator("#deployment").fill("untrained")  # the pin box: header azureml-model-deployment
+    page.locator("#max-tokens").fill(str(LONG_BUDGET))
+    page.locator("#temperature").fill("0")
+    before = _generated_tokens(endpoint, "untrained")
+    ask(page, "Tell me everything about Prefect.", wait=False)
+    page.wait_for_function("() => document.querySelector('#messages .msg.assistant .text').textContent.length > 0")
+    page.locator("#stop").click()
+    wait_idle(page)
+    _, reply = replies(page)
+    assert reply["meta"] == "untrained · finish: stopped" and reply["text"] and status(page) == ""
+    assert browser_page.posts("/v1/chat/completions")[-1].headers["azureml-model-deployment"] == "untrained"
+    # The endpoint saw the client go and cancelled the generation: its slot is free, well short of the budget.
+    wait_for(lambda: endpoint.in_flight("untrained") == 0, "the stopped request to leave the endpoint", 30)
+    assert 0 < _generated_tokens(endpoint, "untrained") - before < LONG_BUDGET
 
 
 def test_stopped_endpoint_shows_its_sentence_and_the_log_has_no_key(
