@@ -228,7 +228,7 @@
       ask(question);
     });
     $("question").addEventListener("keydown", (event) => {
-      if (event.key === "Enter" && !event.shiftKey) {
+      if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
         event.preventDefault();
         $("ask-form").requestSubmit();
       }
