@@ -21,7 +21,7 @@ import pytest
 from tasks.backends.local_jobs import stop_process_group
 from tasks.summary import SUMMARY_KEY, how_to_chat, render_summary
 from tests.browser.conftest import BrowserPage, save_screenshot
-from tests.flow_chat.helpers import free_port, wait_until_healthy
+from tests.flow_chat.helpers import REPO_ROOT, free_port, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -119,19 +119,28 @@ def _first_run_summary() -> str:
     )
 
 
+# Run in a child process: a flow run against another server inside pytest would leave this process's Prefect
+# clients (the events worker above all) pointed at a server that is gone when the module ends.
+PUBLISH = """
+import sys
+from prefect import flow
+from tasks.summary import publish_summary_task
+
+@flow(name="finetune-and-deploy")
+def publish(markdown: str) -> None:
+    publish_summary_task(markdown, None)
+
+publish(sys.stdin.read())
+"""
+
+
 def _publish(api: str, markdown: str) -> str:
     """Publish ``markdown`` as the main flow does, in a flow run on the server at ``api``; its artifact id."""
-    from prefect import flow
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tasks.summary import publish_summary_task
-
-    @flow(name="finetune-and-deploy")
-    def publish() -> None:
-        publish_summary_task(markdown, None)
-
-    with temporary_settings(updates={PREFECT_API_URL: api}):
-        publish()
+    env = dict(os.environ, PREFECT_API_URL=api, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), *sys.path]))
+    done = subprocess.run(
+        [sys.executable, "-c", PUBLISH], input=markdown, env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     query = json.dumps({"artifacts": {"key": {"any_": [SUMMARY_KEY]}}}).encode()
     request = urllib.request.Request(
         f"{api}/artifacts/filter", data=query, headers={"Content-Type": "application/json"}
