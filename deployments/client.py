@@ -70,11 +70,20 @@ class EndpointAdminClient:
     def get_state(self) -> dict[str, Any]:
         return self._call("GET", "/admin/state")
 
-    def create_deployment(self, name: str, model_path: str, model_version: str | None = None) -> dict[str, Any]:
-        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background."""
-        return self._call(
-            "PUT", f"/admin/deployments/{name}", {"model_path": model_path, "model_version": model_version}
-        )
+    def create_deployment(
+        self,
+        name: str,
+        model_path: str,
+        model_version: str | None = None,
+        *,
+        memory_limit_mb: int | None = None,
+        instance_count: int | None = None,
+    ) -> dict[str, Any]:
+        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; its processes start in
+        the background. ``memory_limit_mb`` and ``instance_count`` default to the endpoint's config."""
+        body = {"model_path": model_path, "model_version": model_version}
+        body |= {"memory_limit_mb": memory_limit_mb, "instance_count": instance_count}
+        return self._call("PUT", f"/admin/deployments/{name}", body)
 
     def delete_deployment(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/admin/deployments/{name}")
