@@ -27,10 +27,13 @@ LONG_BUDGET = 900  # tokens: an untrained model rarely ends, so a reply this lon
 
 
 @pytest.fixture(scope="module")
-def endpoint(launch, trained_tiny_model: Path, tiny_model_dir: Path) -> LiveEndpoint:
+def endpoint(
+    launch, trained_tiny_model: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> LiveEndpoint:
     """``blue``: the session's trained tiny model (trained once for the suite) at 100%, its replies read like the
     README's; ``untrained`` at 0% (reached by pinning it in the page), whose replies run to the token budget."""
-    live = launch(max_new_tokens_cap=LONG_BUDGET)
+    # Both models live in pytest's temporary folders, which the endpoint must be told it may load from.
+    live = launch(max_new_tokens_cap=LONG_BUDGET, model_roots=[str(tmp_path_factory.getbasetemp())])
     live.deploy(trained_tiny_model, {"blue": 100})
     live.admin.create_deployment("untrained", str(tiny_model_dir), "0")
     live.admin.wait_ready("untrained", 120)
