@@ -73,7 +73,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.security import HTTPBearer
 from pydantic import Field
 
-from deployments import external
+from deployments import chat_page, external
 from deployments import instances as procs
 from deployments.device import DEVICE_PATTERN, PlacementError, cuda_facts_without_torch
 from deployments.engines import EngineUnavailableError, check_engine
@@ -899,6 +899,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.endpoint = endpoint
+    app.include_router(chat_page.router)  # GET /chat: the static chat page (no key to load it)
     app.state.metrics = metrics
     install_error_handlers(app)
 

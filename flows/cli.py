@@ -87,7 +87,8 @@ def run_command(args: argparse.Namespace) -> int:
     if endpoint is not None:
         print(f"Endpoint: {endpoint.scoring_uri} (traffic {endpoint.traffic})")
         print(f"OpenAI-compatible base URL: {endpoint.openai_base_url}")
-        print(how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=args.config))
+        chat_page = endpoint.chat_page_url
+        print(how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=args.config, chat_page_url=chat_page))
         if settings.backend == "local":
             print("The local endpoint server keeps running; stop it with `finetune-phi endpoint stop`.")
     return 0

@@ -71,7 +71,9 @@ def check_serving(
     return Serving(
         endpoint,
         smoke=smoke_test_task(settings, None, "smoke-test"),
-        chat=how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=config_path),
+        chat=how_to_chat(
+            endpoint.openai_base_url, endpoint.scoring_uri, config=config_path, chat_page_url=endpoint.chat_page_url
+        ),
         chat_eval=maybe_evaluate_chat_flow(settings, test_path),
     )
 
@@ -110,6 +112,7 @@ def finetune_and_deploy(
         chat=serving.chat,
         cached={"data": data.cached, "training": trained.cached},
         failure=str(failure) if failure is not None else None,
+        chat_page_url=serving.endpoint.chat_page_url if serving.chat and serving.endpoint else None,
     )
     output_dir = training.get("output_dir")
     publish_summary_task(markdown, str(Path(output_dir) / "loss_curve.png") if output_dir else None)

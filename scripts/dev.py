@@ -12,6 +12,7 @@ wheels on PyPI are CPU builds already. Set FINETUNE_PHI_TORCH_SPEC to choose ano
 no index is added), FINETUNE_PHI_TORCH_INDEX for another torch index, and FINETUNE_PHI_PIP_ARGS for extra
 pip arguments.
 The install is skipped when pyproject.toml and constraints.txt have not changed since the last one.
+`test` also installs Debian's chromium (apt-get, as root) when it is missing, for the browser tests.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".finetune-phi-installed"
 TORCH_SPEC = os.environ.get("FINETUNE_PHI_TORCH_SPEC", "torch==2.13.0")
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+CHROMIUM_NAMES = ("chromium", "chromium-browser")
 
 
 def _torch_index_args() -> list[str]:
@@ -85,6 +87,43 @@ def setup() -> None:
     STAMP.write_text(fingerprint + "\n")
 
 
+def _chromium() -> str | None:
+    """The Chromium the browser tests drive (tests/browser/conftest.py looks for the same names)."""
+    if os.environ.get("FINETUNE_PHI_CHROMIUM"):
+        return os.environ["FINETUNE_PHI_CHROMIUM"]
+    return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+def ensure_chromium() -> bool:
+    """Install Debian's ``chromium`` for the browser tests when it is missing; True when one is there afterwards.
+
+    Playwright drives this system browser (a browser download is not possible everywhere these tests run). Says
+    nothing when Chromium is already installed; where it cannot install one (not Debian/Ubuntu, not root, no
+    network) it says why in one line, and the browser tests are skipped with the same reason.
+    """
+    if _chromium() is not None:
+        return True
+    if not sys.platform.startswith("linux") or shutil.which("apt-get") is None:
+        print("no Chromium and no apt-get here: the browser tests (tests/browser) will be skipped", flush=True)
+        return False
+    if os.geteuid() != 0:
+        print(
+            "no Chromium, and installing one needs root: run `sudo apt-get install chromium` (the browser tests "
+            "in tests/browser are skipped until then)",
+            flush=True,
+        )
+        return False
+    print("installing Chromium for the browser tests: apt-get install chromium", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            print(f"`{' '.join(command)}` failed ({reason[0]}): the browser tests will be skipped", flush=True)
+            return False
+    return _chromium() is not None
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -102,6 +141,7 @@ def main(argv: list[str]) -> int:
     if command == "setup":
         return 0
     if command == "test":
+        ensure_chromium()
         # Tests never touch the hub: everything they load is made or shipped by the project.
         env = _env() | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         return subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode

@@ -36,6 +36,7 @@ from tasks.state import atomic_write_json, atomic_write_text
 FLOW_DIR = Path(__file__).resolve().parent.parent / "flow_chat"
 COLUMN_MAPPING = {"question": "${data.question}", "chat_history": "${data.chat_history}"}
 ARTIFACT_KEY = "chat-flow-eval"
+CHAT_NODE = "chat"  # the node in flow_chat/flow.dag.yaml whose output carries finish_reason and latency_s
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -183,16 +184,42 @@ def run_flow_batch(
         ) from exc
     outputs: dict[int, dict[str, Any]] = {}
     data_rows = [json.loads(line) for line in data_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    node_outputs = chat_node_outputs(run_folder(run.name))
     for record in details.to_dict("records"):
         line = int(record["inputs.line_number"])
         answer = record.get("outputs.answer")
         if isinstance(answer, str):  # a failed line has NaN outputs
+            node = node_outputs.get(line, {})
             outputs[int(data_rows[line]["row_id"])] = {
                 "answer": answer,
-                "finish_reason": record.get("outputs.finish_reason"),
-                "latency_s": record.get("outputs.latency_s"),
+                "finish_reason": node.get("finish_reason"),
+                "latency_s": node.get("latency_s"),
             }
     return outputs, run.name
+
+
+def run_folder(run_name: str) -> Path:
+    """Where Prompt flow keeps a local batch run: ``$PF_HOME_DIRECTORY/.runs/<name>/``."""
+    return Path(os.environ["PF_HOME_DIRECTORY"]) / ".runs" / run_name
+
+
+def chat_node_outputs(folder: Path, node: str = CHAT_NODE) -> dict[int, dict[str, Any]]:
+    """The chat node's own output per line of a batch run: ``{"answer", "finish_reason", "latency_s"}``.
+
+    The flow's only output is the answer (so ``pf flow serve``'s page shows it as a chat message); the finish
+    reason and latency that the evaluation scores are in the node's output, which Prompt flow records per line
+    under ``node_artifacts/<node>/`` (one JSON record per line, its ``run_info`` holding the output).
+    """
+    found: dict[int, dict[str, Any]] = {}
+    for record_file in sorted((folder / "node_artifacts" / node).glob("*.jsonl")):
+        for text in record_file.read_text(encoding="utf-8").splitlines():
+            if not text.strip():
+                continue
+            record = json.loads(text)
+            output = (record.get("run_info") or {}).get("output")
+            if isinstance(output, dict) and record.get("line_number") is not None:
+                found[int(record["line_number"])] = output
+    return found
 
 
 def evaluate_chat_flow(
@@ -222,7 +249,7 @@ def evaluate_chat_flow(
     outputs, run_name = run_flow_batch(out / "eval_input.jsonl", flow_dir=flow_dir, run_name=f"chat_eval_{stamp}")
     scored = score_rows(rows, outputs)
     if not outputs:
-        log = Path(os.environ["PF_HOME_DIRECTORY"]) / ".runs" / run_name / "logs.txt"
+        log = run_folder(run_name) / "logs.txt"
         raise BackendError(
             f"the chat flow failed on all {len(rows)} rows: the endpoint did not answer it (see {log}); "
             "check `finetune-phi endpoint status` and run `finetune-phi chat-connection` again"
@@ -288,11 +315,13 @@ def maybe_evaluate_chat_flow(settings: Settings, test_file: str | Path) -> dict[
 
 __all__ = [
     "aggregate",
+    "chat_node_outputs",
     "evaluate_chat_flow",
     "evaluate_chat_flow_task",
     "maybe_evaluate_chat_flow",
     "prepare_eval_data",
     "run_flow_batch",
+    "run_folder",
     "score_rows",
     "to_eval_row",
     "token_f1",

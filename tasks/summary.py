@@ -21,14 +21,27 @@ LOSS_CURVE_KEY = "loss-curve"
 MAX_INLINE_IMAGE_BYTES = 400_000
 
 
-def how_to_chat(openai_base_url: str, scoring_uri: str, model: str = "default", config: str | None = None) -> str:
-    """Copy-paste commands for the OpenAI client, curl on /score and Prompt flow. The key is read, never shown."""
+def how_to_chat(
+    openai_base_url: str,
+    scoring_uri: str,
+    model: str = "default",
+    config: str | None = None,
+    chat_page_url: str | None = None,
+) -> str:
+    """Copy-paste commands for the browser, the OpenAI client, curl on /score and Prompt flow. The key is read,
+    never shown."""
     extra = f" --config {config}" if config and config != "configs/local.yaml" else ""
     # `finetune-phi endpoint keys` prints "primary: <key>" lines; the key goes straight into the header.
     key_cmd = f"finetune-phi endpoint keys{extra} | sed -n 's/^primary: //p'"
     key = f"$({key_cmd})"
+    browser = (
+        [f"In the browser: {chat_page_url} (it asks once for the key that `finetune-phi endpoint keys{extra}` prints)"]
+        if chat_page_url
+        else []
+    )
     return "\n".join(
         [
+            *browser,
             "OpenAI client (any OpenAI-compatible tool works the same way):",
             f'  OPENAI_API_KEY="{key}" python -c "from openai import OpenAI; '
             f"print(OpenAI(base_url='{openai_base_url}').chat.completions.create(model='{model}', "
@@ -50,6 +63,67 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+# The dataset report's counts, in reading order, with the words people use; keys not listed follow as they are.
+COUNT_LABELS = {
+    "input": "rows read",
+    "invalid": "invalid",
+    "valid": "valid",
+    "duplicates": "duplicates removed",
+    "unique": "kept",
+    "train": "train",
+    "test": "test",
+}
+# Training metrics shown, each with its label and how to print it.
+TRAINING_METRICS = {
+    "train_loss": ("train loss", "{:.3f}"),
+    "eval_loss": ("eval loss", "{:.3f}"),
+    "eval_perplexity": ("eval perplexity", "{:.2f}"),
+    "tokens_per_second": ("tokens per second", "{:,.0f}"),
+    "steps": ("steps", "{:,}"),
+    "wall_time_s": ("wall time", "{:.1f} s"),
+}
+
+
+def _number(value: Any, pattern: str) -> str:
+    if value is None:
+        return "-"
+    try:
+        return pattern.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table; pipes and line breaks inside a cell are escaped so the table keeps its shape."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+
+
+def _counts_table(counts: dict[str, Any]) -> list[str]:
+    keys = [k for k in COUNT_LABELS if k in counts] + [k for k in counts if k not in COUNT_LABELS]
+    return _table([COUNT_LABELS.get(k, k.replace("_", " ")) for k in keys], [[f"{counts[k]:,}" for k in keys]])
+
+
+def _rejected_line(rejected: dict[str, Any]) -> str:
+    if not rejected:
+        return "- rejected rows: none"
+    parts = [f"{count:,} {reason.replace('_', ' ')}" for reason, count in rejected.items()]
+    return f"- rejected rows: {', '.join(parts)}"
+
+
+def _training_table(metrics: dict[str, Any]) -> list[str]:
+    rows = [
+        [label, _number(metrics[name], pattern)]
+        for name, (label, pattern) in TRAINING_METRICS.items()
+        if name in metrics
+    ]
+    return _table(["metric", "value"], rows) if rows else []
 
 
 def _traffic(weights: dict[str, int] | None) -> str:
@@ -113,40 +187,46 @@ def render_summary(
     chat: str | None,
     cached: dict[str, bool] | None = None,
     failure: str | None = None,
+    chat_page_url: str | None = None,
 ) -> str:
     """Markdown for the run-summary artifact; every argument is a plain dict from one step.
 
     ``failure`` is the reason a rollout failed (the flow run fails with it); ``rollout`` is then what the rollout
-    did up to the failure, with ``rollout["rollback"]`` as read back after the rollback, when it got that far."""
+    did up to the failure, with ``rollout["rollback"]`` as read back after the rollback, when it got that far.
+    ``chat_page_url``: the endpoint's browser chat page, linked at the top (only when the endpoint serves one)."""
     cached = cached or {}
     metrics = training.get("metrics", {})
     lines = ["# finetune-phi run summary", ""]
+    training_table = _training_table(metrics)
+    if chat_page_url:
+        lines += [f"**Chat with the model in the browser: [{chat_page_url}]({chat_page_url})**", ""]
     lines += [
         "## Dataset" + (" (cached)" if cached.get("data") else ""),
+        *_counts_table(dataset.get("counts") or {}),
+        "",
+        _rejected_line(dataset.get("rejected") or {}),
         f"- manifest sha256 `{dataset.get('sha256', '-')[:16]}`",
-        f"- rows: {dataset.get('counts', {})}",
-        f"- rejected: {dataset.get('rejected', {}) or 'none'}",
         "",
         "## Training" + (" (cached: same data, recipe and code)" if cached.get("training") else ""),
         f"- job `{training.get('job_id', '-')}` ({training.get('url') or 'no URL'})",
+        "",
+        *([*training_table, ""] if training_table else []),
     ]
-    for name in ("train_loss", "eval_loss", "eval_perplexity", "tokens_per_second", "steps", "wall_time_s"):
-        if name in metrics:
-            lines.append(f"- {name}: {_fmt(metrics[name])}")
-    lines.append("")
     if candidate is not None:
-        lines += [
-            "## Evaluation (same function, same test split for both)",
-            "| model | loss | perplexity | replies that end | mean latency (s) |",
-            "| --- | --- | --- | --- | --- |",
-        ]
+        rows = []
         for row in (candidate, champion):
             if row:
                 ended = "-" if row.get("reused") else f"{row.get('ended_share', 0):.0%}"
-                latency = "-" if row.get("reused") else _fmt(row.get("mean_latency_s"), 3)
+                latency = "-" if row.get("reused") else _number(row.get("mean_latency_s"), "{:.2f}")
                 label = row["label"] + (" (recorded)" if row.get("reused") else "")
-                lines.append(f"| {label} | {_fmt(row['loss'])} | {_fmt(row['perplexity'])} | {ended} | {latency} |")
-        lines.append("")
+                rows.append(
+                    [label, _number(row["loss"], "{:.3f}"), _number(row["perplexity"], "{:.2f}"), ended, latency]
+                )
+        lines += [
+            "## Evaluation (same function, same test split for both)",
+            *_table(["model", "loss", "perplexity", "replies that end", "mean latency (s)"], rows),
+            "",
+        ]
     if gate is not None:
         verdict = "PROMOTE" if gate["promote"] else "REJECT"
         lines += [
@@ -169,13 +249,17 @@ def render_summary(
             "",
         ]
     if smoke is not None:
-        lines += ["## Smoke test", "| prompt | reply | finish | latency (s) | result |", "| --- " * 5 + "|"]
-        for case in smoke.get("cases", []):
-            reply = (case.get("reply") or "").replace("|", "\\|").replace("\n", " ")[:80]
-            result = "ok" if case.get("problem") is None else case["problem"]
-            latency = _fmt(case["latency_s"], 3)
-            lines.append(f"| {case['prompt']} | {reply} | {case.get('finish_reason')} | {latency} | {result} |")
-        lines.append("")
+        rows = [
+            [
+                case["prompt"],
+                (case.get("reply") or "")[:80],
+                str(case.get("finish_reason") or "-"),
+                _number(case.get("latency_s"), "{:.2f}"),
+                "ok" if case.get("problem") is None else case["problem"],
+            ]
+            for case in smoke.get("cases", [])
+        ]
+        lines += ["## Smoke test", *_table(["prompt", "reply", "finish", "latency (s)", "result"], rows), ""]
     if chat:
         lines += ["## How to chat", "```", chat, "```", ""]
     return "\n".join(lines)

@@ -107,6 +107,7 @@ class EndpointInfo:
     openai_base_url: str  # .../v1 for OpenAI clients
     traffic: dict[str, int]
     deployments: list[DeploymentInfo]
+    chat_page_url: str | None = None  # the endpoint's own browser chat page (GET /chat); None where it has none
 
 
 @runtime_checkable

@@ -207,6 +207,7 @@ class LocalBackend:
             openai_base_url=f"{self.base_url}/v1",
             traffic={k: int(v) for k, v in (state.get("traffic") or {}).items()},
             deployments=deployments,
+            chat_page_url=f"{self.base_url}/chat",  # deployments/chat_page.py serves it
         )
 
     def create_deployment(self, name: str, version: ModelVersion) -> DeploymentInfo:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -58,3 +63,29 @@ def pf_env() -> dict[str, str]:
     """The environment for a `pf` subprocess: this process's, which configure_promptflow has set."""
     assert os.environ.get("PF_HOME_DIRECTORY"), "call tasks.chat_connection.configure_promptflow first"
     return dict(os.environ)
+
+
+def documented_serve_command(port: int) -> list[str]:
+    """The `pf flow serve` line of flow_chat/README.md, as a person copies it, on ``port`` instead of 8080."""
+    readme = (FLOW_DIR / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in readme.splitlines() if line.startswith("pf flow serve "))
+    args = shlex.split(line.split("#")[0])
+    assert args[args.index("--port") + 1] == "8080", line
+    args[args.index("--port") + 1] = str(port)
+    return [PF_BIN, *args[1:]]
+
+
+def wait_until_healthy(
+    server: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 90, path: str = "/health"
+) -> None:
+    """Until the server on ``port`` (`pf flow serve`; `prefect server start` with ``path="/api/health"``) answers
+    ``path``; fails with its log if it exits or takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, log.read_text()[-2000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, f"{server.args[:4]} did not answer {path} within {timeout_s:g} s"
+            time.sleep(0.3)

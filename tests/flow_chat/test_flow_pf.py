@@ -16,7 +16,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,7 +29,16 @@ import yaml
 from tasks.backends.local_jobs import stop_process_group
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
-from tests.flow_chat.helpers import FLOW_DIR, PF_BIN, REPO_ROOT, free_port, pf_env, settings_for
+from tests.flow_chat.helpers import (
+    FLOW_DIR,
+    PF_BIN,
+    REPO_ROOT,
+    documented_serve_command,
+    free_port,
+    pf_env,
+    settings_for,
+    wait_until_healthy,
+)
 from tests.flow_chat.recording_server import RecordingServer
 
 pytestmark = pytest.mark.slow
@@ -129,6 +137,13 @@ def _last_json_object(text: str) -> dict:
     return json.loads(text[text.rindex("\n{") + 1 :] if "\n{" in text else text[text.index("{") :])
 
 
+def _chat_node_output_of_last_test() -> dict[str, Any]:
+    """The chat node's output as the last `pf flow test` recorded it (flow_chat/.promptflow/flow.detail.json)."""
+    detail = json.loads((FLOW_DIR / ".promptflow" / "flow.detail.json").read_text(encoding="utf-8"))
+    (node,) = (run for run in detail["node_runs"] if run["node"] == "chat")
+    return node["output"]
+
+
 def _assert_sentence_only(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
     """`pf flow test` failed with the tool's sentence and without a stack trace."""
     output = result.stdout + result.stderr
@@ -150,18 +165,6 @@ def _post_json(url: str, payload: dict[str, Any], timeout: float = 60) -> tuple[
         return exc.code, exc.read()
 
 
-def _wait_until_healthy(server: subprocess.Popen[bytes], port: int, log: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert server.poll() is None, log.read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            assert time.monotonic() < deadline, f"pf flow serve did not answer within {timeout_s:g} s"
-            time.sleep(0.3)
-
-
 @pytest.fixture(scope="module")
 def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One `pf flow serve` for the module, started while the connection holds the right key. Yields its /score URL.
@@ -169,10 +172,9 @@ def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFa
     It reads the connection once, at start: tests that change the connection later do not reach it.
     """
     port = free_port()
-    command = [PF_BIN, "flow", "serve", "--source", str(FLOW_DIR), "--port", str(port), "--host", "127.0.0.1"]
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     server = subprocess.Popen(
-        [*command, "--skip-open-browser"],
+        documented_serve_command(port),
         cwd=REPO_ROOT,
         env=pf_env(),
         stdout=log.open("wb"),  # a file, not a pipe: a full pipe would block the server
@@ -180,7 +182,7 @@ def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFa
         start_new_session=True,  # its own process group: stopped with everything it started
     )
     try:
-        _wait_until_healthy(server, port, log)
+        wait_until_healthy(server, port, log)
         yield f"http://127.0.0.1:{port}/score"
     finally:
         stop_process_group(server, grace_s=15)
@@ -191,7 +193,10 @@ def test_pf_flow_test_answers(chat_endpoint: ChatEndpoint) -> None:
     result = _pf("flow", "test", "--flow", "flow_chat", "--inputs", "question=What is a Prefect flow?")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     outputs = _last_json_object(result.stdout)
-    assert isinstance(outputs["answer"], str) and outputs["finish_reason"] in ("stop", "length")
+    # One flow output (pf flow serve's page shows it as a message); the node's finish reason stays in its output.
+    assert set(outputs) == {"answer"} and isinstance(outputs["answer"], str)
+    node = _chat_node_output_of_last_test()
+    assert node["answer"] == outputs["answer"] and node["finish_reason"] in ("stop", "length")
     (sent,) = chat_endpoint.recorder.bodies()[before:]
     assert sent["messages"] == [{"role": "user", "content": "What is a Prefect flow?"}]
 
@@ -221,7 +226,7 @@ def test_pf_flow_serve_answers_a_post(chat_endpoint: ChatEndpoint, flow_server: 
     history = [{"inputs": {"question": "Hi"}, "outputs": {"answer": "Hello!"}}]
     status, raw = _post_json(flow_server, {"question": "What is MLflow?", "chat_history": history})
     answer = json.loads(raw)
-    assert status == 200 and isinstance(answer["answer"], str) and "finish_reason" in answer
+    assert status == 200 and isinstance(answer["answer"], str) and set(answer) == {"answer"}
     assert chat_endpoint.recorder.bodies()[-1]["messages"][:2] == [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},

@@ -202,6 +202,10 @@ def test_first_run_trains_gates_and_rolls_out_to_a_live_endpoint(first_run, back
     keys = read_keys(state_paths(flow_settings.state_dir).endpoint)
     assert keys and all(key not in summary.data for key in keys.values())
     assert "finetune-phi endpoint keys" in summary.data
+    # ... and links the endpoint's chat page, which answers without a key (its calls need one).
+    chat_page = backend.get_endpoint().chat_page_url
+    assert chat_page == traffic.url.removesuffix("/score") + "/chat" and f"]({chat_page})" in summary.data
+    assert httpx.get(chat_page, timeout=10).status_code == 200
 
 
 def test_unchanged_rerun_skips_data_training_and_deployment(first_run, flow_config, backend) -> None:

@@ -97,3 +97,41 @@ def test_a_rollout_refused_before_any_deployment_still_gets_the_failed_section()
     text = _summary(None, "rollout.mirror_percent is 10 but the local backend cannot mirror traffic")
     assert "## Rollout failed, rolled back\n- reason: rollout.mirror_percent is 10" in text
     assert "traffic after the rollback" not in text
+
+
+def test_summary_reads_as_tables_with_readable_numbers_and_links_the_chat_page() -> None:
+    text = render_summary(
+        dataset={
+            "sha256": "7343f8decb99e93b",
+            "counts": {"input": 1311, "invalid": 2, "valid": 1309, "duplicates": 0, "unique": 1309, "train": 1047},
+            "rejected": {"empty_turn": 2},
+        },
+        training={"job_id": "train-abc", "metrics": {"eval_loss": 0.47213, "tokens_per_second": 3192.6, "steps": 300}},
+        candidate=None,
+        champion=None,
+        gate=None,
+        version="2",
+        rollout=None,
+        smoke={
+            "cases": [
+                {"prompt": "Hi", "reply": "a | b", "finish_reason": "stop", "latency_s": 0.31234, "problem": None}
+            ]
+        },
+        chat=how_to_chat(
+            "http://127.0.0.1:8765/v1", "http://127.0.0.1:8765/score", chat_page_url="http://127.0.0.1:8765/chat"
+        ),
+        chat_page_url="http://127.0.0.1:8765/chat",
+    )
+    assert "| rows read | invalid | valid | duplicates removed | kept | train |" in text
+    assert "| 1,311 | 2 | 1,309 | 0 | 1,309 | 1,047 |" in text and "- rejected rows: 2 empty turn" in text
+    assert "| tokens per second | 3,193 |" in text and "| eval loss | 0.472 |" in text and "| steps | 300 |" in text
+    # no raw dicts, no four-decimal throughput
+    assert "{'input'" not in text and "{'empty_turn'" not in text and "3192.6000" not in text
+    assert "| Hi | a \\| b | stop | 0.31 | ok |" in text  # a pipe in a reply keeps the table's shape
+    assert "[http://127.0.0.1:8765/chat](http://127.0.0.1:8765/chat)" in text
+    assert "In the browser: http://127.0.0.1:8765/chat" in text
+
+
+def test_without_a_chat_page_the_summary_has_no_link() -> None:
+    text = _summary(ROLLOUT, chat=how_to_chat("https://ep.inference.ml.azure.com/v1", "https://ep/score"))
+    assert "/chat" not in text and "In the browser" not in text
