@@ -1,0 +1,161 @@
+"""Per-deployment request numbers over a window of time, and what the alarms read from them.
+
+A metrics source hands out :class:`Counters`: cumulative totals for one deployment (requests by HTTP status,
+finish reasons, a histogram of seconds per generated token, rescued requests). The numbers of a window are the
+difference of two readings (:meth:`Counters.minus`), so a reader never needs the server to keep windows; a
+source whose backend aggregates windows itself (Azure Monitor) builds the window's :class:`Counters` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Seconds per generated token: geometric buckets from 1 ms (factor 1.5, about 23 of them up to 10 s), fine enough
+# that a 2x slower deployment moves its p95 by about two buckets. The server and the readers share these bounds.
+SECONDS_PER_TOKEN_BOUNDS: tuple[float, ...] = tuple(round(0.001 * 1.5**i, 6) for i in range(23))
+# The crashed-container answer: the router's code when the model server process died under a request (Azure ML
+# answers 502 when the scoring container crashed).
+CRASHED_CONTAINER = 502
+
+
+def is_server_error(status: int) -> bool:
+    """A failure the deployment caused: any 5xx, 408 (timed out), 424 (model error); not a client's 4xx."""
+    return status >= 500 or status in (408, 424)
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Cumulative (or one window's) numbers of one deployment.
+
+    ``latency_counts[i]`` counts requests whose seconds per generated token were at most
+    ``SECONDS_PER_TOKEN_BOUNDS[i]`` and above the previous bound; the last entry (one longer than the bounds)
+    counts the rest. ``request_p95_s`` is set only by sources that report per-request latency percentiles
+    themselves (Azure Monitor): percentiles of two readings cannot be subtracted.
+    """
+
+    statuses: Mapping[int, int] = field(default_factory=dict)
+    finish_reasons: Mapping[str, int] = field(default_factory=dict)
+    latency_counts: Sequence[int] = ()
+    rescued: int = 0
+    request_p95_s: float | None = None
+
+    def minus(self, earlier: Counters) -> Counters:
+        """The numbers between ``earlier`` and this reading (a restarted server's counters start again at 0)."""
+        if any(self.statuses.get(k, 0) < v for k, v in earlier.statuses.items()):
+            return self  # the counters went backwards: the server restarted, everything counted is new
+        latency = [a - b for a, b in zip(_padded(self.latency_counts), _padded(earlier.latency_counts), strict=True)]
+        return Counters(
+            statuses={k: v - earlier.statuses.get(k, 0) for k, v in self.statuses.items()},
+            finish_reasons={k: v - earlier.finish_reasons.get(k, 0) for k, v in self.finish_reasons.items()},
+            latency_counts=latency if any(latency) else (),
+            rescued=self.rescued - earlier.rescued,
+            request_p95_s=self.request_p95_s,
+        )
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(n for code, n in self.statuses.items() if is_server_error(code))
+
+    def stats(self) -> WindowStats:
+        ended = self.finish_reasons.get("stop", 0)
+        replies = ended + self.finish_reasons.get("length", 0)
+        return WindowStats(
+            requests=self.requests,
+            errors=self.errors,
+            p95_s_per_token=quantile(self.latency_counts, 0.95),
+            request_p95_s=self.request_p95_s,
+            ended=ended,
+            replies=replies,
+            rescued=self.rescued,
+        )
+
+
+def _padded(counts: Sequence[int]) -> list[int]:
+    return list(counts) + [0] * (len(SECONDS_PER_TOKEN_BOUNDS) + 1 - len(counts))
+
+
+def bucket_of(seconds_per_token: float) -> int:
+    """The histogram bucket a value falls in (``len(SECONDS_PER_TOKEN_BOUNDS)`` for values above the last)."""
+    for i, bound in enumerate(SECONDS_PER_TOKEN_BOUNDS):
+        if seconds_per_token <= bound:
+            return i
+    return len(SECONDS_PER_TOKEN_BOUNDS)
+
+
+def quantile(counts: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile of a histogram over :data:`SECONDS_PER_TOKEN_BOUNDS`, interpolated inside its bucket;
+    None for an empty histogram. Values above the last bound count as the last bound (a floor, never a guess)."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i >= len(SECONDS_PER_TOKEN_BOUNDS):
+                return SECONDS_PER_TOKEN_BOUNDS[-1]
+            low = SECONDS_PER_TOKEN_BOUNDS[i - 1] if i else 0.0
+            return low + (SECONDS_PER_TOKEN_BOUNDS[i] - low) * (rank - seen) / n
+        seen += n
+    return SECONDS_PER_TOKEN_BOUNDS[-1]
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """What the alarms compare, for one deployment over one window."""
+
+    requests: int
+    errors: int
+    p95_s_per_token: float | None = None
+    request_p95_s: float | None = None  # sources without a per-token histogram (Azure Monitor)
+    ended: int = 0
+    replies: int = 0  # replies with a known finish reason (stop or length)
+    rescued: int = 0
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def ended_share(self) -> float | None:
+        return self.ended / self.replies if self.replies else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "p95_s_per_token": self.p95_s_per_token,
+            "request_p95_s": self.request_p95_s,
+            "ended_share": self.ended_share,
+            "replies": self.replies,
+            "rescued": self.rescued,
+        }
+
+
+def counters_from_json(payload: Mapping[str, Any]) -> Counters:
+    """One deployment's entry of the router's admin metrics route (see :mod:`deployments.live_metrics`)."""
+    return Counters(
+        statuses={int(k): int(v) for k, v in (payload.get("statuses") or {}).items()},
+        finish_reasons={str(k): int(v) for k, v in (payload.get("finish_reasons") or {}).items()},
+        latency_counts=[int(n) for n in (payload.get("seconds_per_token") or {}).get("counts", [])],
+        rescued=int(payload.get("rescued", 0)),
+    )
+
+
+__all__ = [
+    "CRASHED_CONTAINER",
+    "SECONDS_PER_TOKEN_BOUNDS",
+    "Counters",
+    "WindowStats",
+    "bucket_of",
+    "counters_from_json",
+    "is_server_error",
+    "quantile",
+]
