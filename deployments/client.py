@@ -54,6 +54,10 @@ class EndpointAdminClient:
     def get_state(self) -> dict[str, Any]:
         return self._call("GET", "/admin/state")
 
+    def get_metrics(self) -> dict[str, Any]:
+        """Per-deployment live numbers (``GET /admin/metrics``, see :mod:`deployments.live_metrics`)."""
+        return self._call("GET", "/admin/metrics")
+
     def create_deployment(self, name: str, model_path: str, model_version: str | None = None) -> dict[str, Any]:
         """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background."""
         return self._call(

@@ -59,6 +59,7 @@ from starlette.background import BackgroundTask
 
 from deployments.engine import InputTooLongError, ModelRunner, SamplingParams, Sequence
 from deployments.keys import KeyStore
+from deployments.live_metrics import LiveMetrics
 from tasks.config import EndpointConfig
 from tasks.state import atomic_write_json, read_json
 
@@ -541,8 +542,8 @@ class _Observe:
     """Pure ASGI middleware: per-deployment request counts and latency for /metrics (the handler names the
     deployment in ``scope["state"]``)."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, live: LiveMetrics) -> None:
+        self.app, self.metrics, self.live = app, metrics, live
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -564,7 +565,11 @@ class _Observe:
             if route is not None:
                 state = scope.get("state") or {}
                 route = "/admin" if route.startswith("/admin") else route
-                self.metrics.observe(state.get("deployment", "none"), route, status, time.perf_counter() - started)
+                seconds, deployment = time.perf_counter() - started, state.get("deployment", "none")
+                self.metrics.observe(deployment, route, status, seconds)
+                if route in ("/score", "/v1/chat/completions"):
+                    tokens, finishes = state.get("generated_tokens", 0), state.get("finish_reasons", ())
+                    self.live.record(deployment, state.get("stream_status", status), seconds, tokens, finishes)
 
 
 def _bearer(request: Request) -> str | None:
@@ -587,6 +592,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     keys = KeyStore(endpoint_dir)
     endpoint = Endpoint(config, endpoint_dir)
     metrics = Metrics()
+    live = LiveMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -606,6 +612,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     )
     app.state.endpoint = endpoint
     app.state.metrics = metrics
+    app.state.live_metrics = live
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -772,6 +779,8 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             await run_all(deployment, seqs, started)
         finally:
             slot.release()
+        request.state.generated_tokens = sum(len(s.generated) for s in seqs)
+        request.state.finish_reasons = [s.finish_reason or "" for s in seqs]
         replies = []
         for item, seq in zip(body.input_data, seqs, strict=True):
             text = seq.text
@@ -818,8 +827,9 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _stream_chat(
-                deployment, Sequence(ids, params), slot, started, completion_id, model_name, stops, include_usage
-            )
+                deployment, Sequence(ids, params), slot, started, completion_id, model_name, stops, include_usage,
+                request.state,
+            )  # fmt: skip
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers=headers, background=BackgroundTask(slot.release)
             )
@@ -829,6 +839,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         finally:
             slot.release()
         text, finish = _apply_stops(seq.text, stops, seq.finish_reason or "stop")
+        request.state.generated_tokens, request.state.finish_reasons = len(seq.generated), [finish or ""]
         payload = {
             "id": completion_id,
             "object": "chat.completion",
@@ -852,6 +863,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         model_name: str,
         stops: list[str],
         include_usage: bool,
+        observed: Any,
     ) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue[bool] = asyncio.Queue()
@@ -883,6 +895,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 except TimeoutError:
                     seq.cancel()
                     error = error_body(408, "RequestTimeout", "the request took longer than request_timeout_ms")
+                    observed.stream_status = 408  # the 200 is already sent: the alarms count the error event
                     yield f"data: {json.dumps(error)}\n\n".encode()
                     break
                 text, stop_finish = _apply_stops(seq.text, stops, None)
@@ -895,6 +908,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 elif is_done:
                     if seq.finish_reason == "error":
                         error = error_body(500, "GenerationFailed", f"generation failed: {seq.error}")
+                        observed.stream_status = 500
                         yield f"data: {json.dumps(error)}\n\n".encode()
                         break
                     text, _ = _apply_stops(seq.text, stops, None)
@@ -915,6 +929,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             if seq.finish_reason is None:
                 seq.cancel()
             metrics.add_tokens(deployment.name, len(seq.generated))
+            observed.generated_tokens, observed.finish_reasons = len(seq.generated), [finish or ""]
             slot.release()
 
     # ----------------------------------------------------------------------------------------------- admin
@@ -922,6 +937,12 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     async def admin_state(request: Request) -> dict[str, Any]:
         """Deployments (creating, ready or failed, with the load error), traffic, and whether the server stops."""
         return endpoint.describe()
+
+    @app.get("/admin/metrics", tags=["admin"], dependencies=[admin_auth])
+    async def admin_metrics(request: Request) -> dict[str, Any]:
+        """Per-deployment answers by status, finish reasons, seconds-per-token histogram, rescued requests
+        (cumulative since the server started; :mod:`deployments.live_metrics`): what the rollout's alarms read."""
+        return live.to_json()
 
     @app.put("/admin/deployments/{name}", tags=["admin"], status_code=202, dependencies=[admin_auth])
     async def admin_create(request: Request, name: str, body: DeploymentSpec) -> dict[str, Any]:
@@ -951,7 +972,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(_Drain, endpoint=endpoint)  # outside the body limit: a stopping server reads no body
-    app.add_middleware(_Observe, metrics=metrics)  # outermost: counts the 503s of a stop and the 413s too
+    app.add_middleware(_Observe, metrics=metrics, live=live)  # outermost: counts the 503s of a stop and the 413s too
     return app
 
 

@@ -16,8 +16,11 @@ The order of a rollout, each step a Prefect task inside one transaction:
 4. smoke-test it pinned with the ``azureml-model-deployment`` header (after the mirror window, while still
    mirrored): no traffic moves to a deployment that failed this;
    with ``rollout.require_approval``, the flow run then pauses until a person resumes it (``await_approval``);
-5. shift traffic in steps (``rollout.traffic_steps``, default 10/50/100), each followed by a pinned smoke test
-   and an error-rate check of unpinned requests (what users get at that split);
+5. shift traffic in steps (``rollout.strategy``: the explicit ``rollout.traffic_steps``, default 10/50/100,
+   ``all_at_once``, ``canary`` or ``linear``); each step bakes for ``rollout.bake_s`` (``final_bake_s`` at 100%,
+   while the old deployment still exists) with live alarms on both deployments' own requests, rolling back the
+   moment one fires (:mod:`tasks.guardrails`); without a bake, or with too little live traffic, a pinned smoke
+   test and an error-rate check of unpinned requests (what users get at that split) decide;
 6. move the ``champion`` alias; after the transaction commits, retire older deployments beyond
    ``rollout.keep_previous``.
 
@@ -41,6 +44,9 @@ from prefect.transactions import Transaction, get_transaction, transaction
 
 from tasks.backends.base import Backend, BackendError, DeploymentFailedError, EndpointInfo, ModelVersion
 from tasks.config import Settings, SmokeConfig
+from tasks.guardrails.picture import publish_rollout_picture
+from tasks.guardrails.plan import traffic_plan
+from tasks.guardrails.step import Watch, judge_step, metrics_source_of
 from tasks.retry import call_with_retry
 from tasks.smoke import SmokeReport, smoke_endpoint
 
@@ -206,17 +212,6 @@ def retire_old(backend: Backend, live: str, keep: int, settings: Settings) -> li
     return retired
 
 
-@dataclass
-class StepResult:
-    percent: int
-    traffic: dict[str, int]
-    pinned: dict[str, Any]
-    endpoint: dict[str, Any]
-    error_rate: float
-    passed: bool
-    reason: str | None = None
-
-
 def default_step_check(
     backend: Backend, settings: Settings, new: str, percent: int, smoke: SmokeConfig | None = None
 ) -> tuple[SmokeReport, SmokeReport]:
@@ -279,6 +274,8 @@ class RolloutResult:
     retired: list[str] = field(default_factory=list)
     previous_champion: str | None = None
     mirror: dict[str, Any] | None = None  # {"percent", "duration_s", "deployment"} when traffic was mirrored
+    strategy: str | None = None  # rollout.strategy, with the plan it gave: "canary [10, 100]"
+    live: dict[str, Any] | None = None  # {"samples": [...], "alarm": {...} | None, "picture": path} of the bakes
     rollback: Rollback | None = None  # set when the rollout failed and was rolled back
 
     def to_dict(self) -> dict[str, Any]:
@@ -473,26 +470,41 @@ def _restore_traffic(txn: Transaction) -> None:
         _hook_logger(txn).error("could not restore traffic %s (%s); the next run's reconcile step will", previous, exc)
 
 
-@task(name="check-traffic-step", cache_policy=NO_CACHE, persist_result=False)
-def check_step_task(
-    backend: Backend, name: str, percent: int, weights: dict[str, int], settings: Settings, check: StepCheck
-) -> dict[str, Any]:
+def probe_step(
+    backend: Backend, name: str, percent: int, settings: Settings, check: StepCheck
+) -> tuple[bool, str, float]:
+    """The synthetic probes of a step: the pinned smoke test and ``rollout.requests_per_step`` unpinned requests
+    within ``rollout.max_error_rate``. Returns (passed, what they saw, the unpinned error rate)."""
     pinned, unpinned = check(backend, settings, name, percent)
     rate = unpinned.error_rate
-    passed = pinned.passed and rate <= settings.rollout.max_error_rate
-    reason = None
     if not pinned.passed:
-        reason = f"at {percent}% the pinned smoke test failed: {pinned.summary()}"
-    elif not passed:
-        reason = (
-            f"at {percent}% the error rate was {rate:.0%} "
-            f"(rollout.max_error_rate {settings.rollout.max_error_rate:.0%}): {unpinned.summary()}"
-        )
-    step = StepResult(percent, weights, pinned.to_dict(), unpinned.to_dict(), rate, passed, reason)
-    get_run_logger().info("traffic step %d%%: %s", percent, "passed" if passed else reason)
-    if not passed:
-        raise RolloutFailed(reason)
-    return asdict(step)
+        return False, f"the pinned smoke test failed: {pinned.summary()}", rate
+    if rate > settings.rollout.max_error_rate:
+        return False, (
+            f"the error rate was {rate:.0%} (rollout.max_error_rate {settings.rollout.max_error_rate:.0%}): "
+            f"{unpinned.summary()}"
+        ), rate  # fmt: skip
+    return True, f"{pinned.summary()}; {unpinned.summary()}", rate
+
+
+@task(name="check-traffic-step", cache_policy=NO_CACHE, persist_result=False)
+def check_step_task(
+    backend: Backend,
+    name: str,
+    percent: int,
+    weights: dict[str, int],
+    settings: Settings,
+    check: StepCheck,
+    watch: Watch,
+) -> dict[str, Any]:
+    """Bake the step with live alarms (:mod:`tasks.guardrails`); the probes decide without a bake or traffic."""
+    step = judge_step(
+        settings, percent, weights, watch, lambda: probe_step(backend, name, percent, settings, check),
+        log=get_run_logger(),
+    )  # fmt: skip
+    if not step["passed"]:
+        raise RolloutFailed(step["reason"])
+    return step
 
 
 @task(name="promote-champion", cache_policy=NO_CACHE, persist_result=False)
@@ -553,7 +565,12 @@ def run_rollout(
         return result
 
     # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
-    steps = settings.rollout.traffic_steps if before else [100]
+    steps = traffic_plan(settings.rollout) if before else [100]
+    result.strategy = f"{settings.rollout.strategy} {steps}"
+    baking = settings.rollout.bake_s > 0 or settings.rollout.final_bake_s > 0
+    watch = Watch(
+        metrics_source_of(backend) if baking else None, name, max(before, key=before.__getitem__) if before else None
+    )
     try:
         with transaction() as txn:
             txn.set("backend", backend)
@@ -581,15 +598,17 @@ def run_rollout(
                 await_approval(name, settings)
             for percent in steps:
                 weights = shift_traffic_task(backend, name, percent, settings)
-                result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
+                result.steps.append(check_step_task(backend, name, percent, weights, settings, check, watch))
             promote_task(backend, version, settings)
     except Exception as exc:
+        result.live = publish_rollout_picture(watch, result, settings)
         result.rollback = read_rollback(backend)
         failed = RolloutFailed(
             f"rollout of model v{version.version} rolled back ({_rollback_state(result.rollback, name)}): {exc}"
         )
         failed.rollout = result
         raise failed from exc
+    result.live = publish_rollout_picture(watch, result, settings)
     after = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
     result.traffic_after = live_traffic(after)
     try:

@@ -15,6 +15,9 @@ from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.guardrails.picture import PICTURE_KEY
+from tasks.guardrails.report import step_line, step_table
+
 SUMMARY_KEY = "finetune-run-summary"
 LOSS_CURVE_KEY = "loss-curve"
 # A data: URI keeps the image in the artifact itself (the UI cannot read a local file); larger files get a link.
@@ -67,11 +70,16 @@ def _rollout_step_lines(rollout: dict[str, Any]) -> list[str]:
             f"- mirrored {mirror['percent']}% of live traffic to `{mirror['deployment']}` for "
             f"{mirror['duration_s']:.0f} s before its smoke test"
         )
-    for step in rollout.get("steps", []):
-        lines.append(
-            f"- step {step['percent']}%: {'passed' if step['passed'] else step['reason']} "
-            f"(error rate {step['error_rate']:.0%})"
-        )
+    if rollout.get("strategy"):
+        lines.append(f"- strategy: {rollout['strategy']}")
+    lines += [step_line(step) for step in rollout.get("steps", [])]
+    if any(step.get("candidate") for step in rollout.get("steps", [])):
+        lines += ["", *step_table(rollout["steps"]), ""]
+    alarm = (rollout.get("live") or {}).get("alarm")
+    if alarm:
+        lines.append(f"- alarm: {alarm['reason']}")
+    if (rollout.get("live") or {}).get("picture"):
+        lines.append(f"- picture (artifact `{PICTURE_KEY}`): {rollout['live']['picture']}")
     if rollout.get("retired"):
         lines.append(f"- retired: {', '.join(rollout['retired'])}")
     return lines

@@ -331,6 +331,12 @@ class LocalBackend:
         endpoint = self.get_endpoint()
         return endpoint.traffic if endpoint else {}
 
+    def live_metrics(self) -> Any:
+        """The router's per-deployment counters (``GET /admin/metrics``) for the rollout's alarms."""
+        from tasks.guardrails.sources import RouterMetrics
+
+        return RouterMetrics(lambda: self._client().get_metrics())
+
     def scoring_key(self) -> str:
         from deployments.keys import read_keys
 

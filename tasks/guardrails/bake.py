@@ -153,7 +153,8 @@ def bake(
             decided_by, (passed, seen) = "probes", probe()
             verdict = Verdict("pass" if passed else "alarm", None if passed else "probes", seen)
             reason = (
-                f"only {candidate.requests} live requests to {step.candidate} in {waited:.1f} s (fewer than "
+                f"at {step.percent}% only {candidate.requests} live requests to {step.candidate} in {waited:.1f} s "
+                "(fewer than "
                 f"rollout.alarms.min_requests={alarms.min_requests} after the extension): the synthetic probes "
                 f"decided: {seen}"
             )
