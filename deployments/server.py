@@ -565,11 +565,14 @@ class _Observe:
             if route is not None:
                 state = scope.get("state") or {}
                 route = "/admin" if route.startswith("/admin") else route
-                seconds, deployment = time.perf_counter() - started, state.get("deployment", "none")
-                self.metrics.observe(deployment, route, status, seconds)
+                ended = time.perf_counter()
+                deployment = state.get("deployment", "none")
+                self.metrics.observe(deployment, route, status, ended - started)
                 if route in ("/score", "/v1/chat/completions"):
+                    # Per token from admission: time queued for a slot is load on the endpoint, not the model.
+                    generating = ended - state.get("admitted_at", started)
                     tokens, finishes = state.get("generated_tokens", 0), state.get("finish_reasons", ())
-                    self.live.record(deployment, state.get("stream_status", status), seconds, tokens, finishes)
+                    self.live.record(deployment, state.get("stream_status", status), generating, tokens, finishes)
 
 
 def _bearer(request: Request) -> str | None:
@@ -774,6 +777,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 )
             )
         slot = await admitted(deployment, started)
+        request.state.admitted_at = time.perf_counter()
         try:
             seqs = sequences_for(runner, prompts, params)
             await run_all(deployment, seqs, started)
@@ -824,6 +828,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         model_name = body.model or deployment.name
         headers = {PIN_HEADER: deployment.name}
         slot = await admitted(deployment, started)
+        request.state.admitted_at = time.perf_counter()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = _stream_chat(

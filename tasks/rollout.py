@@ -598,9 +598,11 @@ def run_rollout(
                 await_approval(name, settings)
             for percent in steps:
                 weights = shift_traffic_task(backend, name, percent, settings)
-                result.steps.append(check_step_task(backend, name, percent, weights, settings, check, watch))
+                check_step_task(backend, name, percent, weights, settings, check, watch)
+                result.steps = watch.steps
             promote_task(backend, version, settings)
     except Exception as exc:
+        result.steps = watch.steps  # the failed step too: its numbers say why
         result.live = publish_rollout_picture(watch, result, settings)
         result.rollback = read_rollback(backend)
         failed = RolloutFailed(

@@ -8,7 +8,9 @@ from typing import Any
 def _pair(step: dict[str, Any], field: str, fmt: str, scale: float = 1.0) -> str:
     def one(who: str) -> str:
         value = (step.get(who) or {}).get(field)
-        return "-" if value is None else format(value * scale, fmt)
+        if value is None:
+            return "-"
+        return format(value * scale if scale != 1.0 else value, fmt)
 
     return f"{one('candidate')} / {one('champion')}"
 

@@ -35,6 +35,7 @@ class Watch:
     origin: float = field(default_factory=time.monotonic)
     reference: WindowStats | None = None  # the champion's last window with enough requests
     samples: list[Sample] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # every judged step, the failed one too
     alarm: dict[str, Any] | None = None  # {"t", "percent", "alarm", "reason"} once one fired
 
 
@@ -96,6 +97,7 @@ def judge_step(
             }  # fmt: skip
     # Kept for readers of the step's old shape (the summary's error-rate column when the probes decided).
     record["error_rate"] = _error_rate(record, probe_rate)
+    watch.steps.append(record)
     log.info(
         "traffic step %d%%: %s (%s decided; %s)",
         percent, "passed" if record["passed"] else "FAILED", record["decided_by"], _numbers(record, watch),
