@@ -34,7 +34,8 @@ from tasks.gate import gate_task
 from tasks.jobs import PollTiming, submit_training_job, wait_for_training_job
 from tasks.retry import call_with_retry, prefect_delays, retry_condition_fn
 from tasks.rollout import CHAMPION, RolloutFailed, check_approval_possible, run_rollout
-from tasks.smoke import smoke_test_task
+from tasks.serving import ChampionNotServing, verify_champion_serving_task
+from tasks.smoke import SmokeTestFailed, smoke_test_task
 from tasks.state import configure_environment
 from tasks.summary import how_to_chat, publish_summary_task, render_summary
 
@@ -270,11 +271,22 @@ def finetune_and_deploy(
             # What the rollout did before it failed and what the rollback left, for the summary below.
             rollout = exc.rollout.to_dict() if exc.rollout is not None else None
     else:
-        logger.warning("the candidate was not promoted; the champion keeps serving: %s", decision["reason"])
+        logger.warning("the candidate was not promoted (%s): checking that the champion serves", decision["reason"])
+
+    # Whatever the gate and the rollout did: the champion must be serving when the run ends, and shown to be.
+    serving: dict[str, Any] | None = None
+    not_serving: Exception | None = None
+    try:
+        serving = verify_champion_serving_task(backend, settings)
+        if serving["champion"] is not None:
+            smoke = smoke_test_task(settings, None, "smoke-test")
+            serving["checked"].append(f"unpinned smoke test passed ({len(smoke['cases'])} prompts)")
+    except (ChampionNotServing, SmokeTestFailed) as exc:
+        not_serving = exc
+        logger.error("the champion is not serving: %s", exc)
 
     endpoint = backend.get_endpoint()
-    if failure is None and endpoint is not None and endpoint.traffic:
-        smoke = smoke_test_task(settings, None, "smoke-test")
+    if failure is None and not_serving is None and endpoint is not None and endpoint.traffic:
         chat = how_to_chat(endpoint.openai_base_url, endpoint.scoring_uri, config=config_path)
         # Optional (evaluation.chat_flow_eval): the Prompt flow chat over the test split; a failure only warns.
         from tasks.batch_eval import maybe_evaluate_chat_flow
@@ -293,11 +305,15 @@ def finetune_and_deploy(
         chat=chat,
         cached={"data": _cached(data_state), "training": _cached(train_state)},
         failure=str(failure) if failure is not None else None,
+        serving=serving,
+        not_serving=str(not_serving) if not_serving is not None else None,
     )
     loss_curve = Path(training["output_dir"]) / "loss_curve.png" if training.get("output_dir") else None
     publish_summary_task(markdown, str(loss_curve) if loss_curve else None)
     if failure is not None:
         raise failure
+    if not_serving is not None:
+        raise not_serving
     return {
         "dataset": dataset,
         "training": training,
@@ -307,6 +323,7 @@ def finetune_and_deploy(
         "gate": decision,
         "rollout": rollout,
         "smoke": smoke,
+        "serving": serving,
         "chat_eval": chat_eval,
         "endpoint": None if endpoint is None else {"scoring_uri": endpoint.scoring_uri, "traffic": endpoint.traffic},
         "states": {"data": data_state.name, "training": train_state.name},

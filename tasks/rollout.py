@@ -567,7 +567,8 @@ def run_rollout(
     # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
     steps = traffic_plan(settings.rollout) if before else [100]
     result.strategy = f"{settings.rollout.strategy} {steps}"
-    baking = settings.rollout.bake_s > 0 or settings.rollout.final_bake_s > 0
+    # Bakes watch users' requests next to the champion's: a first rollout has neither, its probes decide.
+    baking = bool(before) and (settings.rollout.bake_s > 0 or settings.rollout.final_bake_s > 0)
     watch = Watch(
         metrics_source_of(backend) if baking else None, name, max(before, key=before.__getitem__) if before else None
     )

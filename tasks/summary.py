@@ -108,6 +108,18 @@ def _failed_rollout_lines(failure: str, rollout: dict[str, Any] | None) -> list[
     return lines
 
 
+def _serving_lines(serving: dict[str, Any] | None, not_serving: str | None) -> list[str]:
+    """What the end-of-run check found and did; a champion that is not serving says so first."""
+    lines = ["## Serving (checked at the end of the run)"]
+    if not_serving is not None:
+        lines.append(f"- **NOT SERVING**: {not_serving}")
+    if serving is not None:
+        if serving.get("champion"):
+            lines.append(f"- champion v{serving['champion']} on `{serving.get('deployment') or '-'}`")
+        lines += [f"- {item}" for item in serving.get("checked", [])]
+    return [*lines, ""]
+
+
 def render_summary(
     *,
     dataset: dict[str, Any],
@@ -121,11 +133,15 @@ def render_summary(
     chat: str | None,
     cached: dict[str, bool] | None = None,
     failure: str | None = None,
+    serving: dict[str, Any] | None = None,
+    not_serving: str | None = None,
 ) -> str:
     """Markdown for the run-summary artifact; every argument is a plain dict from one step.
 
     ``failure`` is the reason a rollout failed (the flow run fails with it); ``rollout`` is then what the rollout
-    did up to the failure, with ``rollout["rollback"]`` as read back after the rollback, when it got that far."""
+    did up to the failure, with ``rollout["rollback"]`` as read back after the rollback, when it got that far.
+    ``serving`` is what the check that the champion serves looked at and did (:mod:`tasks.serving`);
+    ``not_serving`` the reason it is not serving, when it could not be brought back."""
     cached = cached or {}
     metrics = training.get("metrics", {})
     lines = ["# finetune-phi run summary", ""]
@@ -176,6 +192,8 @@ def render_summary(
             *_rollout_step_lines(rollout),
             "",
         ]
+    if serving is not None or not_serving is not None:
+        lines += _serving_lines(serving, not_serving)
     if smoke is not None:
         lines += ["## Smoke test", "| prompt | reply | finish | latency (s) | result |", "| --- " * 5 + "|"]
         for case in smoke.get("cases", []):

@@ -29,10 +29,10 @@ def is_server_error(status: int) -> bool:
 class Counters:
     """Cumulative (or one window's) numbers of one deployment.
 
-    ``latency_counts[i]`` counts requests whose seconds per generated token were at most
-    ``SECONDS_PER_TOKEN_BOUNDS[i]`` and above the previous bound; the last entry (one longer than the bounds)
-    counts the rest. ``request_p95_s`` is set only by sources that report per-request latency percentiles
-    themselves (Azure Monitor): percentiles of two readings cannot be subtracted.
+    ``latency_counts[i]`` counts requests whose seconds per generated token were at most ``latency_bounds[i]``
+    and above the previous bound; an entry past the last bound counts the rest. ``request_p95_s`` is set only by
+    sources that report per-request latency percentiles themselves (Azure Monitor): percentiles of two readings
+    cannot be subtracted.
     """
 
     statuses: Mapping[int, int] = field(default_factory=dict)
@@ -40,18 +40,22 @@ class Counters:
     latency_counts: Sequence[int] = ()
     rescued: int = 0
     request_p95_s: float | None = None
+    latency_bounds: tuple[float, ...] = SECONDS_PER_TOKEN_BOUNDS
 
     def minus(self, earlier: Counters) -> Counters:
         """The numbers between ``earlier`` and this reading (a restarted server's counters start again at 0)."""
         if any(self.statuses.get(k, 0) < v for k, v in earlier.statuses.items()):
             return self  # the counters went backwards: the server restarted, everything counted is new
-        latency = [a - b for a, b in zip(_padded(self.latency_counts), _padded(earlier.latency_counts), strict=True)]
+        width = len(self.latency_bounds) + 1
+        mine, theirs = _padded(self.latency_counts, width), _padded(earlier.latency_counts, width)
+        latency = [a - b for a, b in zip(mine, theirs, strict=True)]
         return Counters(
             statuses={k: v - earlier.statuses.get(k, 0) for k, v in self.statuses.items()},
             finish_reasons={k: v - earlier.finish_reasons.get(k, 0) for k, v in self.finish_reasons.items()},
             latency_counts=latency if any(latency) else (),
             rescued=self.rescued - earlier.rescued,
             request_p95_s=self.request_p95_s,
+            latency_bounds=self.latency_bounds,
         )
 
     @property
@@ -68,7 +72,7 @@ class Counters:
         return WindowStats(
             requests=self.requests,
             errors=self.errors,
-            p95_s_per_token=quantile(self.latency_counts, 0.95),
+            p95_s_per_token=quantile(self.latency_counts, 0.95, self.latency_bounds),
             request_p95_s=self.request_p95_s,
             ended=ended,
             replies=replies,
@@ -76,21 +80,21 @@ class Counters:
         )
 
 
-def _padded(counts: Sequence[int]) -> list[int]:
-    return list(counts) + [0] * (len(SECONDS_PER_TOKEN_BOUNDS) + 1 - len(counts))
+def _padded(counts: Sequence[int], width: int) -> list[int]:
+    return list(counts) + [0] * (width - len(counts))
 
 
-def bucket_of(seconds_per_token: float) -> int:
-    """The histogram bucket a value falls in (``len(SECONDS_PER_TOKEN_BOUNDS)`` for values above the last)."""
-    for i, bound in enumerate(SECONDS_PER_TOKEN_BOUNDS):
+def bucket_of(seconds_per_token: float, bounds: Sequence[float] = SECONDS_PER_TOKEN_BOUNDS) -> int:
+    """The histogram bucket a value falls in (``len(bounds)`` for values above the last)."""
+    for i, bound in enumerate(bounds):
         if seconds_per_token <= bound:
             return i
-    return len(SECONDS_PER_TOKEN_BOUNDS)
+    return len(bounds)
 
 
-def quantile(counts: Sequence[int], q: float) -> float | None:
-    """The ``q`` quantile of a histogram over :data:`SECONDS_PER_TOKEN_BOUNDS`, interpolated inside its bucket;
-    None for an empty histogram. Values above the last bound count as the last bound (a floor, never a guess)."""
+def quantile(counts: Sequence[int], q: float, bounds: Sequence[float] = SECONDS_PER_TOKEN_BOUNDS) -> float | None:
+    """The ``q`` quantile of a histogram over ``bounds``, interpolated inside its bucket; None for an empty
+    histogram. Values above the last bound count as the last bound (a floor, never a guess)."""
     total = sum(counts)
     if total <= 0:
         return None
@@ -98,12 +102,12 @@ def quantile(counts: Sequence[int], q: float) -> float | None:
     seen = 0
     for i, n in enumerate(counts):
         if n and seen + n >= rank:
-            if i >= len(SECONDS_PER_TOKEN_BOUNDS):
-                return SECONDS_PER_TOKEN_BOUNDS[-1]
-            low = SECONDS_PER_TOKEN_BOUNDS[i - 1] if i else 0.0
-            return low + (SECONDS_PER_TOKEN_BOUNDS[i] - low) * (rank - seen) / n
+            if i >= len(bounds):
+                return bounds[-1]
+            low = bounds[i - 1] if i else 0.0
+            return low + (bounds[i] - low) * (rank - seen) / n
         seen += n
-    return SECONDS_PER_TOKEN_BOUNDS[-1]
+    return bounds[-1]
 
 
 @dataclass(frozen=True)
@@ -139,13 +143,34 @@ class WindowStats:
         }
 
 
+def _histogram(payload: Mapping[str, Any] | None) -> tuple[tuple[float, ...], list[int]]:
+    """Bounds and per-bucket counts from a histogram entry: ``{"counts"}`` per bucket over the shared bounds, or
+    Prometheus-style ``{"le", "counts", "count"}`` (cumulative counts, ``count`` the total)."""
+    if not payload:
+        return SECONDS_PER_TOKEN_BOUNDS, []
+    counts = [int(n) for n in payload.get("counts", [])]
+    if "le" not in payload:
+        return SECONDS_PER_TOKEN_BOUNDS, counts
+    bounds = tuple(float(b) for b in payload["le"])
+    per_bucket = [c - (counts[i - 1] if i else 0) for i, c in enumerate(counts)]
+    return bounds, [
+        *per_bucket,
+        int(payload.get("count", counts[-1] if counts else 0)) - (counts[-1] if counts else 0),
+    ]
+
+
 def counters_from_json(payload: Mapping[str, Any]) -> Counters:
-    """One deployment's entry of the router's admin metrics route (see :mod:`deployments.live_metrics`)."""
+    """One deployment's entry of the router's admin metrics route (see :mod:`deployments.live_metrics`): answers
+    by status under ``statuses`` (or ``requests_by_status``), the seconds-per-token histogram under
+    ``seconds_per_token`` (or ``latency_per_token_seconds``), ``finish_reasons``, ``rescued``."""
+    statuses = payload.get("statuses") or payload.get("requests_by_status") or {}
+    bounds, latency = _histogram(payload.get("seconds_per_token") or payload.get("latency_per_token_seconds"))
     return Counters(
-        statuses={int(k): int(v) for k, v in (payload.get("statuses") or {}).items()},
+        statuses={int(k): int(v) for k, v in statuses.items()},
         finish_reasons={str(k): int(v) for k, v in (payload.get("finish_reasons") or {}).items()},
-        latency_counts=[int(n) for n in (payload.get("seconds_per_token") or {}).get("counts", [])],
+        latency_counts=latency,
         rescued=int(payload.get("rescued", 0)),
+        latency_bounds=bounds,
     )
 
 

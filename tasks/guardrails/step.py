@@ -68,7 +68,7 @@ def judge_step(
 
     if bake_s <= 0 or watch.source is None:
         passed, seen = run_probe()
-        why = "no bake (rollout.bake_s / final_bake_s is 0)" if bake_s <= 0 else "no live metrics on this backend"
+        why = "no bake (rollout.bake_s / final_bake_s is 0)" if bake_s <= 0 else "no live traffic to watch"
         record: dict[str, Any] = {
             "percent": percent, "traffic": weights, "bake_s": bake_s, "waited_s": 0.0, "decided_by": "probes",
             "passed": passed, "reason": None if passed else f"at {percent}% {seen}", "verdict": None,

@@ -83,3 +83,14 @@ def test_the_admin_route_payload_reads_back() -> None:
         }
     )
     assert counters.statuses == {200: 4, 500: 1} and counters.rescued == 1 and counters.stats().replies == 4
+
+
+def test_a_prometheus_style_cumulative_histogram_reads_back_per_bucket() -> None:
+    counters = counters_from_json(
+        {"requests_by_status": {"200": 10}, "finish_reasons": {"stop": 10},
+         "latency_per_token_seconds": {"le": [0.01, 0.1, 1.0], "counts": [2, 9, 10], "sum": 1.0, "count": 11}}
+    )  # fmt: skip
+    assert counters.statuses == {200: 10} and list(counters.latency_counts) == [2, 7, 1, 1]
+    assert counters.latency_bounds == (0.01, 0.1, 1.0)
+    p95 = counters.stats().p95_s_per_token
+    assert p95 is not None and 0.1 <= p95 <= 1.0

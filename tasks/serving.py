@@ -1,0 +1,118 @@
+"""Every run ends with the champion verified as serving, whatever the gate decided.
+
+After the gate (and the rollout, when there was one) the run reconciles the endpoint to the ``champion`` alias:
+the endpoint is created or started when it is down (on the local backend a reboot stops the server), the
+champion's deployment is created when the endpoint has none that is ready, and traffic goes to it; the flow's
+unpinned smoke test then proves users get answers. When it cannot, the run fails with the reason in one sentence.
+:class:`ServingReport` lists what was checked and done, for the summary: never what was assumed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.backends.base import Backend, BackendError, ModelVersion
+from tasks.config import Settings
+from tasks.retry import call_with_retry
+from tasks.rollout import CHAMPION, fresh_name, full_traffic, live_traffic, reconcile, version_of
+
+
+class ChampionNotServing(BackendError):
+    """The champion could not be brought back to serving, or it answered its smoke test wrongly."""
+
+
+@dataclass
+class ServingReport:
+    champion: str | None  # the champion's version; None: no rollout ever completed, nothing to serve
+    deployment: str | None = None
+    checked: list[str] = field(default_factory=list)  # what was looked at and what it showed or what was done
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _ready_champion_deployment(backend: Backend, champion: ModelVersion) -> str | None:
+    endpoint = backend.get_endpoint()
+    if endpoint is None:
+        return None
+    traffic = live_traffic(endpoint)
+    ready = [
+        d.name for d in endpoint.deployments if d.state == "ready" and version_of(d.name) == int(champion.version)
+    ]
+    return max(ready, key=lambda n: traffic.get(n, 0), default=None)
+
+
+def ensure_champion_serving(backend: Backend, settings: Settings) -> ServingReport:
+    """Bring the endpoint back to the champion (the smoke test follows in the flow); raises
+    :class:`ChampionNotServing` with the reason when it cannot."""
+    policy = settings.retry
+    champion = call_with_retry(backend.get_model_by_alias, CHAMPION, policy=policy, what="get champion")
+    if champion is None or not champion.version.isdigit():
+        return ServingReport(None, checked=["no champion yet (no rollout ever completed): nothing to serve"])
+    report = ServingReport(champion.version)
+    was_up = _endpoint_answers(backend)
+    try:
+        call_with_retry(backend.ensure_endpoint, policy=policy, what="ensure endpoint")
+    except BackendError as exc:
+        raise ChampionNotServing(f"the endpoint could not be started for champion v{champion.version}: {exc}") from exc
+    report.checked.append("endpoint up" if was_up else "endpoint was down: started it")
+    actions = reconcile(backend, champion, settings).actions
+    report.checked += [f"reconciled: {action}" for action in actions]
+    name = _ready_champion_deployment(backend, champion)
+    if name is None:
+        name = _deploy_champion(backend, champion, settings)
+        report.checked.append(f"champion v{champion.version} had no ready deployment: created {name}")
+    endpoint = backend.get_endpoint()
+    if endpoint is not None and live_traffic(endpoint) != {name: 100}:
+        call_with_retry(backend.set_traffic, full_traffic(endpoint, {name: 100}), policy=policy, what="set traffic")
+        report.checked.append(f"traffic set to {{{name}: 100}}")
+    else:
+        report.checked.append(f"deployment {name} of champion v{champion.version} ready with all traffic")
+    report.deployment = name
+    return report
+
+
+def _endpoint_answers(backend: Backend) -> bool:
+    try:
+        return backend.get_endpoint() is not None
+    except BackendError:
+        return False
+
+
+def _deploy_champion(backend: Backend, champion: ModelVersion, settings: Settings) -> str:
+    """A fresh deployment of the champion (its old one is gone or broken), ready, before traffic moves to it."""
+    policy = settings.retry
+    endpoint = call_with_retry(backend.get_endpoint, policy=policy, what="get endpoint")
+    name = fresh_name(endpoint, champion.version)
+    try:
+        call_with_retry(backend.create_deployment, name, champion, policy=policy, what=f"create deployment {name}")
+        info = backend.wait_deployment_ready(name, settings.rollout.ready_timeout_s)
+        if info.state != "ready":
+            raise BackendError(f"deployment {name} is {info.state}: {info.error or 'no reason given'}")
+    except BackendError as exc:
+        try:  # a failed deployment must not linger: the next run would find it half-made
+            backend.delete_deployment(name)
+        except Exception as cleanup:
+            get_run_logger().warning("could not delete the failed deployment %s (%s)", name, cleanup)
+        raise ChampionNotServing(
+            f"champion v{champion.version} cannot be served again: its deployment {name} failed ({exc}); "
+            "its model may be gone from the registry: register it again or run with `--refresh deploy`"
+        ) from exc
+    return name
+
+
+@task(name="verify-champion-serving", cache_policy=NO_CACHE, persist_result=False)
+def verify_champion_serving_task(backend: Backend, settings: Settings) -> dict[str, Any]:
+    report = ensure_champion_serving(backend, settings)
+    get_run_logger().info(
+        "champion %s serving on %s: %s",
+        f"v{report.champion}" if report.champion else "(none)", report.deployment or "-", "; ".join(report.checked),
+    )  # fmt: skip
+    return report.to_dict()
+
+
+__all__ = ["ChampionNotServing", "ServingReport", "ensure_champion_serving", "verify_champion_serving_task"]
