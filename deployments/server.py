@@ -60,6 +60,7 @@ from starlette.background import BackgroundTask
 from deployments.engine import InputTooLongError, ModelRunner, SamplingParams, Sequence
 from deployments.keys import KeyStore
 from deployments.live_metrics import LiveMetrics
+from deployments.rescue import Rescue
 from tasks.config import EndpointConfig
 from tasks.state import atomic_write_json, read_json
 
@@ -173,6 +174,12 @@ class DeploymentSpec(_Body):
 
 class TrafficSpec(_Body):
     traffic: dict[str, int]
+
+
+class RescueSpec(_Body):
+    candidate: str
+    champion: str
+    ttl_s: float = Field(..., gt=0, le=86_400)
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
@@ -596,6 +603,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     endpoint = Endpoint(config, endpoint_dir)
     metrics = Metrics()
     live = LiveMetrics()
+    rescue = Rescue()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -754,10 +762,33 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         responses={200: {"description": "One reply per input"}},
         dependencies=[scoring_auth],
     )
-    async def score(request: Request, body: ScoreRequest) -> JSONResponse:
+    async def score(request: Request, body: ScoreRequest) -> Any:
         """The sample's scoring route: one generated text per item of ``input_data``."""
         started = time.monotonic()
-        deployment = endpoint.route(pinned_from(request))
+        return await with_rescue(request, pinned_from(request), lambda d: score_on(request, body, d, started))
+
+    async def with_rescue(request: Request, pinned: str | None, attempt: Any) -> Any:
+        """``attempt`` on the routed deployment; during a rollout, once more on the champion when the new
+        deployment failed server-side or could not admit the request (:mod:`deployments.rescue`)."""
+        deployment = endpoint.route(pinned)
+        try:
+            return await attempt(deployment)
+        except ApiError as exc:
+            champion = rescue.target(deployment.name, pinned is not None, exc.status)
+            if champion is None or champion not in endpoint.deployments:
+                raise
+            status, reason = exc.status, exc.message
+        # The candidate's failure counts in its numbers (the alarms must see it); the client sees the champion's.
+        metrics.observe(deployment.name, request.url.path, status, 0.0)
+        live.record(deployment.name, status, 0.0)
+        live.rescued(deployment.name)
+        log.warning("rescued: %s answered %d (%s); retrying on %s", deployment.name, status, reason, champion)
+        for name in ("admitted_at", "generated_tokens", "finish_reasons"):
+            if hasattr(request.state, name):
+                delattr(request.state, name)
+        return await attempt(endpoint.route(champion))
+
+    async def score_on(request: Request, body: ScoreRequest, deployment: Deployment, started: float) -> JSONResponse:
         request.state.deployment = deployment.name
         runner = deployment.runner
         assert runner is not None
@@ -808,7 +839,10 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         """OpenAI-compatible chat completions; ``stream: true`` answers server-sent events."""
         started = time.monotonic()
-        deployment = endpoint.route(pinned_from(request, body.model))
+        pinned = pinned_from(request, body.model)
+        return await with_rescue(request, pinned, lambda d: chat_on(request, body, d, started))
+
+    async def chat_on(request: Request, body: ChatCompletionRequest, deployment: Deployment, started: float) -> Any:
         request.state.deployment = deployment.name
         runner = deployment.runner
         assert runner is not None
@@ -948,6 +982,24 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         """Per-deployment answers by status, finish reasons, seconds-per-token histogram, rescued requests
         (cumulative since the server started; :mod:`deployments.live_metrics`): what the rollout's alarms read."""
         return live.to_json()
+
+    @app.put("/admin/rescue", tags=["admin"], dependencies=[admin_auth])
+    async def admin_rescue(request: Request, body: RescueSpec) -> dict[str, Any]:
+        """During a rollout: retry the candidate's server-side failures once on the champion, for ``ttl_s``."""
+        for name in (body.candidate, body.champion):
+            if name not in endpoint.deployments:
+                raise ApiError(404, "DeploymentNotFound", f"no deployment named {name!r}", param="rescue")
+        try:
+            rescue.arm(body.candidate, body.champion, body.ttl_s)
+        except ValueError as exc:
+            raise ApiError(422, "InvalidField", str(exc), param="champion") from None
+        return {"rescue": rescue.describe()}
+
+    @app.delete("/admin/rescue", tags=["admin"], dependencies=[admin_auth])
+    async def admin_no_rescue(request: Request) -> dict[str, Any]:
+        """The rollout is over: failures reach the client again."""
+        rescue.disarm()
+        return {"rescue": None}
 
     @app.put("/admin/deployments/{name}", tags=["admin"], status_code=202, dependencies=[admin_auth])
     async def admin_create(request: Request, name: str, body: DeploymentSpec) -> dict[str, Any]:

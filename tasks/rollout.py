@@ -46,7 +46,7 @@ from tasks.backends.base import Backend, BackendError, DeploymentFailedError, En
 from tasks.config import Settings, SmokeConfig
 from tasks.guardrails.picture import publish_rollout_picture
 from tasks.guardrails.plan import traffic_plan
-from tasks.guardrails.step import Watch, judge_step, metrics_source_of
+from tasks.guardrails.step import Watch, arm_rescue, disarm_rescue, judge_step, metrics_source_of
 from tasks.retry import call_with_retry
 from tasks.smoke import SmokeReport, smoke_endpoint
 
@@ -497,11 +497,14 @@ def check_step_task(
     check: StepCheck,
     watch: Watch,
 ) -> dict[str, Any]:
-    """Bake the step with live alarms (:mod:`tasks.guardrails`); the probes decide without a bake or traffic."""
+    """Bake the step with live alarms (:mod:`tasks.guardrails`); the probes decide without a bake or traffic.
+    With ``rollout.rescue`` the champion answers what the new deployment fails meanwhile (local backend)."""
+    rescued = arm_rescue(backend, watch, settings, percent)
     step = judge_step(
         settings, percent, weights, watch, lambda: probe_step(backend, name, percent, settings, check),
         log=get_run_logger(),
     )  # fmt: skip
+    step["rescue"] = rescued
     if not step["passed"]:
         raise RolloutFailed(step["reason"])
     return step
@@ -603,6 +606,7 @@ def run_rollout(
                 result.steps = watch.steps
             promote_task(backend, version, settings)
     except Exception as exc:
+        disarm_rescue(backend)
         result.steps = watch.steps  # the failed step too: its numbers say why
         result.live = publish_rollout_picture(watch, result, settings)
         result.rollback = read_rollback(backend)
@@ -611,6 +615,7 @@ def run_rollout(
         )
         failed.rollout = result
         raise failed from exc
+    disarm_rescue(backend)
     result.live = publish_rollout_picture(watch, result, settings)
     after = call_with_retry(backend.get_endpoint, policy=settings.retry, what="get endpoint")
     result.traffic_after = live_traffic(after)

@@ -45,6 +45,35 @@ def metrics_source_of(backend: Any) -> MetricsSource | None:
     return make() if callable(make) else None
 
 
+# How long a rescue outlives the step that armed it: a rollout that died cannot leave it on for longer.
+RESCUE_MARGIN_S = 300.0
+
+
+def arm_rescue(backend: Any, watch: Watch, settings: Settings, percent: int) -> bool:
+    """With ``rollout.rescue`` on a backend that can (local), let the champion answer what the new deployment
+    fails during this step. False when it is off, not possible or could not be armed (logged, never raised)."""
+    arm = getattr(backend, "arm_rescue", None)
+    if not settings.rollout.rescue or watch.champion is None or not callable(arm):
+        return False
+    ttl = bake_seconds(settings.rollout, percent) + settings.rollout.alarms.max_extension_s + RESCUE_MARGIN_S
+    try:
+        arm(watch.candidate, watch.champion, ttl)
+    except Exception as exc:
+        _LOG.warning("could not arm the rescue (%s): the new deployment's failures reach users", exc)
+        return False
+    return True
+
+
+def disarm_rescue(backend: Any) -> None:
+    """The rollout is over (or rolled back). Never raises: the rescue's own deadline ends it anyway."""
+    disarm = getattr(backend, "disarm_rescue", None)
+    if callable(disarm):
+        try:
+            disarm()
+        except Exception as exc:
+            _LOG.warning("could not disarm the rescue (%s); it ends by itself within minutes", exc)
+
+
 def judge_step(
     settings: Settings,
     percent: int,
@@ -128,4 +157,4 @@ def _numbers(record: dict[str, Any], watch: Watch) -> str:
     return "; ".join(parts) or record.get("note") or ""
 
 
-__all__ = ["StepProbe", "Watch", "judge_step", "metrics_source_of"]
+__all__ = ["StepProbe", "Watch", "arm_rescue", "disarm_rescue", "judge_step", "metrics_source_of"]

@@ -183,6 +183,21 @@ def test_a_bad_canary_fires_its_alarm_during_the_first_bake_and_traffic_returns_
         assert new_errors == 0
 
 
+def test_with_rescue_on_users_see_no_failure_from_a_failing_canary_and_the_alarm_still_fires(
+    faulty_backend: Backend, flow_settings: Settings, guarded: Any, tmp_path: Path
+) -> None:
+    before = _serving(faulty_backend)
+    version = _faulty_version(faulty_backend, tmp_path, "911", fail_share=0.3)
+    with Load(faulty_backend, flow_settings.smoke.prompts) as users:
+        rollout = _failed_rollout(guarded(rescue=True), version)
+    assert _serving(faulty_backend) == before
+    first = rollout["steps"][0]
+    assert first["rescue"] and first["decided_by"] == "live" and first["verdict"]["alarm"] == "error_rate", first
+    assert first["candidate"]["errors"] >= 1 and first["candidate"]["rescued"] == first["candidate"]["errors"]
+    assert users.answers and not users.failures(), users.failures()
+    assert _router_errors(faulty_backend)["model-v911"] == first["candidate"]["errors"]  # counted, not hidden
+
+
 def test_too_little_traffic_extends_the_bake_then_the_probes_decide_and_the_summary_says_so(
     faulty_backend: Backend, flow_settings: Settings, guarded: Any
 ) -> None:
