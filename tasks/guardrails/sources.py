@@ -64,7 +64,7 @@ class AzureMonitorMetrics:
     name = "Azure Monitor"
 
     def __init__(self, client: Any, resource_id: str, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self._client, self._resource_id, self._now = client, resource_id, now
+        self._client, self.resource_id, self._now = client, resource_id, now
 
     def mark(self) -> datetime:
         return self._now()
@@ -74,7 +74,7 @@ class AzureMonitorMetrics:
 
         end = max(self._now(), mark + timedelta(seconds=1))
         requests = self._client.query_resource(
-            self._resource_id,
+            self.resource_id,
             [REQUESTS_METRIC],
             timespan=(mark, end),
             granularity=timedelta(minutes=1),
@@ -92,7 +92,7 @@ class AzureMonitorMetrics:
                 by_code = statuses[dims["deployment"]]
                 by_code[int(code)] = by_code.get(int(code), 0) + round(total)
         latency = self._client.query_resource(
-            self._resource_id,
+            self.resource_id,
             [LATENCY_P95_METRIC],
             timespan=(mark, end),
             granularity=timedelta(minutes=1),

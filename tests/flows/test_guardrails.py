@@ -89,13 +89,17 @@ class Load:
 
 @pytest.fixture(scope="module")
 def faulty_backend(first_run: dict[str, Any], flow_settings: Settings) -> Iterator[Backend]:
-    """The flow tests' endpoint, restarted with the test-only fault switch on the server's path."""
+    """The flow tests' endpoint, restarted with the test-only fault switch on the server's path, and room for the
+    load's 8 clients to queue (no 429 for a full queue: every failure a client sees is then a deployment's)."""
     from deployments.service import stop_server
 
     stop_server(flow_settings)
     patch = pytest.MonkeyPatch()
     patch.setenv("PYTHONPATH", faulty_engine_path())
-    backend = get_backend(flow_settings)
+    roomy = flow_settings.model_copy(
+        update={"endpoint": flow_settings.endpoint.model_copy(update={"max_pending_requests": 64})}
+    )
+    backend = get_backend(roomy)
     backend.ensure_endpoint()  # starts the server, which reloads the champion's deployment
     patch.undo()
     yield backend
@@ -152,15 +156,25 @@ def _router_errors(backend: Backend) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    ("faults", "alarm"),
-    [({"fail_share": 0.3}, "error_rate"), ({"slowdown": 5}, "latency"), ({"never_end": True}, "ended_share")],
+    ("faults", "alarm", "number"),
+    [
+        ({"fail_share": 0.3}, "error_rate", "910"),
+        ({"slowdown": 5}, "latency", "912"),
+        ({"never_end": True}, "ended_share", "913"),
+    ],
     ids=["30pct-failing", "5x-slower", "never-ending"],
 )
 def test_a_bad_canary_fires_its_alarm_during_the_first_bake_and_traffic_returns_to_the_champion(
-    faulty_backend: Backend, flow_settings: Settings, guarded: Any, tmp_path: Path, faults: dict, alarm: str
+    faulty_backend: Backend,
+    flow_settings: Settings,
+    guarded: Any,
+    tmp_path: Path,
+    faults: dict,
+    alarm: str,
+    number: str,
 ) -> None:
     before = _serving(faulty_backend)
-    version = _faulty_version(faulty_backend, tmp_path, "910", **faults)
+    version = _faulty_version(faulty_backend, tmp_path, number, **faults)
     errors_before = _router_errors(faulty_backend)
     with Load(faulty_backend, flow_settings.smoke.prompts) as users:
         rollout = _failed_rollout(guarded(rescue=False), version)
@@ -175,7 +189,7 @@ def test_a_bad_canary_fires_its_alarm_during_the_first_bake_and_traffic_returns_
     errors_after = _router_errors(faulty_backend)
     champion = next(iter(before))
     assert errors_after.get(champion, 0) == errors_before.get(champion, 0)
-    new_errors = errors_after.get("model-v910", 0)
+    new_errors = errors_after.get(f"model-v{number}", 0)
     assert len(users.failures()) == new_errors, (users.failures(), new_errors)
     if alarm == "error_rate":
         assert new_errors >= 1
