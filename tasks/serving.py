@@ -70,6 +70,8 @@ def ensure_champion_serving(backend: Backend, settings: Settings) -> ServingRepo
     if endpoint is not None and live_traffic(endpoint) != {name: 100}:
         call_with_retry(backend.set_traffic, full_traffic(endpoint, {name: 100}), policy=policy, what="set traffic")
         report.checked.append(f"traffic set to {{{name}: 100}}")
+        # Now that the champion serves again, what is left broken (its old failed deployment) can go.
+        report.checked += [f"reconciled: {action}" for action in reconcile(backend, champion, settings).actions]
     else:
         report.checked.append(f"deployment {name} of champion v{champion.version} ready with all traffic")
     report.deployment = name
@@ -93,14 +95,16 @@ def _deploy_champion(backend: Backend, champion: ModelVersion, settings: Setting
         info = backend.wait_deployment_ready(name, settings.rollout.ready_timeout_s)
         if info.state != "ready":
             raise BackendError(f"deployment {name} is {info.state}: {info.error or 'no reason given'}")
-    except BackendError as exc:
+    except Exception as exc:  # a missing model folder surfaces as the registry's or the loader's own error
         try:  # a failed deployment must not linger: the next run would find it half-made
             backend.delete_deployment(name)
         except Exception as cleanup:
             get_run_logger().warning("could not delete the failed deployment %s (%s)", name, cleanup)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ChampionNotServing(
-            f"champion v{champion.version} cannot be served again: its deployment {name} failed ({exc}); "
-            "its model may be gone from the registry: register it again or run with `--refresh deploy`"
+            f"champion v{champion.version} cannot be served again: deploying it as {name} failed "
+            f"({type(exc).__name__}: {reason}), so its model files are gone or broken; restore them, or train and "
+            "promote a new model"
         ) from exc
     return name
 
