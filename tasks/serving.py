@@ -9,6 +9,7 @@ unpinned smoke test then proves users get answers. When it cannot, the run fails
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from tasks.backends.base import Backend, BackendError, ModelVersion
 from tasks.config import Settings
 from tasks.retry import call_with_retry
 from tasks.rollout import CHAMPION, fresh_name, full_traffic, live_traffic, reconcile, version_of
+
+_LOG = logging.getLogger("finetune_phi.serving")
 
 
 class ChampionNotServing(BackendError):
@@ -99,7 +102,7 @@ def _deploy_champion(backend: Backend, champion: ModelVersion, settings: Setting
         try:  # a failed deployment must not linger: the next run would find it half-made
             backend.delete_deployment(name)
         except Exception as cleanup:
-            get_run_logger().warning("could not delete the failed deployment %s (%s)", name, cleanup)
+            _LOG.warning("could not delete the failed deployment %s (%s)", name, cleanup)
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ChampionNotServing(
             f"champion v{champion.version} cannot be served again: deploying it as {name} failed "
