@@ -44,7 +44,7 @@ def draw(samples: list[Sample], alarm: dict[str, Any] | None, path: Path, title:
         for name in deployments:
             xs, ys = _series(samples, name, field, scale)
             if xs:
-                axis.plot(xs, ys, marker=".", label=name)
+                axis.plot(xs, ys, marker="o", markersize=4, label=name)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     for name in deployments:

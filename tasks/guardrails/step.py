@@ -32,7 +32,7 @@ class Watch:
     source: MetricsSource | None
     candidate: str
     champion: str | None  # the deployment that had all traffic before (None: a first rollout)
-    origin: float = field(default_factory=time.monotonic)
+    origin: float | None = None  # the clock when the first step began (the picture's time 0)
     reference: WindowStats | None = None  # the champion's last window with enough requests
     samples: list[Sample] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)  # every judged step, the failed one too
@@ -88,6 +88,8 @@ def judge_step(
     """Bake one step; returns the step's record (always, passed or not: the caller raises on ``passed`` False)."""
     alarms = settings.rollout.alarms
     bake_s = bake_seconds(settings.rollout, percent)
+    if watch.origin is None:
+        watch.origin = clock()
     probe_rate: list[float] = []
 
     def run_probe() -> tuple[bool, str]:
