@@ -36,10 +36,10 @@ pytestmark = pytest.mark.slow
 GUARDED = {
     "strategy": "canary",
     "canary_percent": 25,
-    "bake_s": 10,
+    "bake_s": 20,  # a bad canary ends it at its alarm; a slow one needs the time to answer min_requests
     "final_bake_s": 4,
     "keep_previous": 0,
-    "alarms": {"min_requests": 8, "max_extension_s": 10, "check_interval_s": 0.5},
+    "alarms": {"min_requests": 8, "max_extension_s": 20, "check_interval_s": 0.5},
 }
 
 
@@ -243,11 +243,11 @@ def test_a_healthy_canary_passes_every_bake_and_the_final_bake_then_the_old_depl
     before = _serving(faulty_backend)
     champion = faulty_backend.get_model_by_alias(CHAMPION)
     with Load(faulty_backend, flow_settings.smoke.prompts) as users:
-        rollout = _guarded_flow(guarded(), champion, force=True)
+        rollout = _guarded_flow(guarded(bake_s=8), champion, force=True)
     assert [s["percent"] for s in rollout["steps"]] == [25, 100]
     assert all(s["passed"] and s["decided_by"] == "live" for s in rollout["steps"]), rollout["steps"]
     canary, final = rollout["steps"]
-    assert canary["waited_s"] >= GUARDED["bake_s"] and final["waited_s"] >= GUARDED["final_bake_s"]
+    assert canary["waited_s"] >= 8 and final["waited_s"] >= GUARDED["final_bake_s"]
     assert canary["champion"]["requests"] >= GUARDED["alarms"]["min_requests"]
     assert _serving(faulty_backend) == {rollout["deployment"]: 100}
     assert set(before) <= set(rollout["retired"])
