@@ -1,7 +1,9 @@
 """Rollout guardrails on live traffic, against the real endpoint server under load from 8 clients: a canary that
-fails 30% of requests, one 5x slower per token and one that never ends its replies each fire their alarm during
-the first bake and traffic returns to the champion; a healthy one passes every bake and the final bake and the old
-deployment is retired; too little traffic makes the synthetic probes decide; a flow killed mid-bake converges.
+fails 30% of requests, one 5x slower per token and one that stops ending its replies each fire their alarm during
+the first bake and traffic returns to the champion (a model that never ends any reply is stopped earlier, by its
+pinned smoke test; the one here ends its first two); with rescue on, users see none of the failures; a healthy
+canary passes every bake and the final bake and the old deployment is retired; too little traffic makes the
+synthetic probes decide; a flow killed mid-bake converges.
 
 The faults come from the test-only engine switch in ``tests/faults`` (a ``test_faults.json`` in a copy of the
 champion's model folder, honoured only by a server started with that folder on its path): the server of the flow
@@ -160,7 +162,8 @@ def _router_errors(backend: Backend) -> dict[str, int]:
     [
         ({"fail_share": 0.3}, "error_rate", "910"),
         ({"slowdown": 5}, "latency", "912"),
-        ({"never_end": True}, "ended_share", "913"),
+        # Its first two replies end (the pinned smoke test passes), then none does: only users' requests show it.
+        ({"never_end_after": 2}, "ended_share", "913"),
     ],
     ids=["30pct-failing", "5x-slower", "never-ending"],
 )
@@ -193,8 +196,6 @@ def test_a_bad_canary_fires_its_alarm_during_the_first_bake_and_traffic_returns_
     assert len(users.failures()) == new_errors, (users.failures(), new_errors)
     if alarm == "error_rate":
         assert new_errors >= 1
-    else:
-        assert new_errors == 0
 
 
 def test_with_rescue_on_users_see_no_failure_from_a_failing_canary_and_the_alarm_still_fires(
