@@ -131,3 +131,20 @@ class Backend(Protocol):
     def delete_deployment(self, name: str) -> None: ...
     def set_traffic(self, traffic: dict[str, int]) -> dict[str, int]: ...
     def scoring_key(self) -> str: ...  # the endpoint's primary key; never log it
+
+
+@runtime_checkable
+class LiveMetricsBackend(Backend, Protocol):
+    """A backend whose endpoint reports per-deployment numbers of users' requests (the local router's admin route,
+    Azure Monitor): the rollout's bakes judge each traffic step on them."""
+
+    def live_metrics(self) -> Any: ...  # a tasks.guardrails.bake.MetricsSource
+
+
+@runtime_checkable
+class RescuingBackend(Backend, Protocol):
+    """A backend whose endpoint can answer a request the new deployment failed with the champion (the local
+    router); the rollout arms it while a step bakes (``rollout.rescue``)."""
+
+    def arm_rescue(self, candidate: str, champion: str, ttl_s: float) -> None: ...
+    def disarm_rescue(self) -> None: ...

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.backends.base import LiveMetricsBackend, RescuingBackend
 from tasks.config import Settings
 from tasks.guardrails.bake import BakeStep, MetricsSource, Sample, bake
 from tasks.guardrails.metrics import WindowStats
@@ -40,9 +41,8 @@ class Watch:
 
 
 def metrics_source_of(backend: Any) -> MetricsSource | None:
-    """The backend's live metrics (``live_metrics()``: not part of the Backend protocol), or None without any."""
-    make = getattr(backend, "live_metrics", None)
-    return make() if callable(make) else None
+    """The backend's live metrics (a :class:`~tasks.backends.base.LiveMetricsBackend`), or None without any."""
+    return backend.live_metrics() if isinstance(backend, LiveMetricsBackend) else None
 
 
 # How long a rescue outlives the step that armed it: a rollout that died cannot leave it on for longer.
@@ -52,12 +52,11 @@ RESCUE_MARGIN_S = 300.0
 def arm_rescue(backend: Any, watch: Watch, settings: Settings, percent: int) -> bool:
     """With ``rollout.rescue`` on a backend that can (local), let the champion answer what the new deployment
     fails during this step. False when it is off, not possible or could not be armed (logged, never raised)."""
-    arm = getattr(backend, "arm_rescue", None)
-    if not settings.rollout.rescue or watch.champion is None or not callable(arm):
+    if not settings.rollout.rescue or watch.champion is None or not isinstance(backend, RescuingBackend):
         return False
     ttl = bake_seconds(settings.rollout, percent) + settings.rollout.alarms.max_extension_s + RESCUE_MARGIN_S
     try:
-        arm(watch.candidate, watch.champion, ttl)
+        backend.arm_rescue(watch.candidate, watch.champion, ttl)
     except Exception as exc:
         _LOG.warning("could not arm the rescue (%s): the new deployment's failures reach users", exc)
         return False
@@ -66,10 +65,9 @@ def arm_rescue(backend: Any, watch: Watch, settings: Settings, percent: int) -> 
 
 def disarm_rescue(backend: Any) -> None:
     """The rollout is over (or rolled back). Never raises: the rescue's own deadline ends it anyway."""
-    disarm = getattr(backend, "disarm_rescue", None)
-    if callable(disarm):
+    if isinstance(backend, RescuingBackend):
         try:
-            disarm()
+            backend.disarm_rescue()
         except Exception as exc:
             _LOG.warning("could not disarm the rescue (%s); it ends by itself within minutes", exc)
 
