@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.keys import read_keys
     from deployments.service import start_server, stop_server
     from tasks import registry
+    from tasks.backends.local_jobs import stop_process_group
     from tasks.config import Settings
-    from tasks.jobs import stop_process_group
 
     # A tiny model, registered as the flow registers a job's model
     if args.model_dir is None:

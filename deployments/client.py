@@ -7,31 +7,47 @@
     client.get_state()  # {"deployments": {name: {"state", "error", "model_version", ...}}, "traffic": {...}}
     client.delete_deployment("model-v2")                              # refused (409) while it has traffic
 
-Errors: connection refused, timeouts, HTTP 429 and 5xx raise :class:`TransientBackendError` (retry);
+Errors: connection refused, timeouts, HTTP 429 and 5xx are transient: with a ``retry`` policy the client retries
+them itself (the only retry layer for a local backend call) and raises :class:`RetriesExhaustedError` when they
+outlast it; without one it raises :class:`TransientBackendError` at once;
 a deployment that failed to load raises :class:`DeploymentFailedError` with the load error; other 4xx raise
 :class:`BackendError` with the server's message.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
 
-from tasks.backends.base import BackendError, DeploymentFailedError, TransientBackendError
+from tasks.backends.base import BackendError, DeploymentFailedError, RetriesExhaustedError, TransientBackendError
+from tasks.config import RetryConfig
+from tasks.polling import PollTimeout, every, poll_until
+from tasks.retry import call_with_retry
 
 
 class EndpointAdminClient:
-    def __init__(self, base_url: str, admin_key: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, admin_key: str, *, timeout_s: float = 30.0, retry: RetryConfig | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {admin_key}"}
         self.timeout_s = timeout_s
+        self.retry = retry
 
     def __repr__(self) -> str:  # never show the key
         return f"EndpointAdminClient({self.base_url!r})"
 
     def _call(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        """One admin request, its transient faults retried as ``retry`` says (every admin request is idempotent)."""
+        if self.retry is None:
+            return self._request(method, path, json)
+        try:
+            return call_with_retry(self._request, method, path, json, policy=self.retry, what=f"{method} {path}")
+        except TransientBackendError as exc:
+            raise RetriesExhaustedError(f"{exc} (still failing after retry.attempts={self.retry.attempts})") from exc
+
+    def _request(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
         try:
             response = httpx.request(method, url, json=json, headers=self._headers, timeout=self.timeout_s)
@@ -79,15 +95,17 @@ class EndpointAdminClient:
 
     def wait_ready(self, name: str, timeout_s: float, poll_s: float = 0.5) -> dict[str, Any]:
         """The deployment's state once ready. DeploymentFailedError if it failed, TimeoutError past ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            deployment = self.get_state().get("deployments", {}).get(name)
-            if deployment is None:
-                raise DeploymentFailedError(f"deployment {name} does not exist on {self.base_url}")
-            if deployment["state"] == "ready":
-                return deployment
-            if deployment["state"] == "failed":
-                raise DeploymentFailedError(f"deployment {name} failed to load: {deployment.get('error')}")
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"deployment {name} was not ready within {timeout_s:.0f} s")
-            time.sleep(poll_s)
+        try:
+            deployment = poll_until(
+                lambda: self.get_state().get("deployments", {}).get(name),
+                lambda d: d is None or d["state"] in ("ready", "failed"),
+                timeout_s=timeout_s,
+                schedule=every(poll_s),
+            )
+        except PollTimeout:
+            raise TimeoutError(f"deployment {name} was not ready within {timeout_s:.0f} s") from None
+        if deployment is None:
+            raise DeploymentFailedError(f"deployment {name} does not exist on {self.base_url}")
+        if deployment["state"] == "failed":
+            raise DeploymentFailedError(f"deployment {name} failed to load: {deployment.get('error')}")
+        return deployment

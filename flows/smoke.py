@@ -31,7 +31,7 @@ def smoke_test(config_path: str = "configs/local.yaml", overrides: dict[str, Any
 
 def _smoke_command(args: argparse.Namespace) -> int:
     settings = load_config(args.config, args.set)  # fail fast on a bad config, before Prefect starts
-    from flows.finetune_deploy import prefect_home_of
+    from flows.cli import prefect_home_of
     from tasks.config import normalise_overrides
 
     with prefect_home_of(settings):

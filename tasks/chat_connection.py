@@ -127,9 +127,7 @@ def endpoint_target(settings: Settings, backend: Any = None) -> EndpointTarget:
     if not info.openai_base_url:
         raise BackendError(f"endpoint {info.name} has no scoring URI yet; wait for its deployment and run this again")
     key = os.environ.get(KEY_ENV) or backend.scoring_key()
-    return EndpointTarget(
-        base_url=info.openai_base_url.rstrip("/"), key=key, backend=getattr(backend, "name", settings.backend)
-    )
+    return EndpointTarget(base_url=info.openai_base_url.rstrip("/"), key=key, backend=backend.name)
 
 
 def _local_key(settings: Settings) -> str:

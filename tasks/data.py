@@ -14,7 +14,8 @@ and an earlier result stays intact. The manifest's hash depends only on the cont
 test share, the rows written), never on absolute paths or times: it is the cache key later steps use.
 
 :func:`prepare_dataset` is the plain function (tests call it); :data:`prepare_dataset_task` is its thin
-Prefect wrapper, retried only for transient hub faults.
+Prefect wrapper, cached on the source's content and retried only for transient hub faults; :func:`prepare_data_step`
+is the flow's data step.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.config import DataConfig, HubSource, load_config
+from tasks.caching import StepResult, content_key_fn, data_cache_key, run_cached
+from tasks.config import DataConfig, HubSource, Settings, load_config
 from tasks.state import atomic_open, atomic_write_json, sha256_file, sha256_tree, state_paths
 
 # Bump when normalisation, validation or the split rule changes: old cache keys must stop matching.
@@ -655,15 +657,41 @@ def _retry_hub_faults(task: Any, task_run: Any, state: Any) -> bool:
 
 
 # huggingface_hub already retries HTTP 5 times (~25 s) inside one attempt: one more try after a pause is enough.
-@task(name="prepare-dataset", retries=1, retry_delay_seconds=30, retry_condition_fn=_retry_hub_faults)
-def prepare_dataset_task(config: DataConfig, output_root: Path, cache_dir: Path | None = None) -> DatasetManifest:
-    """Prefect wrapper of :func:`prepare_dataset`; logs the report. Caching is keyed by the flow."""
+@task(
+    name="prepare-data",
+    retries=1,
+    retry_delay_seconds=30,
+    retry_condition_fn=_retry_hub_faults,
+    cache_key_fn=content_key_fn,
+    persist_result=True,
+)
+def prepare_dataset_task(
+    config: DataConfig, output_root: Path, cache_dir: Path | None = None, content_key: str | None = None
+) -> DatasetManifest:
+    """Prefect wrapper of :func:`prepare_dataset`; logs the report. Cached on ``content_key`` when one is given."""
     manifest = prepare_dataset(config, output_root, cache_dir=cache_dir)
     get_run_logger().info(
         "dataset prepared\n%s",
         report(manifest, source=_describe_source(config), min_valid_share=config.min_valid_share),
     )
     return manifest
+
+
+def prepare_data_step(settings: Settings, refresh: bool = False) -> StepResult:
+    """The flow's data step, keyed on the source's content fingerprint and the data section; its value is the
+    manifest as a plain dict. A cached manifest whose files were deleted is prepared again."""
+    key = data_cache_key(settings, source_fingerprint(settings.data))
+    step = run_cached(
+        prepare_dataset_task,
+        settings.data,
+        Path(settings.state_dir) / "data",
+        None,
+        key,
+        refresh=refresh,
+        still_valid=lambda manifest: Path(manifest.train_path).is_file(),
+        stale="the cached dataset's files are gone",
+    )
+    return StepResult(step.value.to_dict(), step.state)
 
 
 # --------------------------------------------------------------------------- command line
@@ -705,6 +733,7 @@ __all__ = [
     "HubUnreachableError",
     "add_commands",
     "check_row",
+    "prepare_data_step",
     "prepare_dataset",
     "prepare_dataset_task",
     "render_report",

@@ -1,11 +1,11 @@
 """Evaluation: held-out loss and perplexity, and a generation check that replies end.
 
 The same :func:`evaluate_model` runs on the candidate and on the champion, on the same test split, so the gate
-compares like with like (STYLE.md section 8). A champion's recorded numbers are reused only when they were
+compares like with like. A champion's recorded numbers are reused only when they were
 computed on the same dataset manifest; otherwise it is evaluated again from its model folder.
 
 The generation check exists because fine-tuned Phi-3 models that never stop generating are the commonest
-complaint about the sample (MISSION weak point 3): a reply must be non-empty and end with the end-of-turn token
+complaint about the sample: a reply must be non-empty and end with the end-of-turn token
 before ``max_new_tokens``.
 """
 
@@ -18,7 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.backends import get_backend
+from tasks.backends.base import ModelVersion
+from tasks.caching import content_key_fn, evaluation_cache_key
+from tasks.config import Settings
+from tasks.retry import with_step_retries
 
 # Tags written on a registered model version, so a later run can reuse the numbers on the same data.
 TAG_LOSS = "heldout_loss"
@@ -208,22 +215,73 @@ def evaluate_model(
     return EvalResult(label, manifest_sha256, round(loss, 6), round(perplexity, 6), len(rows), tokens, generations)
 
 
-@task(name="evaluate-model", persist_result=False)
-def evaluate_model_task(
-    model_dir: str, test_path: str, manifest_sha256: str, label: str, num_prompts: int, max_new_tokens: int
-) -> dict[str, Any]:
+def evaluate_version(settings: Settings, version: ModelVersion, dataset: dict[str, Any], label: str) -> dict[str, Any]:
+    """:func:`evaluate_model` of a registered version's folder on the dataset's test split, as a plain dict."""
+    folder = get_backend(settings).model_folder(version)
     result = evaluate_model(
-        model_dir, test_path, manifest_sha256, label=label, num_prompts=num_prompts, max_new_tokens=max_new_tokens
+        folder,
+        dataset["test_path"],
+        dataset["sha256"],
+        label=label,
+        num_prompts=settings.evaluation.num_prompts,
+        max_new_tokens=settings.evaluation.max_new_tokens,
     )
     return result.to_dict()
+
+
+@task(name="evaluate-candidate", cache_key_fn=content_key_fn, persist_result=True)
+def evaluate_candidate_task(
+    settings: Settings, version: ModelVersion, dataset: dict[str, Any], content_key: str
+) -> dict[str, Any]:
+    return evaluate_version(settings, version, dataset, f"candidate v{version.version}")
+
+
+@task(name="evaluate-champion", cache_policy=NO_CACHE, persist_result=False)
+def evaluate_champion_task(
+    settings: Settings, champion: ModelVersion | None, candidate: ModelVersion, dataset: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The champion's numbers on this test split: recorded ones if computed on the same manifest, else fresh. None
+    when there is no champion, or the champion is the candidate itself (nothing to compare it with)."""
+    if champion is None or champion.version == candidate.version:
+        return None
+    label = f"champion v{champion.version}"
+    recorded = recorded_result(champion.tags, dataset["sha256"], label)
+    if recorded is not None:
+        get_run_logger().info("reusing %s's numbers recorded on the same test split", label)
+        return recorded.to_dict()
+    return evaluate_version(settings, champion, dataset, label)
+
+
+@task(name="record-evaluation", cache_policy=NO_CACHE, persist_result=False)
+def record_evaluation_task(settings: Settings, job_id: str, evaluation: dict[str, Any]) -> ModelVersion:
+    """Write the held-out numbers on the model version, so a later run on the same data can reuse them."""
+    tags = EvalResult.from_dict(evaluation).registry_tags()
+    return get_backend(settings).register_model(job_id, tags)
+
+
+def evaluate_candidate_step(
+    settings: Settings, job_id: str, version: ModelVersion, dataset: dict[str, Any]
+) -> tuple[dict[str, Any], ModelVersion]:
+    """The flow's evaluation step: the candidate's numbers (cached on its job, the test split and the evaluation
+    settings) and its version with them recorded (a cached evaluation's numbers are there already)."""
+    key = evaluation_cache_key(settings, job_id, dataset["sha256"])
+    state = evaluate_candidate_task(settings, version, dataset, key, return_state=True)
+    candidate = state.result()
+    if state.name != "Cached":
+        version = with_step_retries(record_evaluation_task, settings.retry)(settings, job_id, candidate)
+    return candidate, version
 
 
 __all__ = [
     "EvalResult",
     "GenerationCheck",
+    "evaluate_candidate_step",
+    "evaluate_candidate_task",
+    "evaluate_champion_task",
     "evaluate_model",
-    "evaluate_model_task",
+    "evaluate_version",
     "generation_check",
     "heldout_loss",
+    "record_evaluation_task",
     "recorded_result",
 ]

@@ -1,8 +1,10 @@
 """The promotion gate: promote the candidate only if it is no worse than the champion, and say why.
 
-Both sides come from :func:`tasks.evaluate.evaluate_model` on the same test split (STYLE.md section 8). Lower is
+Both sides come from :func:`tasks.evaluate.evaluate_model` on the same test split. Lower is
 better for both metrics (loss, perplexity). The tolerance is relative: 0.02 lets the candidate be at most 2%
-worse. A candidate whose replies do not end (weak point 3) is refused whatever its loss.
+worse. A candidate whose replies do not end is refused whatever its loss (a model that never stops generating is
+the commonest complaint about fine-tuned Phi-3). A candidate that already is the champion (the same job on the
+same data, an unchanged re-run) passes without a comparison.
 """
 
 from __future__ import annotations
@@ -32,11 +34,29 @@ class GateDecision:
         return asdict(self)
 
 
-def decide(candidate: EvalResult, champion: EvalResult | None, config: GateConfig) -> GateDecision:
-    """Compare two evaluations on ``config.metric``; with no champion, the candidate passes on its own merits."""
+def decide(
+    candidate: EvalResult,
+    champion: EvalResult | None,
+    config: GateConfig,
+    *,
+    candidate_version: str | None = None,
+    champion_version: str | None = None,
+) -> GateDecision:
+    """Compare two evaluations on ``config.metric``; with no champion, the candidate passes on its own merits; a
+    candidate whose version is the champion's passes as it is."""
     value = candidate.metric(config.metric)
     ended = candidate.ended_share
     common = {"metric": config.metric, "candidate_value": value, "tolerance": config.tolerance}
+    if candidate_version is not None and candidate_version == champion_version:
+        return GateDecision(
+            True,
+            f"the candidate v{candidate_version} is already the champion (same job, same data)",
+            champion_value=None,
+            threshold=None,
+            candidate_ended_share=ended,
+            champion_label=f"champion v{champion_version}",
+            **common,
+        )
     if ended < config.min_ended_share:
         return GateDecision(
             False,
@@ -81,8 +101,20 @@ def decide(candidate: EvalResult, champion: EvalResult | None, config: GateConfi
 
 
 @task(name="gate", persist_result=False)
-def gate_task(candidate: dict[str, Any], champion: dict[str, Any] | None, config: GateConfig) -> dict[str, Any]:
-    decision = decide(EvalResult.from_dict(candidate), EvalResult.from_dict(champion) if champion else None, config)
+def gate_task(
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    config: GateConfig,
+    candidate_version: str | None = None,
+    champion_version: str | None = None,
+) -> dict[str, Any]:
+    decision = decide(
+        EvalResult.from_dict(candidate),
+        EvalResult.from_dict(champion) if champion else None,
+        config,
+        candidate_version=candidate_version,
+        champion_version=champion_version,
+    )
     get_run_logger().info("gate: %s: %s", "PROMOTE" if decision.promote else "REJECT", decision.reason)
     return decision.to_dict()
 

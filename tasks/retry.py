@@ -7,8 +7,9 @@ matters against Azure's throttling (many clients retrying in lock-step). So:
   :class:`~tasks.backends.base.TransientBackendError`. A failed training job or a bad request is final.
 - :func:`backoff_delay` is ``min(max_delay, base * 2**attempt)`` scaled by a uniform factor in
   ``[1 - jitter, 1 + jitter]``.
-- :func:`call_with_retry` is the loop every backend call in the flow goes through.
-- :func:`retry_condition_fn` lets a Prefect task retry on the same rule (``@task(retry_condition_fn=...)``).
+- :func:`call_with_retry` is the loop a backend wraps around its own transport (the Azure ML client, the local
+  endpoint's admin client): the one retry layer of a backend call; the flow and the rollout call backends directly.
+- :func:`retry_condition_fn` and :func:`with_step_retries` retry a whole Prefect step on the same rule.
 - :func:`poll_policy` is the same backoff for status polls: from the poll interval, doubling up to a cap.
 """
 
@@ -156,6 +157,18 @@ def prefect_delays(policy: RetryConfig, rng: random.Random | None = None) -> lis
     return [backoff_delay(n, policy, rng) for n in range(max(policy.attempts - 1, 0))]
 
 
+def with_step_retries(step: Any, policy: RetryConfig, **options: Any) -> Any:
+    """The Prefect task ``step`` retried as a whole step on transient faults only: ``policy.attempts`` runs in all,
+    our own jittered delays between them. The one retry layer above a backend call (the backend retries its own
+    transport faults only where it has a transport to retry)."""
+    return step.with_options(
+        retries=policy.attempts - 1,
+        retry_delay_seconds=prefect_delays(policy),
+        retry_condition_fn=retry_condition_fn,
+        **options,
+    )
+
+
 __all__ = [
     "POLL_BACKOFF_CAP",
     "TRANSIENT_STATUS",
@@ -167,4 +180,5 @@ __all__ = [
     "poll_policy",
     "prefect_delays",
     "retry_condition_fn",
+    "with_step_retries",
 ]

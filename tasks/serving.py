@@ -18,7 +18,6 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.backends.base import Backend, BackendError, ModelVersion
 from tasks.config import Settings
-from tasks.retry import call_with_retry
 from tasks.rollout import CHAMPION, fresh_name, full_traffic, live_traffic, reconcile, version_of
 
 _LOG = logging.getLogger("finetune_phi.serving")
@@ -52,14 +51,13 @@ def _ready_champion_deployment(backend: Backend, champion: ModelVersion) -> str 
 def ensure_champion_serving(backend: Backend, settings: Settings) -> ServingReport:
     """Bring the endpoint back to the champion (the smoke test follows in the flow); raises
     :class:`ChampionNotServing` with the reason when it cannot."""
-    policy = settings.retry
-    champion = call_with_retry(backend.get_model_by_alias, CHAMPION, policy=policy, what="get champion")
+    champion = backend.get_model_by_alias(CHAMPION)
     if champion is None or not champion.version.isdigit():
         return ServingReport(None, checked=["no champion yet (no rollout ever completed): nothing to serve"])
     report = ServingReport(champion.version)
     was_up = _endpoint_answers(backend)
     try:
-        call_with_retry(backend.ensure_endpoint, policy=policy, what="ensure endpoint")
+        backend.ensure_endpoint()
     except BackendError as exc:
         raise ChampionNotServing(f"the endpoint could not be started for champion v{champion.version}: {exc}") from exc
     report.checked.append("endpoint up" if was_up else "endpoint was down: started it")
@@ -71,7 +69,7 @@ def ensure_champion_serving(backend: Backend, settings: Settings) -> ServingRepo
         report.checked.append(f"champion v{champion.version} had no ready deployment: created {name}")
     endpoint = backend.get_endpoint()
     if endpoint is not None and live_traffic(endpoint) != {name: 100}:
-        call_with_retry(backend.set_traffic, full_traffic(endpoint, {name: 100}), policy=policy, what="set traffic")
+        backend.set_traffic(full_traffic(endpoint, {name: 100}))
         report.checked.append(f"traffic set to {{{name}: 100}}")
         # Now that the champion serves again, what is left broken (its old failed deployment) can go.
         report.checked += [f"reconciled: {action}" for action in reconcile(backend, champion, settings).actions]
@@ -90,11 +88,10 @@ def _endpoint_answers(backend: Backend) -> bool:
 
 def _deploy_champion(backend: Backend, champion: ModelVersion, settings: Settings) -> str:
     """A fresh deployment of the champion (its old one is gone or broken), ready, before traffic moves to it."""
-    policy = settings.retry
-    endpoint = call_with_retry(backend.get_endpoint, policy=policy, what="get endpoint")
+    endpoint = backend.get_endpoint()
     name = fresh_name(endpoint, champion.version)
     try:
-        call_with_retry(backend.create_deployment, name, champion, policy=policy, what=f"create deployment {name}")
+        backend.create_deployment(name, champion)
         info = backend.wait_deployment_ready(name, settings.rollout.ready_timeout_s)
         if info.state != "ready":
             raise BackendError(f"deployment {name} is {info.state}: {info.error or 'no reason given'}")

@@ -28,7 +28,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.backends.base import EndpointInfo
+from tasks.backends.base import Backend, EndpointInfo
 from tasks.config import Settings, SmokeConfig
 
 PIN_HEADER = "azureml-model-deployment"
@@ -115,24 +115,40 @@ def resolve_route(config: SmokeConfig, backend_name: str) -> Route:
     return "score" if backend_name == "azureml" else "chat"
 
 
+def _http_problem(status: int, body: Any, gateway: bool = False) -> str:
+    """``HTTP 503 (message)`` with the OpenAI-style ``error.message``; ``gateway``: else Azure's own gateway errors'
+    ``{"message": "..."}``."""
+    message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+    if message is None and gateway and isinstance(body, dict):
+        message = body.get("message")
+    return f"HTTP {status}" + (f" ({message})" if message else "")
+
+
+def _verdict(
+    reply: str, finish: str | None, latency: float, budget_s: float, *, finish_name: str, finish_required: bool
+) -> tuple[str, str | None, str | None]:
+    """The problem with a reply (None when fine): empty, not ended with ``stop``, or over the latency budget.
+    ``finish_required`` False lets a route that does not report the finish reason pass on the rest."""
+    if not reply.strip():
+        return reply, finish, "empty reply"
+    if (finish is not None or finish_required) and finish != "stop":
+        return reply, finish, f"reply did not end ({finish_name} {finish!r}): the model does not stop generating"
+    if latency > budget_s:
+        return reply, finish, f"took {latency:.2f} s, over the latency budget of {budget_s:.2f} s"
+    return reply, finish, None
+
+
 def _judge(status: int, body: Any, latency: float, budget_s: float) -> tuple[str, str | None, str | None]:
     """Reply text, finish reason and the problem (None when fine) of one chat-completion answer."""
     if status != 200:
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        return "", None, f"HTTP {status}" + (f" ({message})" if message else "")
+        return "", None, _http_problem(status, body)
     try:
         choice = body["choices"][0]
         reply = choice["message"]["content"] or ""
         finish = choice.get("finish_reason")
     except (KeyError, IndexError, TypeError):
         return "", None, "the answer is not an OpenAI chat completion"
-    if not reply.strip():
-        return reply, finish, "empty reply"
-    if finish != "stop":
-        return reply, finish, f"reply did not end (finish_reason {finish!r}): the model does not stop generating"
-    if latency > budget_s:
-        return reply, finish, f"took {latency:.2f} s, over the latency budget of {budget_s:.2f} s"
-    return reply, finish, None
+    return _verdict(reply, finish, latency, budget_s, finish_name="finish_reason", finish_required=True)
 
 
 def ask(
@@ -222,23 +238,14 @@ def _judge_score(
 ) -> tuple[str, str | None, str | None]:
     """Reply text, finish reason (None: not reported) and the problem (None when fine) of one /score answer."""
     if status != 200:
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        if message is None and isinstance(body, dict):
-            message = body.get("message")  # Azure's own gateway errors: {"message": "..."}
-        return "", None, f"HTTP {status}" + (f" ({message})" if message else "")
+        return "", None, _http_problem(status, body, gateway=True)
     parsed = _score_reply(body)
     if parsed is None:
         return "", None, "the answer is not a JSON list of replies (the /score contract)"
     reply, finish = parsed
     if finish is None and finish_header:
         finish = finish_header.split(",")[0].strip() or None
-    if not reply.strip():
-        return reply, finish, "empty reply"
-    if finish is not None and finish != "stop":
-        return reply, finish, f"reply did not end (finish reason {finish!r}): the model does not stop generating"
-    if latency > budget_s:
-        return reply, finish, f"took {latency:.2f} s, over the latency budget of {budget_s:.2f} s"
-    return reply, finish, None
+    return _verdict(reply, finish, latency, budget_s, finish_name="finish reason", finish_required=False)
 
 
 def ask_score(
@@ -334,6 +341,24 @@ def publish_smoke_table(report: SmokeReport, key: str = "smoke-test") -> None:
     create_table_artifact(report.table(), key=key, description=report.summary())
 
 
+def smoke_deployment(
+    backend: Backend,
+    config: SmokeConfig,
+    missing: Exception,
+    *,
+    deployment: str | None = None,
+    prompts: Sequence[str] | None = None,
+) -> SmokeReport:
+    """Smoke-test what ``backend``'s endpoint serves: ``deployment`` pinned, or the live traffic split when None.
+    Reads the endpoint and its key first; raises ``missing`` (the caller's sentence) when there is no endpoint."""
+    endpoint = backend.get_endpoint()
+    if endpoint is None:
+        raise missing
+    return smoke_endpoint(
+        endpoint, backend.scoring_key(), config, backend.name, deployment=deployment, prompts=prompts
+    )
+
+
 @task(name="smoke-test", cache_policy=NO_CACHE, persist_result=False)
 def smoke_test_task(
     settings: Settings, deployment: str | None = None, artifact_key: str | None = "smoke-test"
@@ -341,15 +366,11 @@ def smoke_test_task(
     """Run the smoke test against the configured endpoint, publish its table, fail the task run on any failure."""
     from tasks.backends import get_backend
 
-    backend = get_backend(settings)
-    endpoint = backend.get_endpoint()
-    if endpoint is None:
-        raise SmokeTestFailed(
-            f"endpoint {settings.endpoint.name!r} is not up; start it (`finetune-phi endpoint start`) "
-            "or create it with `finetune-phi run`"
-        )
-    name = getattr(backend, "name", settings.backend)
-    report = smoke_endpoint(endpoint, backend.scoring_key(), settings.smoke, name, deployment=deployment)
+    missing = SmokeTestFailed(
+        f"endpoint {settings.endpoint.name!r} is not up; start it (`finetune-phi endpoint start`) "
+        "or create it with `finetune-phi run`"
+    )
+    report = smoke_deployment(get_backend(settings), settings.smoke, missing, deployment=deployment)
     if artifact_key:
         publish_smoke_table(report, artifact_key)
     get_run_logger().info(report.summary())
@@ -372,6 +393,7 @@ __all__ = [
     "ask",
     "ask_score",
     "resolve_route",
+    "smoke_deployment",
     "smoke_endpoint",
     "smoke_test",
     "smoke_test_task",

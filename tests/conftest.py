@@ -87,10 +87,11 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_split) -
     ``sample_split``, logging to an MLflow SQLite store beside it. Returns the job's output folder: ``model/``,
     ``metrics.json`` (with ``mlflow_run_id``/``mlflow_model_uri``), ``loss_curve.png``, ``checkpoint-*``."""
     from tasks.backends.base import TrainingJobSpec
-    from tasks.jobs import LocalJobRunner
+    from tasks.backends.local import LocalBackend
+    from tasks.config import load_config
+    from tasks.jobs import wait_for_job
 
     root = tmp_path_factory.mktemp("trained-tiny")
-    runner = LocalJobRunner(root / "jobs")
     spec = TrainingJobSpec(
         recipe=REPO_ROOT / "training" / "recipes" / "tiny_full_cpu.yaml",
         train_file=sample_split.train_path,
@@ -100,7 +101,30 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_split) -
         experiment="finetune-phi-tests",
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
     )
-    job = runner.submit(spec, job_id="tiny-session")
-    done = runner.wait(job.job_id, timeout_s=900, poll_interval_s=1.0)
+    # Trained through the production wait (tasks.jobs.wait_for_job on the local backend); the backend's environment
+    # defaults (MLflow, Prefect homes under its state folder) end with the fixture, not with the session.
+    saved = dict(os.environ)
+    try:
+        settings = load_config(REPO_ROOT / "configs" / "local.yaml", environ={})
+        training = settings.training.model_copy(update={"timeout_s": 900, "poll_interval_s": 1.0})
+        settings = settings.model_copy(update={"state_dir": root / "state", "training": training})
+        backend = LocalBackend(settings)
+        job = backend.runner.submit(spec, job_id="tiny-session")
+        done = wait_for_job(backend, job.job_id, settings)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     assert done.output_dir is not None
     return Path(done.output_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The suite's one temporary Prefect server and database (started on first use, it is the slow part: ~15 s on
+    2 cores); results persist under tmp. Yields the API URL."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        yield str(PREFECT_API_URL.value())

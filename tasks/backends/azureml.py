@@ -59,8 +59,9 @@ from tasks.backends.base import (
     TransientBackendError,
 )
 from tasks.config import Settings
-from tasks.jobs import split_log_chunk
-from tasks.retry import backoff_delay, call_with_retry
+from tasks.logs import split_log_chunk
+from tasks.polling import PollTimeout, PollTiming, backoff, poll_until
+from tasks.retry import call_with_retry
 from tasks.state import atomic_write_text
 
 T = TypeVar("T")
@@ -714,40 +715,35 @@ class AzureMLBackend:
             return f"(logs unavailable: {exc})"
 
     def wait_deployment_ready(self, name: str, timeout_s: float) -> DeploymentInfo:
-        """Poll the provisioning state with exponential backoff and jitter until ready, failed or ``timeout_s``."""
-        deadline = self._clock() + timeout_s
-        attempt = 0
-        while True:
-            deployment = self._call(
+        """Poll the provisioning state with exponential backoff and jitter until ready; raise
+        :class:`DeploymentFailedError` (with the container log) when it failed, is gone or ``timeout_s`` passed."""
+        timing = PollTiming(self._sleep, self._clock, self._rng)
+
+        def read() -> Any:
+            return self._call(
                 f"get deployment {name}", self.client.online_deployments.get, name, self.endpoint_name, missing_ok=True
             )
-            if deployment is None:
-                return DeploymentInfo(name, None, "failed", error=f"deployment {name} does not exist (deleted?)")
-            state = map_deployment_state(deployment.provisioning_state)
-            version = _version_from_model_ref(deployment.model)
-            if state == "ready":
-                return DeploymentInfo(name, version, state)
-            if state == "failed":
-                return DeploymentInfo(
-                    name,
-                    version,
-                    state,
-                    error=f"deployment {name} {deployment.provisioning_state}; container log:\n"
-                    + self._deployment_logs(name),
-                )
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                return DeploymentInfo(
-                    name,
-                    version,
-                    state,
-                    error=(
-                        f"deployment {name} not ready after {timeout_s:.0f} s ({deployment.provisioning_state}); "
-                        f"raise rollout.ready_timeout_s or check the container log:\n{self._deployment_logs(name)}"
-                    ),
-                )
-            self._sleep(min(remaining, backoff_delay(attempt, self.settings.retry, self._rng)))
-            attempt += 1
+
+        try:
+            deployment = poll_until(
+                read,
+                lambda d: d is None or map_deployment_state(d.provisioning_state) in ("ready", "failed"),
+                timeout_s=timeout_s,
+                schedule=backoff(self.settings.retry, timing),
+                timing=timing,
+            )
+        except PollTimeout as exc:
+            raise DeploymentFailedError(
+                f"deployment {name} not ready after {timeout_s:.0f} s ({exc.last.provisioning_state}); "
+                f"raise rollout.ready_timeout_s or check the container log:\n{self._deployment_logs(name)}"
+            ) from None
+        if deployment is None:
+            raise DeploymentFailedError(f"deployment {name} does not exist (deleted?)")
+        if map_deployment_state(deployment.provisioning_state) == "failed":
+            raise DeploymentFailedError(
+                f"deployment {name} {deployment.provisioning_state}; container log:\n{self._deployment_logs(name)}"
+            )
+        return DeploymentInfo(name, _version_from_model_ref(deployment.model), "ready")
 
     def delete_deployment(self, name: str) -> None:
         """Delete a deployment that takes no live traffic (mirror traffic to it is dropped first); a no-op if gone."""

@@ -15,7 +15,6 @@ Serialisation gotchas of azure-ai-ml 1.23.1 handled here (measured, see the test
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,11 +37,11 @@ from azure.ai.ml.entities import (
 from azure.ai.ml.entities._builders.command import Command
 
 from tasks.backends.base import TrainingJobSpec
+from tasks.backends.training_job import TRAINING_DIR, job_identity, training_args
 from tasks.config import AzureMLConfig, AzureProbeConfig, Settings
-from tasks.state import sha256_file, sha256_text, sha256_tree
+from tasks.state import sha256_file, sha256_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TRAINING_DIR = REPO_ROOT / "training"
 MODEL_OUTPUT = "model_output"
 # Tags every asset we create carries, so teardown and the registry can tell ours from others'.
 OWNER_TAG = {"created_by": "finetune-phi"}
@@ -120,35 +119,19 @@ def compute_cluster(cfg: AzureMLConfig) -> AmlCompute:
     )
 
 
-def recipe_in_code(recipe: Path, training_dir: Path = TRAINING_DIR) -> str:
-    """The recipe's path relative to ``training/`` (the job's code folder, uploaded as is)."""
-    resolved = (recipe if recipe.is_absolute() else REPO_ROOT / recipe).resolve()
-    if not resolved.is_file():
-        raise FileNotFoundError(f"recipe {recipe} not found; set training.recipe to a file in training/recipes/")
-    try:
-        return resolved.relative_to(training_dir.resolve()).as_posix()
-    except ValueError:
-        raise ValueError(
-            f"recipe {recipe} is outside {training_dir}: on Azure ML only training/ is uploaded, so move it there"
-        ) from None
-
-
 def training_command_line(spec: TrainingJobSpec, training_dir: Path = TRAINING_DIR) -> str:
     """The same ``training/sft.py`` command line as the local backend, with Azure ML's input/output bindings.
 
     No ``--mlflow_tracking_uri``: inside an Azure ML job MLflow already points at the workspace.
     """
-    parts = [
-        "python sft.py",
-        f"--config {shlex.quote(recipe_in_code(spec.recipe, training_dir))}",
-        "--train_file ${{inputs.train_file}}",
-        "--eval_file ${{inputs.eval_file}}",
-        f"--output_dir ${{{{outputs.{MODEL_OUTPUT}}}}}",
-        f"--manifest_sha256 {shlex.quote(spec.manifest_sha256)}",
-    ]
-    for key, value in sorted(spec.overrides.items()):
-        parts.append(f"--{key} {shlex.quote(str(value))}")
-    return " ".join(parts)
+    args = training_args(
+        spec,
+        train_file="${{inputs.train_file}}",
+        eval_file="${{inputs.eval_file}}",
+        output_dir=f"${{{{outputs.{MODEL_OUTPUT}}}}}",
+        training_dir=training_dir,
+    )
+    return " ".join(["python", *(arg if arg.startswith("${{") else shlex.quote(arg) for arg in args)])
 
 
 def mlflow_export_step(subpath: str) -> str:
@@ -156,14 +139,14 @@ def mlflow_export_step(subpath: str) -> str:
 
     Registering it as an ``mlflow_model`` lets Azure ML deploy it without a scoring script (the sample's route);
     ``sft.py`` logs the model to the MLflow run, but an MLflow 3 logged model is not a job output folder we can
-    register by path. Saving from the folder copies the weights without loading them (weak point 5). Rank 0 only:
-    with PyTorchDistribution every process runs the command.
+    register by path. Saving from the folder copies the weights without loading them into memory (loading a 3.8B
+    model would need its RAM twice). Rank 0 only: with PyTorchDistribution every process runs the command.
     """
     output = f"${{{{outputs.{MODEL_OUTPUT}}}}}"
     code = (
         "import contextlib, sys, mlflow, sft; "
         "stack = contextlib.ExitStack(); "
-        "stack.enter_context(getattr(sft, '_pipeline_impl_as_class', contextlib.nullcontext)()); "
+        "stack.enter_context(getattr(sft, 'pipeline_impl_as_class', contextlib.nullcontext)()); "
         "mlflow.transformers.save_model(transformers_model=sys.argv[1], path=sys.argv[2], "
         "task='text-generation', pip_requirements=sft.MLFLOW_PIP_REQUIREMENTS)"
     )
@@ -178,30 +161,23 @@ def job_command(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = 
 
 
 def job_name(spec: TrainingJobSpec, cfg: AzureMLConfig, training_dir: Path = TRAINING_DIR, attempt: int = 1) -> str:
-    """A job name derived from what the job computes (data, recipe, code, overrides, cluster, environment).
+    """``<experiment>-<identity>``: :func:`~tasks.backends.training_job.job_identity` with the data locations and
+    where the job runs (cluster, nodes x processes, environment, model output).
 
     The same inputs give the same name, so a re-run after a crash finds the job it already submitted instead of
     paying for a second one. ``attempt`` > 1 names a fresh try after a failed or canceled job.
     """
-    recipe = (spec.recipe if spec.recipe.is_absolute() else REPO_ROOT / spec.recipe).resolve()
-    digest = hashlib.sha256()
-    for part in (
-        spec.manifest_sha256,
-        sha256_file(recipe) if recipe.is_file() else str(spec.recipe),
-        sha256_tree(training_dir) if training_dir.is_dir() else "",
-        json.dumps(spec.overrides, sort_keys=True, default=str),
-        data_location(spec.train_file),
-        data_location(spec.eval_file),
-        cfg.compute.name,
-        f"{cfg.instance_count}x{cfg.processes_per_node}",
-        environment_version(cfg, training_dir.parent)
-        if (training_dir.parent / cfg.environment.conda_file).is_file()
-        else "",
-        cfg.model_output_subpath,
-    ):
-        digest.update(part.encode() + b"\0")
+    has_conda = (training_dir.parent / cfg.environment.conda_file).is_file()
+    target = {
+        "compute": cfg.compute.name,
+        "nodes": f"{cfg.instance_count}x{cfg.processes_per_node}",
+        "environment": environment_version(cfg, training_dir.parent) if has_conda else "",
+        "model_output_subpath": cfg.model_output_subpath,
+    }
+    data = (data_location(spec.train_file), data_location(spec.eval_file))
+    identity = job_identity(spec, data=data, target=target, training_dir=training_dir)
     prefix = re.sub(r"[^a-z0-9_-]+", "-", (spec.experiment or cfg.experiment_name).lower()).strip("-") or "job"
-    name = f"{prefix}-{digest.hexdigest()[:12]}"
+    name = f"{prefix}-{identity}"
     return name if attempt <= 1 else f"{name}-{attempt}"
 
 

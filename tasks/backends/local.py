@@ -1,23 +1,23 @@
 """The ``local`` backend: everything on this machine, state in one folder.
 
-- jobs: :class:`tasks.jobs.LocalJobRunner` (the training script as a subprocess in its own process group), one job
-  per set of inputs (:func:`submit_or_resume`: a re-run after a crash waits for, reuses or resumes that job);
+- jobs: :class:`tasks.backends.local_jobs.LocalJobRunner` (the training script as a subprocess in its own process
+  group), one job per set of inputs (:func:`~tasks.backends.local_jobs.submit_or_resume`: a re-run after a crash
+  waits for, reuses or resumes that job);
 - registry: MLflow on SQLite in the state folder (:mod:`tasks.registry`), or any tracking URI from the config;
 - endpoint: the loopback endpoint server of :mod:`deployments` through its admin API
   (:class:`deployments.client.EndpointAdminClient`); :meth:`LocalBackend.ensure_endpoint` starts the server
   when it is not running and leaves it running for the user.
 
-Every method turns connection failures and HTTP 429/5xx into :class:`TransientBackendError` (retried by the
-flow) and everything else into a :class:`BackendError` that says what to do.
+The admin client retries the endpoint server's transient faults (connection failures, HTTP 429/5xx) as
+``settings.retry`` says, the one retry layer of an endpoint call; other library faults that may pass become
+:class:`TransientBackendError` (a Prefect step retries them whole) and everything else a :class:`BackendError` that
+says what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import fcntl
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,108 +28,17 @@ from tasks.backends.base import (
     DeploymentInfo,
     EndpointInfo,
     JobInfo,
-    JobStatus,
     ModelVersion,
     TrainingJobSpec,
     TransientBackendError,
 )
+from tasks.backends.local_jobs import LocalJobRunner, submit_or_resume
 from tasks.config import Settings
+from tasks.polling import PollTimeout, every, poll_until
 from tasks.retry import is_transient
 from tasks.state import StatePaths, configure_environment, read_json
 
 _LOG = logging.getLogger("finetune_phi.local")
-# Launches of one local job (the first run plus restarts after a kill, a failure or a cancel) before submit gives up:
-# a job that keeps failing on the same inputs needs a person, not another try.
-MAX_JOB_ATTEMPTS = 5
-
-
-def _logger() -> Any:
-    """Prefect's run logger inside a flow or task run (so the decision shows in the UI), else the module's logger."""
-    from tasks.jobs import run_logger
-
-    return run_logger(_LOG)
-
-
-@contextlib.contextmanager
-def _job_lock(jobs_root: Path, job_id: str) -> Iterator[None]:
-    """One submitter at a time per job id, so two flow runs with the same inputs never start two processes."""
-    jobs_root.mkdir(parents=True, exist_ok=True)
-    with open(jobs_root / f".{job_id}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def submit_or_resume(runner: Any, spec: TrainingJobSpec, max_attempts: int = MAX_JOB_ATTEMPTS) -> JobInfo:
-    """The job for these inputs (id from :func:`tasks.jobs.training_job_id`), started only when needed.
-
-    - no such job: submit it under that id;
-    - running (its process is alive, e.g. left by a flow that was killed): return it, the flow waits for it;
-    - completed with its output folder there: return it, its model is reused;
-    - failed, killed (kill -9, out of memory), canceled, or never launched: run the same command again in the same
-      folder (:meth:`LocalJobRunner.restart`), so ``sft.py`` resumes from its last checkpoint; after
-      ``max_attempts`` launches raise a :class:`BackendError` naming the log instead.
-    """
-    from tasks.jobs import _exit_reason, last_checkpoint, training_job_id
-
-    log = _logger()
-    job_id = training_job_id(spec, runner.training_dir)
-    if spec.fresh:
-        # A forced re-train gets a folder of its own: the job for these inputs (and its checkpoints) stays as it was.
-        job_id = f"{job_id}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
-        info = runner.submit(spec, job_id=job_id)
-        log.info("training job %s: refresh asked, started a fresh job (log: %s)", job_id, info.url)
-        return info
-    with _job_lock(runner.jobs_root, job_id):
-        if not runner.exists(job_id):
-            info = runner.submit(spec, job_id=job_id)
-            log.info("training job %s: new inputs, started attempt 1 (log: %s)", job_id, info.url)
-            return info
-        info = runner.get(job_id)
-        attempt = runner.attempts(job_id)
-        output_dir = Path(info.output_dir) if info.output_dir else runner.job_dir(job_id) / "outputs"
-        if info.status == JobStatus.RUNNING:
-            log.info(
-                "training job %s with these inputs is already running (attempt %d): waiting for it instead of "
-                "starting a second one (log: %s)",
-                job_id,
-                attempt,
-                info.url,
-            )
-            return info
-        if info.status == JobStatus.COMPLETED and output_dir.is_dir():
-            log.info(
-                "training job %s with these inputs already completed: reusing its outputs in %s", job_id, output_dir
-            )
-            return info
-        if info.status == JobStatus.COMPLETED:
-            why = f"completed but its output folder {output_dir} is gone"
-        elif info.status == JobStatus.QUEUED:
-            why = "was recorded but never launched"
-        elif info.status == JobStatus.CANCELED:
-            why = "was canceled"
-        else:
-            why = _exit_reason(info.exit_code)
-        if attempt >= max_attempts:
-            raise BackendError(
-                f"training job {job_id} ended without a model on all {attempt} attempts (last: {why}); read its log "
-                f"{info.url}, fix the cause, then delete {runner.job_dir(job_id)} to train these inputs afresh"
-            )
-        checkpoint = last_checkpoint(output_dir)
-        restarted = runner.restart(job_id)
-        log.warning(
-            "training job %s with these inputs %s on attempt %d: restarted it as attempt %d in the same folder, "
-            "resuming from %s (log: %s)",
-            job_id,
-            why,
-            attempt,
-            attempt + 1,
-            checkpoint.name if checkpoint else "the start (no checkpoint yet)",
-            restarted.url,
-        )
-        return restarted
 
 
 @contextlib.contextmanager
@@ -153,15 +62,13 @@ class LocalBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.paths: StatePaths = configure_environment(settings.state_dir)
-        self._runner: Any = None
+        self._runner: LocalJobRunner | None = None
         self._admin: Any = None
 
     # ------------------------------------------------------------------ jobs
     @property
-    def runner(self) -> Any:
+    def runner(self) -> LocalJobRunner:
         if self._runner is None:
-            from tasks.jobs import LocalJobRunner
-
             self._runner = LocalJobRunner(self.paths.jobs)
         return self._runner
 
@@ -240,7 +147,9 @@ class LocalBackend:
             from deployments.client import EndpointAdminClient
             from deployments.keys import read_admin_key
 
-            self._admin = EndpointAdminClient(self.base_url, read_admin_key(self.paths.endpoint))
+            self._admin = EndpointAdminClient(
+                self.base_url, read_admin_key(self.paths.endpoint), retry=self.settings.retry
+            )
         return self._admin
 
     def _server_running(self) -> bool:
@@ -265,13 +174,15 @@ class LocalBackend:
         return info
 
     def _wait_loaded(self, timeout_s: float) -> None:
-        """After a (re)start the server reloads its deployments: wait until none is still loading."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            info = self.get_endpoint()
-            if info is not None and all(d.state != "creating" for d in info.deployments):
-                return
-            time.sleep(0.5)
+        """After a (re)start the server reloads its deployments: wait until none is still loading (past
+        ``timeout_s`` the rollout's own readiness wait says which one is stuck)."""
+        with contextlib.suppress(PollTimeout):
+            poll_until(
+                self.get_endpoint,
+                lambda info: info is not None and all(d.state != "creating" for d in info.deployments),
+                timeout_s=timeout_s,
+                schedule=every(0.5),
+            )
 
     def get_endpoint(self) -> EndpointInfo | None:
         if not self._server_running():
@@ -305,6 +216,8 @@ class LocalBackend:
         return DeploymentInfo(name=name, model_version=version.version, state="creating")
 
     def wait_deployment_ready(self, name: str, timeout_s: float) -> DeploymentInfo:
+        """The deployment once ready; :class:`DeploymentFailedError` when it failed to load, vanished or was not
+        ready within ``timeout_s`` (the contract of every backend)."""
         with _translated(f"waiting for deployment {name}"):
             try:
                 self._client().wait_ready(name, timeout_s)
@@ -359,4 +272,4 @@ def _deployments_of(state: dict[str, Any]) -> dict[str, Any]:
     return dict(deployments)
 
 
-__all__ = ["MAX_JOB_ATTEMPTS", "LocalBackend", "submit_or_resume"]
+__all__ = ["LocalBackend"]

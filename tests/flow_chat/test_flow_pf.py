@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tasks.backends.local_jobs import stop_process_group
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
-from tasks.jobs import stop_process_group
 from tests.flow_chat.helpers import FLOW_DIR, PF_BIN, REPO_ROOT, free_port, pf_env, settings_for
 from tests.flow_chat.recording_server import RecordingServer
 

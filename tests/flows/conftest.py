@@ -1,4 +1,4 @@
-"""Shared, expensive set-up of the flow tests: one Prefect test harness, one run of the whole flow on the tiny
+"""Shared, expensive set-up of the flow tests: one run of the whole flow (on the suite's Prefect harness) on the tiny
 recipe (real training subprocess, MLflow on SQLite in tmp, the real endpoint server on a free loopback port).
 
 Every test in this folder reuses that run's trained model and live endpoint; tests that change the endpoint put
@@ -46,17 +46,6 @@ def write_flow_config(repo_root: Path, folder: Path) -> Path:
     path = folder / "flow.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A temporary Prefect server and database for the session; results persist under tmp. Yields the API URL."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(server_startup_timeout=90), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        yield str(PREFECT_API_URL.value())
 
 
 @pytest.fixture(scope="session")

@@ -116,17 +116,16 @@ class PrefectBatch:
 
 
 @pytest.fixture(scope="module")
-def prefect_batch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectBatch]:
-    """One Prefect test server for this module's flow runs: it is the slow part to start (~15 s on 2 cores)."""
+def prefect_batch(tmp_path_factory: pytest.TempPathFactory, prefect_harness: str) -> Iterator[PrefectBatch]:
+    """This module's flow runs on the suite's Prefect harness, with a recording endpoint and a connection to it."""
     from prefect.client.orchestration import get_client
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 
     saved = dict(os.environ)  # configure_promptflow's variables end with the module, not with its first test
     settings = settings_for(tmp_path_factory.mktemp("batch-eval"))
     configure_promptflow(settings.state_dir)
-    with RecordingServer(key=KEY) as server, prefect_test_harness(server_startup_timeout=90):
+    with RecordingServer(key=KEY) as server:
         create_or_update_connection(settings, target=EndpointTarget(server.base_url, KEY, "local"))
         with get_client(sync_client=True) as api:
             yield PrefectBatch(settings=settings, server=server, api=api)

@@ -1,7 +1,8 @@
 """Held-out loss/perplexity and the generation check, on real tiny Phi-3 models (no download).
 
 An untrained model (random weights, the project's own tokenizer and Phi-3 chat template) is the model that never
-stops generating of MISSION weak point 3: the check must catch it, and the gate must refuse it.
+stops generating (the commonest complaint about fine-tuned Phi-3): the check must catch it, and the gate must
+refuse it.
 """
 
 from __future__ import annotations

@@ -23,16 +23,10 @@ from prefect.exceptions import TerminationSignal
 
 from tasks.backends.base import JobFailedError, JobInfo, JobStatus, TrainingJobSpec, TransientBackendError
 from tasks.backends.local import LocalBackend
+from tasks.backends.local_jobs import LocalJobRunner, training_argv
 from tasks.config import RetryConfig, Settings
-from tasks.jobs import (
-    LocalJobRunner,
-    LogFollower,
-    PollTiming,
-    read_lines_since,
-    training_argv,
-    wait_for_job,
-    wait_for_training_job,
-)
+from tasks.jobs import PollTiming, wait_for_job, wait_for_training_job
+from tasks.logs import LogFollower, read_lines_since
 from tasks.retry import jitter_bounds
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -321,17 +315,7 @@ def test_an_interrupted_wait_kills_the_jobs_process_group(local_backend, interru
     assert backend.get_job(job_id).status == JobStatus.CANCELED
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
-        yield
-
-
-def test_a_prefect_task_timeout_kills_the_jobs_process_group(prefect_api, local_backend) -> None:
+def test_a_prefect_task_timeout_kills_the_jobs_process_group(prefect_harness, local_backend) -> None:
     """Prefect's own timeout of the wait task (not an exception we raise) cancels the job."""
     backend = local_backend(SLEEPER)
     job_id = _submit(backend)
@@ -352,9 +336,9 @@ def test_a_prefect_task_timeout_kills_the_jobs_process_group(prefect_api, local_
 def _train(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Any]:
     """The flow's train step as the flow runs it (``training_task``, with this run's retries) on ``backend``:
     the final state's name and its result (the exception for a failed run)."""
-    from flows.finetune_deploy import training_task
+    from tasks.train import training_task
 
-    monkeypatch.setattr("flows.finetune_deploy.get_backend", lambda settings: backend)
+    monkeypatch.setattr("tasks.train.get_backend", lambda settings: backend)
     settings = backend.settings.model_copy(
         update={"retry": RetryConfig(attempts=3, base_delay_s=0.05, max_delay_s=0.1, jitter=0.5)}
     )
@@ -389,7 +373,7 @@ def _count_submits(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch, *faul
     return calls
 
 
-def test_train_task_retries_a_transient_fault_in_submit(prefect_api, local_backend, monkeypatch) -> None:
+def test_train_task_retries_a_transient_fault_in_submit(prefect_harness, local_backend, monkeypatch) -> None:
     backend = local_backend("print('step 1/1 | loss 1.0', flush=True)\n")
     calls = _count_submits(backend, monkeypatch, TransientBackendError("HTTP 503 while submitting"))
     name, result = _train(backend, monkeypatch)
@@ -398,7 +382,7 @@ def test_train_task_retries_a_transient_fault_in_submit(prefect_api, local_backe
     assert backend.get_job(result["job_id"]).status == JobStatus.COMPLETED
 
 
-def test_train_task_never_retries_a_failed_training(prefect_api, local_backend, monkeypatch) -> None:
+def test_train_task_never_retries_a_failed_training(prefect_harness, local_backend, monkeypatch) -> None:
     backend = local_backend("import sys\nprint('oops', flush=True)\nsys.exit(1)\n")
     calls = _count_submits(backend, monkeypatch)
     name, result = _train(backend, monkeypatch)

@@ -1,4 +1,5 @@
-"""Retries: only transient faults, exponential backoff with real jitter (MISSION weak point 9)."""
+"""Retries: only transient faults, exponential backoff with real jitter (clients retrying in lock-step make
+throttling worse)."""
 
 from __future__ import annotations
 

@@ -189,7 +189,7 @@ def test_lora_on_the_tiny_model_saves_merged_weights(tmp_path: Path, sample_spli
 @pytest.mark.slow
 def test_rerun_after_kill_9_resumes_from_the_last_checkpoint(tmp_path: Path, sample_split) -> None:
     from tasks.backends.base import JobStatus, TrainingJobSpec
-    from tasks.jobs import LocalJobRunner
+    from tasks.backends.local_jobs import LocalJobRunner
 
     runner = LocalJobRunner(tmp_path / "jobs")
     spec = TrainingJobSpec(

@@ -364,16 +364,18 @@ def test_a_failed_deployment_reports_its_container_log(backend, fake) -> None:
     backend.ensure_endpoint()
     fake.deployment_states["model-v1"] = ["Creating", "Failed"]
     backend.create_deployment("model-v1", _version("1"))
-    info = backend.wait_deployment_ready("model-v1", timeout_s=600)
-    assert info.state == "failed" and "model load: out of memory" in info.error
+    with pytest.raises(DeploymentFailedError) as failed:
+        backend.wait_deployment_ready("model-v1", timeout_s=600)
+    assert "Failed" in str(failed.value) and "model load: out of memory" in str(failed.value)
 
 
 def test_a_deployment_not_ready_in_time_says_so(backend, fake, clock) -> None:
     backend.ensure_endpoint()
     fake.deployment_states["model-v1"] = ["Creating"] * 100
     backend.create_deployment("model-v1", _version("1"))
-    info = backend.wait_deployment_ready("model-v1", timeout_s=30)
-    assert info.state == "creating" and "not ready after 30 s" in info.error
+    with pytest.raises(DeploymentFailedError) as failed:
+        backend.wait_deployment_ready("model-v1", timeout_s=30)
+    assert "(Creating)" in str(failed.value) and "not ready after 30 s" in str(failed.value)
     assert sum(clock.sleeps) == pytest.approx(30)
 
 
@@ -461,8 +463,8 @@ def test_registration_tags_have_the_same_keys_on_both_backends(backend, fake, tm
 
     from tasks.backends.azureml_entities import OWNER_TAG
     from tasks.backends.local import LocalBackend
+    from tasks.backends.local_jobs import LocalJobRunner
     from tasks.config import load_config
-    from tasks.jobs import LocalJobRunner
     from tests.tasks.test_jobs import _spec, _training_dir
 
     flow_tags = {"manifest_sha256": "ab" * 32, "recipe": "training/recipes/tiny_full_cpu.yaml"}

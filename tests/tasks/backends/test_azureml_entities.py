@@ -18,6 +18,7 @@ from azure.ai.ml.entities import ManagedOnlineDeployment, ManagedOnlineEndpoint
 
 from tasks.backends import azureml_entities as entities
 from tasks.backends.base import TrainingJobSpec
+from tasks.backends.training_job import recipe_in_code
 
 
 def _write(tmp_path: Path, name: str, document: dict) -> Path:
@@ -183,7 +184,7 @@ def test_the_shipped_azure_config_names_a_shipped_recipe() -> None:
     from tests.tasks.backends.conftest import REPO_ROOT
 
     settings = load_config(REPO_ROOT / "configs" / "azureml.yaml", environ={})
-    assert entities.recipe_in_code(settings.training.recipe) == "recipes/phi3.5-mini_full_gpu.yaml"
+    assert recipe_in_code(settings.training.recipe) == "recipes/phi3.5-mini_full_gpu.yaml"
     assert (
         settings.azureml.subscription_id == "00000000-0000-0000-0000-000000000000"
     )  # a placeholder, never a real one

@@ -1,4 +1,4 @@
-"""The flow's own code (tasks/rollout.py, flows/finetune_deploy.py) driving the azureml backend over the fake client.
+"""The flow's own code (tasks/rollout/, tasks/train.py) driving the azureml backend over the fake client.
 
 A real Prefect (test harness) runs the rollout's tasks and transaction hooks; the endpoint's routes that the smoke test
 calls are a real HTTP server on loopback standing in for the managed endpoint's host: ``/score`` as a no-code MLflow
@@ -21,21 +21,16 @@ from azure.core.exceptions import HttpResponseError
 from prefect import flow
 from prefect._internal.concurrency.cancellation import CancelledError
 from prefect.exceptions import TerminationSignal
-from prefect.testing.utilities import prefect_test_harness
 
-from flows.finetune_deploy import train
 from tasks.backends.base import BackendError, JobFailedError, JobStatus, ModelVersion
 from tasks.config import ConfigError, Settings, load_config
 from tasks.jobs import PollTiming, wait_for_job
 from tasks.retry import POLL_BACKOFF_CAP, jitter_bounds, poll_policy
 from tasks.rollout import CHAMPION, RolloutFailed, live_traffic, reconcile, run_rollout
+from tasks.train import train
 from tests.tasks.backends.fake_azure import http_error
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 class _Endpoint(BaseHTTPRequestHandler):

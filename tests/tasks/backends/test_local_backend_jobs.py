@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from tasks.backends.base import BackendError, JobStatus, TrainingJobSpec
-from tasks.backends.local import MAX_JOB_ATTEMPTS, LocalBackend, submit_or_resume
-from tasks.jobs import LocalJobRunner, training_job_id
+from tasks.backends.local import LocalBackend
+from tasks.backends.local_jobs import MAX_JOB_ATTEMPTS, LocalJobRunner, submit_or_resume, training_job_id
 from tests.tasks.test_jobs import _live_members, _spec
 from tests.tasks.test_jobs import _training_dir as _stand_in_training_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 # Like sft.py: resumes from the highest checkpoint-N in --output_dir, writes one checkpoint per step. It pauses after
 # step STANDIN_PAUSE_AT while the file STANDIN_HOLD exists, so a test can act while the job is mid-training.
