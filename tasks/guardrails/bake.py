@@ -64,6 +64,7 @@ class BakeResult:
     reason: str
     samples: list[Sample] = field(default_factory=list)
     read_errors: int = 0
+    champion_earlier: bool = False  # ``champion`` is its earlier window (it took too little traffic in this one)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +78,7 @@ class BakeResult:
             "champion": self.champion.to_dict() if self.champion else None,
             "reason": self.reason,
             "read_errors": self.read_errors,
+            "champion_earlier": self.champion_earlier,
         }
 
 
@@ -160,10 +162,12 @@ def bake(
             )
             break
         sleep(max(0.0, min(alarms.check_interval_s, (deadline if now < deadline else limit) - now)))
-    shown = champion_now if champion_now is not None and champion_now.requests else champion
+    earlier = champion is not None and champion is not champion_now
+    shown = champion if earlier else champion_now
     return BakeResult(
-        step.percent, step.bake_s, waited, decided_by, passed, verdict, candidate, shown, reason, samples, read_errors
-    )
+        step.percent, step.bake_s, waited, decided_by, passed, verdict, candidate, shown, reason, samples, read_errors,
+        earlier,
+    )  # fmt: skip
 
 
 def _mark(source: MetricsSource) -> Any:

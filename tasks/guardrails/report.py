@@ -12,7 +12,8 @@ def _pair(step: dict[str, Any], field: str, fmt: str, scale: float = 1.0) -> str
             return "-"
         return format(value * scale if scale != 1.0 else value, fmt)
 
-    return f"{one('candidate')} / {one('champion')}"
+    # The champion's earlier window (it takes no traffic at 100%) is marked, so nobody reads it as this one's.
+    return f"{one('candidate')} / {one('champion')}" + (" (earlier)" if step.get("champion_earlier") else "")
 
 
 def _traffic(weights: dict[str, int] | None) -> str:

@@ -38,12 +38,13 @@ def test_a_baked_canary_carries_the_champions_numbers_to_the_final_bake() -> Non
     source.rates = {"model-v2": (20.0, 0.0, 0.05, 0.95)}  # at 100%: 5x slower than the champion was
     final = judge_step(settings, 100, {"model-v2": 100}, watch, _probe, clock=clock, sleep=clock.sleep)
     assert not final["passed"] and final["verdict"]["alarm"] == "latency"
+    assert final["champion_earlier"] and not canary["champion_earlier"]  # at 100% the champion takes no traffic
     assert watch.alarm is not None and watch.alarm["percent"] == 100 and watch.alarm["t"] > 30
     assert [s.percent for s in watch.samples][:1] == [10] and watch.samples[-1].percent == 100
     # The summary's table and the picture from the same record.
     table = step_table(watch.steps)
     assert table[2].startswith("| 10% | model-v1 90%, model-v2 10% | 30 | live | 150 / 600 | 0.0% / 0.0% |")
-    assert "**rolled back** (latency)" in table[3]
+    assert "**rolled back** (latency)" in table[3] and "/ 600 (earlier)" in table[3]
     assert step_line(watch.steps[0]).startswith("- step 10%: passed (error rate 0%); 150 live requests")
 
 
