@@ -1,4 +1,5 @@
-"""Serving throughput: our endpoint against ``mlflow models serve`` on the same registered tiny model.
+"""Serving throughput: our endpoint against ``mlflow models serve`` on the same registered tiny model, and our
+endpoint's router against its deployment's own process reached directly (the cost of the router's extra hop).
 
     .venv/bin/python bench/serve_throughput.py                       # 1, 4, 16 clients, 32 new tokens
     .venv/bin/python bench/serve_throughput.py --concurrency 1 4 16 --max-new-tokens 32 --requests-per-client 8
@@ -11,7 +12,13 @@ from 1, 4 and 16 concurrent clients. Both see the same token sequence: MLflow ge
 with the chat template (its text-generation pipeline does not apply one), our ``/score`` renders it itself.
 Generated tokens are counted the same way for both: the reply text re-tokenised with the model's tokenizer.
 Both servers run with the same torch thread count (``--threads``). Peak memory is the server process's peak
-RSS, sampled every 50 ms. Prints a markdown table and writes JSON to ``bench/results/``.
+RSS (with its children: for our endpoint, the router and the deployment process), sampled every 50 ms.
+
+"deployment process (direct)" sends the same ``/score`` bodies to the deployment's model-server process on its
+loopback port, with the instance token the router uses (read from the state folder's ``instances.json``), so the
+difference to "finetune-phi endpoint" is the router alone: keys, routing, admission, metrics and one more HTTP
+hop. The router's own RSS and each deployment process's RSS are read from ``/admin/state`` after the run.
+Prints a markdown table and writes JSON to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ PROMPTS = [
     "What is low-rank adaptation?",
     "How are the endpoint's keys stored?",
 ]
+
+
+DIRECT = "deployment process (direct)"
 
 
 def free_port() -> int:
@@ -198,10 +208,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from deployments.client import EndpointAdminClient
     from deployments.keys import read_keys
+    from deployments.protocol import INSTANCE_TOKEN_HEADER
     from deployments.service import start_server, stop_server
     from tasks import registry
     from tasks.backends.local_jobs import stop_process_group
     from tasks.config import Settings
+    from tasks.state import read_json
 
     # A tiny model, registered as the flow registers a job's model
     if args.model_dir is None:
@@ -262,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
                 "max_concurrent_requests": max_clients,
                 "max_batch_size": max_clients,
                 "torch_threads": args.threads,
+                "model_roots": [str(work)],  # the benchmark's registry is beside the state folder, not in it
             },
         }
     )
     results: list[dict[str, Any]] = []
+    memory: dict[str, Any] = {}
     try:
         started = time.monotonic()
         wait_http(f"http://127.0.0.1:{mlflow_port}/ping", 300, mlflow_process)
@@ -300,14 +314,33 @@ def main(argv: list[str] | None = None) -> int:
             lambda p: {"input_data": [p], "params": params},
             lambda r: r.json()[0],
         )
-        for target in (mlflow_target, ours_target):  # warm-up: first requests pay for lazy initialisation
+        instance = read_json(work / "state" / "endpoint" / "instances.json", default={})["bench"][0]
+        direct_target = Target(
+            DIRECT,
+            f"http://127.0.0.1:{instance['port']}/score",
+            instance["pid"],
+            {INSTANCE_TOKEN_HEADER: instance["token"]},
+            ours_target.make_body,
+            ours_target.read,
+        )
+        targets = (mlflow_target, ours_target, direct_target)
+        for target in targets:  # warm-up: first requests pay for lazy initialisation
             run_level(target, PROMPTS, 2, 4, tokenizer)
         for clients in args.concurrency:
             total = max(32, clients * args.requests_per_client)
-            for target in (mlflow_target, ours_target):
+            for target in targets:
                 result = run_level(target, PROMPTS, clients, total, tokenizer)
                 results.append(result)
                 print(json.dumps(result), flush=True)
+        state = admin.get_state()
+        memory = {
+            "router_rss_mb": state["router"]["own_rss_mb"],
+            "deployment_rss_mb": {
+                f"{name}/{i['index']}": i["rss_mb"] for name, d in state["deployments"].items() for i in d["instances"]
+            },
+            "router_imports_torch": state["router"]["torch_imported"],
+        }
+        print(json.dumps(memory), flush=True)
     finally:
         stop_server(settings, grace_s=10)
         stop_process_group(mlflow_process, grace_s=20)
@@ -326,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
     if names:
         machine["cpu"] = names[0]
-    table = render_table(results)
+    table = render_table(results, memory)
     print()
     print(table)
     args.output.mkdir(parents=True, exist_ok=True)
@@ -336,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "machine": machine,
         "results": results,
+        "memory": memory,
         "table": table,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -345,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render_table(results: list[dict[str, Any]]) -> str:
+def render_table(results: list[dict[str, Any]], memory: dict[str, Any]) -> str:
     lines = [
         "| clients | server | req/s | generated tok/s | p50 ms | p99 ms | peak RSS MB | tokens/reply | errors |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -364,6 +398,19 @@ def render_table(results: list[dict[str, Any]]) -> str:
                 f"p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x, "
                 f"p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x of MLflow's"
             )
+        direct = by.get((clients, DIRECT))
+        if ours and direct and direct["tokens_per_s"]:
+            lines.append(
+                f"{clients} client(s), through the router vs the deployment process direct: tokens/s "
+                f"{(ours['tokens_per_s'] / direct['tokens_per_s'] - 1) * 100:+.1f}%, "
+                f"p50 {ours['p50_ms'] - direct['p50_ms']:+.1f} ms"
+            )
+    if memory:
+        deployments = ", ".join(f"{k} {v} MB" for k, v in memory["deployment_rss_mb"].items())
+        lines.append(
+            f"\nRSS after the run: router {memory['router_rss_mb']} MB (torch imported: "
+            f"{memory['router_imports_torch']}); deployment processes: {deployments}"
+        )
     return "\n".join(lines)
 
 

@@ -78,14 +78,23 @@ class EndpointAdminClient:
         return self._call("DELETE", "/admin/rescue")
 
     def get_metrics(self) -> dict[str, Any]:
-        """Per-deployment live numbers (``GET /admin/metrics``, see :mod:`deployments.live_metrics`)."""
+        """Per-deployment live numbers (``GET /admin/metrics``: the router's counters as JSON)."""
         return self._call("GET", "/admin/metrics")
 
-    def create_deployment(self, name: str, model_path: str, model_version: str | None = None) -> dict[str, Any]:
-        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; loads in the background."""
-        return self._call(
-            "PUT", f"/admin/deployments/{name}", {"model_path": model_path, "model_version": model_version}
-        )
+    def create_deployment(
+        self,
+        name: str,
+        model_path: str,
+        model_version: str | None = None,
+        *,
+        memory_limit_mb: int | None = None,
+        instance_count: int | None = None,
+    ) -> dict[str, Any]:
+        """Create (or replace) deployment ``name`` serving the model folder ``model_path``; its processes start in
+        the background. ``memory_limit_mb`` and ``instance_count`` default to the endpoint's config."""
+        body = {"model_path": model_path, "model_version": model_version}
+        body |= {"memory_limit_mb": memory_limit_mb, "instance_count": instance_count}
+        return self._call("PUT", f"/admin/deployments/{name}", body)
 
     def delete_deployment(self, name: str) -> dict[str, Any]:
         return self._call("DELETE", f"/admin/deployments/{name}")

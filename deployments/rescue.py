@@ -5,8 +5,8 @@ it after (``DELETE /admin/rescue``); it also ends by itself after ``ttl_s``, so 
 it on. While armed, a request routed by traffic (never a pinned one: a pin asks for that deployment) to the
 candidate that fails server-side (5xx, 408, 424) or that the candidate cannot admit (429) is retried once on the
 champion before any byte reaches the client; with ``stream: true`` only failures before the first chunk can be.
-The failure still counts in the candidate's numbers (:mod:`deployments.live_metrics`) and in its ``rescued``
-counter, so the rollout's alarms see what users were spared.
+The failure still counts in the candidate's numbers (the router's ``/metrics`` and ``/admin/metrics``) and in its
+``rescued`` counter, so the rollout's alarms see what users were spared.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""The local online endpoint: named deployments behind one loopback address, Azure ML's contract on the outside.
+"""The local online endpoint's router: one loopback address, Azure ML's contract on the outside, each deployment in
+processes of its own behind it (as on Azure ML, where every deployment runs on its own instances).
+
+This process holds the keys, the traffic split, the limits, the admin API, the state and ``/metrics``; it loads no
+model and imports no torch. Each deployment instance is a ``python -m deployments.model_server`` process it starts,
+probes, restarts and stops (:mod:`deployments.instances`); a crash or a memory blow-up there cannot take the router
+or another deployment down.
 
 Routes (scoring routes need ``Authorization: Bearer <primary or secondary key>``, or an ``api-key`` header):
 
@@ -10,25 +16,33 @@ Routes (scoring routes need ``Authorization: Bearer <primary or secondary key>``
   person). Whether each reply ended properly (an end token) or ran into its token budget is in the response
   header ``x-finish-reason`` (``stop`` or ``length``, comma-separated in input order) and, with the optional
   param ``"return_finish_reason": true``, in the body as ``[{"text", "finish_reason"}, ...]``.
-- ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream: true`` as server-sent events) and
-  ``GET /v1/models``. ``model`` naming a deployment pins it; any other value goes by traffic.
-- ``GET /health`` (alive), ``GET /ready`` (a deployment is loaded), ``GET /metrics`` (Prometheus text), the
-  OpenAPI schema at ``/openapi.json``.
-- Admin (``Authorization: Bearer <admin key>``): ``GET /admin/state``, ``PUT /admin/deployments/{name}``
-  (``{"model_path", "model_version"}``; loads in the background, answers 202 at once),
-  ``DELETE /admin/deployments/{name}``, ``PUT /admin/traffic`` (``{"traffic": {name: percent}}``, summing to
-  100, or 0 to stop routing).
+- ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream: true`` as server-sent events, relayed chunk by chunk)
+  and ``GET /v1/models``. ``model`` naming a deployment pins it; any other value goes by traffic.
+- ``GET /health`` (alive), ``GET /ready`` (a deployment has a ready instance), ``GET /metrics`` (Prometheus text),
+  the OpenAPI schema at ``/openapi.json``.
+- Admin (``Authorization: Bearer <admin key>``): ``GET /admin/state`` (deployments with their instances: PID,
+  state, restarts, RSS, oom_score_adj), ``GET /admin/metrics`` (JSON per deployment: requests by status, latency
+  and latency-per-token histograms, finish reasons, tokens, restarts), ``PUT /admin/deployments/{name}``
+  (``{"model_path", "model_version", "memory_limit_mb", "instance_count"}``; starts in the background, answers 202
+  at once), ``DELETE /admin/deployments/{name}`` (stops its processes), ``PUT /admin/traffic``
+  (``{"traffic": {name: percent}}``, summing to 100, or 0 to stop routing).
 
 Routing and limits follow Azure ML online endpoints: ``azureml-model-deployment: <name>`` pins a deployment (also
 one at 0 % traffic); 404 when no deployment gets traffic or a pinned one does not exist; 503 while a deployment
-loads or the server stops; per deployment, ``max_concurrent_requests`` are generated at once and the rest wait
-up to ``max_queue_wait_ms``, with 429 and ``Retry-After`` past that wait or once more than
-``max_pending_requests`` (default 2 x ``max_concurrent_requests``, Azure's rule) are in flight; 408 past
-``request_timeout_ms`` (with ``stream: true`` the 200 is already sent: the timeout comes as an error event in the
-stream, then ``[DONE]``); 413 over ``max_body_bytes``; 400 for input over the model's context; ``max_new_tokens``
-is capped at ``max_new_tokens_cap``. Errors are ``{"error": {"code", "message", "type", "param"}}`` (the OpenAI
-error shape, which holds Azure's ``code`` and ``message``). The serving deployment is named in the response
-header ``azureml-model-deployment``.
+starts, restarts or the server stops; per instance, ``max_concurrent_requests`` are generated at once and the rest
+wait up to ``max_queue_wait_ms``, with 429 and ``Retry-After`` past that wait or once more than
+``max_pending_requests`` (default 2 x ``max_concurrent_requests``, Azure's rule) x ready instances are in flight; a
+request goes to the least loaded ready instance; 408 past ``request_timeout_ms`` (with ``stream: true`` the 200 is
+already sent: the timeout comes as an error event in the stream, then ``[DONE]``); 502 ``ModelContainerCrashed``
+for requests in flight on an instance whose process crashed (Azure ML's code for an exception or crash in the model
+container; "troubleshoot online endpoints", HTTP status codes); 413 over ``max_body_bytes``; 400 for input over
+the model's context; ``max_new_tokens`` is capped at ``max_new_tokens_cap``. Errors are ``{"error": {"code",
+"message", "type", "param"}}`` (the OpenAI error shape, which holds Azure's ``code`` and ``message``). The serving
+deployment is named in the response header ``azureml-model-deployment``.
+
+Deployment and endpoint names follow Azure's rule (:mod:`deployments.names`); a model path must be under the state
+folder, under one of ``endpoint.model_roots`` or a model registered in the state folder's MLflow store; the model's
+size is checked against ``memory_limit_mb`` and the machine before any process starts (:mod:`deployments.memory`).
 """
 
 from __future__ import annotations
@@ -39,182 +53,170 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
+import sqlite3
+import sys
 import threading
 import time
-import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
+import httpx
+import psutil
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
-from starlette.background import BackgroundTask
+from pydantic import Field
 
-from deployments.engine import InputTooLongError, ModelRunner, SamplingParams, Sequence
+from deployments import instances as procs
 from deployments.keys import KeyStore
-from deployments.live_metrics import LiveMetrics
+from deployments.memory import (
+    IDLE_OOM_SCORE_ADJ,
+    LIVE_OOM_SCORE_ADJ,
+    MAX_OOM_SCORE_ADJ,
+    MemoryCheckError,
+    check_fits,
+    oom_score_adj,
+    set_oom_score_adj,
+    tree_rss,
+)
+from deployments.names import name_problem
+from deployments.protocol import (
+    FINISH_HEADER,
+    INSTANCE_TOKEN_HEADER,
+    PIN_HEADER,
+    TIME_LEFT_HEADER,
+    TOKENS_HEADER,
+    ApiError,
+    ChatCompletionRequest,
+    RequestBody,
+    ScoreRequest,
+    error_body,
+    error_response,
+    install_error_handlers,
+)
 from deployments.rescue import Rescue
 from tasks.config import EndpointConfig
 from tasks.state import atomic_write_json, read_json
 
 log = logging.getLogger("deployments.server")
 
-PIN_HEADER = "azureml-model-deployment"
-FINISH_HEADER = "x-finish-reason"
 STATE_FILE = "state.json"
+INSTANCE_CONFIG_FILE = "instance-config.json"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
+PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 SCORING_ROUTES = ("/score", "/v1/chat/completions", "/v1/models")
 PROBE_ROUTES = ("/health", "/ready", "/metrics")  # still answered while the server stops, so it can be watched
 SHUTDOWN_TAIL_S = 2  # after the drain: time for uvicorn to flush the last answers and close connections
+# The deployment process times a request out itself (it gets the time left); the router waits this much longer
+# before answering 408 on its behalf (a process whose event loop is stuck).
+BACKSTOP_S = 1.0
+REGISTRY_TAG_MODEL_DIR = "model_dir"  # tasks.registry.TAG_MODEL_DIR: where a registered version's folder is
+PASSED_HEADERS = ("content-type", "retry-after", FINISH_HEADER)
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {...}}`` with its HTTP status."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, param: str | None = None, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers or {}
-
-
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable_error",
-}
-
-
-def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"code": code, "message": message, "type": kind, "param": param}}
-
-
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(
-        error_body(error.status, error.code, error.message, error.param),
-        status_code=error.status,
-        headers=error.headers,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------- bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class ChatTurn(_Body):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ScoreParams(_Body):
-    temperature: float | None = Field(None, ge=0.0, le=100.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_new_tokens: int | None = Field(None, ge=1)
-    do_sample: bool | None = None
-    return_full_text: bool = False
-    return_finish_reason: bool = False  # ours: answer [{"text", "finish_reason"}] instead of plain strings
-
-
-class ScoreRequest(_Body):
-    input_data: list[str | Annotated[list[ChatTurn], Field(min_length=1)]] = Field(..., min_length=1)
-    params: ScoreParams = Field(default_factory=ScoreParams)
-
-
-class TextPart(_Body):
-    type: Literal["text"] = "text"
-    text: str
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(_Body):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-
-
-class DeploymentSpec(_Body):
+class DeploymentSpec(RequestBody):
     model_path: str = Field(..., min_length=1)
     model_version: str | None = None
+    memory_limit_mb: int | None = Field(None, gt=0)  # None: endpoint.memory_limit_mb
+    instance_count: int | None = Field(None, ge=1, le=50)  # None: endpoint.instance_count (Azure: 50 at most)
 
 
-class TrafficSpec(_Body):
+class TrafficSpec(RequestBody):
     traffic: dict[str, int]
 
 
-class RescueSpec(_Body):
+class RescueSpec(RequestBody):
     candidate: str
     champion: str
     ttl_s: float = Field(..., gt=0, le=86_400)
 
 
 # ---------------------------------------------------------------------------------------------------------- metrics
+class Histogram:
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds, self.counts, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"le": list(self.bounds), "counts": list(self.counts), "sum": round(self.sum, 6), "count": self.count}
+
+
 class Metrics:
-    """Counters and latency histograms per deployment, written in Prometheus' text format."""
+    """Counters and histograms per deployment: Prometheus text for ``/metrics``, JSON for ``/admin/metrics``."""
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
-        self.latency_count: dict[tuple[str, str], int] = defaultdict(int)
-        self.latency_sum: dict[tuple[str, str], float] = defaultdict(float)
-        self.latency_buckets: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
+        self.latency: dict[tuple[str, str], Histogram] = defaultdict(lambda: Histogram(LATENCY_BUCKETS))
+        self.per_token: dict[str, Histogram] = defaultdict(lambda: Histogram(PER_TOKEN_BUCKETS))
         self.tokens: dict[str, int] = defaultdict(int)
-        self.batches: dict[str, int] = defaultdict(int)
+        self.finish: dict[str, Counter[str]] = defaultdict(Counter)
+        self.rescued: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
 
     def observe(self, deployment: str, route: str, code: int, seconds: float) -> None:
         with self.lock:
             self.requests[(deployment, route, str(code))] += 1
-            key = (deployment, route)
-            self.latency_count[key] += 1
-            self.latency_sum[key] += seconds
-            buckets = self.latency_buckets[key]
-            for i, bound in enumerate(LATENCY_BUCKETS):
-                if seconds <= bound:
-                    buckets[i] += 1
+            self.latency[(deployment, route)].observe(seconds)
 
-    def add_tokens(self, deployment: str, count: int) -> None:
+    def generated(self, deployment: str, tokens: int, seconds: float, finish_reasons: list[str]) -> None:
         with self.lock:
-            self.tokens[deployment] += count
+            self.tokens[deployment] += tokens
+            if tokens > 0:
+                self.per_token[deployment].observe(seconds / tokens)
+            self.finish[deployment].update(r for r in finish_reasons if r)
 
-    def render(self, in_flight: dict[str, int]) -> str:
-        bucket = "finetune_phi_request_latency_seconds_bucket"
+    def rescue(self, deployment: str) -> None:
+        """A request ``deployment`` failed and the champion answered instead (:mod:`deployments.rescue`)."""
+        with self.lock:
+            self.rescued[deployment] += 1
 
+    def snapshot(self, restarts: dict[str, int]) -> dict[str, Any]:
+        with self.lock:
+            names = {d for d, _, _ in self.requests} | set(restarts) | set(self.tokens)
+            result: dict[str, Any] = {}
+            for name in sorted(names):
+                by_code: Counter[str] = Counter()
+                for (dep, _, code), n in self.requests.items():
+                    if dep == name:
+                        by_code[code] += n
+                result[name] = {
+                    "requests_by_status": dict(sorted(by_code.items())),
+                    "latency_seconds": {
+                        route: h.to_dict() for (dep, route), h in sorted(self.latency.items()) if dep == name
+                    },
+                    "latency_per_token_seconds": self.per_token[name].to_dict() if name in self.per_token else None,
+                    "generated_tokens": self.tokens.get(name, 0),
+                    "finish_reasons": dict(self.finish.get(name, {})),
+                    "restarts": restarts.get(name, 0),
+                    "rescued": self.rescued.get(name, 0),
+                }
+            return result
+
+    def render(self, in_flight: dict[str, int], restarts: dict[str, int], ready: dict[str, int]) -> str:
         def labels(**pairs: str) -> str:
             return "{" + ",".join(f'{k}="{v}"' for k, v in pairs.items()) + "}"
+
+        def histogram(name: str, series: list[tuple[dict[str, str], Histogram]]) -> list[str]:
+            lines = []
+            for pairs, h in series:
+                for bound, n in zip(h.bounds, h.counts, strict=True):
+                    lines.append(f"{name}_bucket{labels(**pairs, le=str(bound))} {n}")
+                lines.append(f"{name}_bucket{labels(**pairs, le='+Inf')} {h.count}")
+                lines.append(f"{name}_sum{labels(**pairs)} {h.sum:.6f}")
+                lines.append(f"{name}_count{labels(**pairs)} {h.count}")
+            return lines
 
         lines = [
             "# HELP finetune_phi_requests_total Requests answered, by deployment, route and HTTP status.",
@@ -236,30 +238,47 @@ class Metrics:
                 "# HELP finetune_phi_request_latency_seconds Time from request to the last byte of the answer.",
                 "# TYPE finetune_phi_request_latency_seconds histogram",
             ]
-            for (dep, route), buckets in sorted(self.latency_buckets.items()):
-                for bound, n in zip(LATENCY_BUCKETS, buckets, strict=True):
-                    lines.append(f"{bucket}{labels(deployment=dep, route=route, le=str(bound))} {n}")
-                count = self.latency_count[(dep, route)]
-                lines.append(f"{bucket}{labels(deployment=dep, route=route, le='+Inf')} {count}")
-                lines.append(
-                    f"finetune_phi_request_latency_seconds_sum{labels(deployment=dep, route=route)} "
-                    f"{self.latency_sum[(dep, route)]:.6f}"
-                )
-                lines.append(
-                    f"finetune_phi_request_latency_seconds_count{labels(deployment=dep, route=route)} {count}"
-                )
+            lines += histogram(
+                "finetune_phi_request_latency_seconds",
+                [({"deployment": d, "route": r}, h) for (d, r), h in sorted(self.latency.items())],
+            )
+            lines += [
+                "# HELP finetune_phi_latency_per_token_seconds A reply's whole time divided by its generated tokens.",
+                "# TYPE finetune_phi_latency_per_token_seconds histogram",
+            ]
+            lines += histogram(
+                "finetune_phi_latency_per_token_seconds",
+                [({"deployment": d}, h) for d, h in sorted(self.per_token.items())],
+            )
+            lines += [
+                "# HELP finetune_phi_rescued_requests_total Requests a deployment failed that the champion answered.",
+                "# TYPE finetune_phi_rescued_requests_total counter",
+            ]
+            for dep, n in sorted(self.rescued.items()):
+                lines.append(f"finetune_phi_rescued_requests_total{labels(deployment=dep)} {n}")
             lines += [
                 "# HELP finetune_phi_generated_tokens_total Tokens generated (end tokens not counted).",
                 "# TYPE finetune_phi_generated_tokens_total counter",
             ]
             for dep, n in sorted(self.tokens.items()):
                 lines.append(f"finetune_phi_generated_tokens_total{labels(deployment=dep)} {n}")
-        lines += [
-            "# HELP finetune_phi_in_flight_requests Scoring requests admitted or waiting, per deployment.",
-            "# TYPE finetune_phi_in_flight_requests gauge",
-        ]
-        for dep, n in sorted(in_flight.items()):
-            lines.append(f"finetune_phi_in_flight_requests{labels(deployment=dep)} {n}")
+            lines += [
+                "# HELP finetune_phi_finish_reasons_total Replies by finish reason (stop, length...).",
+                "# TYPE finetune_phi_finish_reasons_total counter",
+            ]
+            for dep, reasons in sorted(self.finish.items()):
+                for reason, n in sorted(reasons.items()):
+                    lines.append(f"finetune_phi_finish_reasons_total{labels(deployment=dep, reason=reason)} {n}")
+        gauges = (
+            ("finetune_phi_in_flight_requests", "gauge", "Scoring requests admitted or waiting, per deployment.",
+             in_flight),
+            ("finetune_phi_deployment_restarts_total", "counter",
+             "Deployment processes restarted after a crash or a failed liveness probe.", restarts),
+            ("finetune_phi_ready_instances", "gauge", "Instances of a deployment ready to take requests.", ready),
+        )  # fmt: skip
+        for name, kind, text, values in gauges:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{labels(deployment=dep)} {n}" for dep, n in sorted(values.items())]
         return "\n".join(lines) + "\n"
 
 
@@ -269,12 +288,33 @@ class Deployment:
     name: str
     model_path: str
     model_version: str | None
-    state: str = "creating"  # creating, ready, failed
-    error: str | None = None
-    runner: ModelRunner | None = None
-    semaphore: asyncio.Semaphore | None = None
-    in_flight: int = 0
+    memory_limit_mb: int | None
+    instance_count: int
+    error: str | None = None  # refused before any process started (path, memory)
+    instances: list[procs.Instance] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
+
+    @property
+    def state(self) -> str:
+        """creating (no instance ready yet), ready (one at least), restarting (all down after a crash) or failed."""
+        if self.error is not None or (self.instances and all(i.state == "failed" for i in self.instances)):
+            return "failed"
+        if any(i.state == "ready" for i in self.instances):
+            return "ready"
+        if any(i.state == "restarting" for i in self.instances):
+            return "restarting"
+        return "creating"
+
+    @property
+    def in_flight(self) -> int:
+        return sum(i.in_flight for i in self.instances)
+
+    @property
+    def restarts(self) -> int:
+        return sum(i.restarts for i in self.instances)
+
+    def failure(self) -> str | None:
+        return self.error or next((i.error for i in self.instances if i.state == "failed" and i.error), None)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -282,41 +322,126 @@ class Deployment:
             "model_path": self.model_path,
             "model_version": self.model_version,
             "state": self.state,
-            "error": self.error,
+            "error": self.failure() if self.state == "failed" else None,
             "in_flight": self.in_flight,
+            "memory_limit_mb": self.memory_limit_mb,
+            "instance_count": self.instance_count,
+            "restarts": self.restarts,
+            "instances": [i.describe() for i in self.instances],
         }
 
 
-class Endpoint:
-    """Deployments, traffic and their persistence. Mutated only on the event loop (loads run in threads)."""
+def registered_model_dirs(state_dir: Path) -> list[Path]:
+    """Folders of the model versions registered in the state folder's MLflow store (read with sqlite3: the router
+    does not import MLflow)."""
+    store = state_dir / "mlflow" / "mlflow.db"
+    if not store.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=2)) as db:
+            rows = db.execute("SELECT value FROM model_version_tags WHERE key = ?", (REGISTRY_TAG_MODEL_DIR,))
+            return [Path(value).resolve() for (value,) in rows.fetchall() if value]
+    except sqlite3.Error as exc:
+        log.warning("could not read the registry at %s: %s", store, exc)
+        return []
 
-    def __init__(self, config: EndpointConfig, endpoint_dir: Path) -> None:
+
+def model_path_problem(model_path: str, state_dir: Path, roots: list[Path]) -> str | None:
+    """Why ``model_path`` may not be deployed, or None. Allowed: under the state folder or one of ``roots``, or a
+    registered model's folder (the folder itself, its parent job folder, or inside it)."""
+    path = Path(model_path).expanduser().resolve()
+    allowed = [state_dir.resolve(), *(Path(r).expanduser().resolve() for r in roots)]
+    if any(path.is_relative_to(root) for root in allowed):
+        return None
+    for registered in registered_model_dirs(state_dir):
+        if path == registered or path == registered.parent or path.is_relative_to(registered):
+            return None
+    return (
+        f"model path {model_path} is neither a registered model's folder nor under the state folder {state_dir}; "
+        "register the model (the flow does) or add its folder to endpoint.model_roots"
+    )
+
+
+def target_dtype(config: EndpointConfig, model_dir: Path) -> str:
+    """The dtype the deployment process loads floating-point weights in (float32 unless the config says)."""
+    dtype = str(getattr(config, "dtype", None) or "float32")
+    if dtype == "auto":
+        saved = read_json(model_dir / "config.json", default={}) or {}
+        dtype = str(saved.get("torch_dtype") or saved.get("dtype") or "float32")
+    return dtype
+
+
+class Endpoint:
+    """Deployments, their instances, traffic and their persistence. Mutated only on the event loop."""
+
+    def __init__(self, config: EndpointConfig, endpoint_dir: Path, state_dir: Path) -> None:
         self.config = config
         self.dir = endpoint_dir
+        self.state_dir = state_dir
         self.deployments: dict[str, Deployment] = {}
         self.traffic: dict[str, int] = {}
         self.stopping = False
         self.active = 0  # HTTP requests being answered, probes aside: a stop waits for these
         self.random = random.Random()
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.max_pending = config.max_pending_requests or 2 * config.max_concurrent_requests
+        self.instance_config = endpoint_dir / INSTANCE_CONFIG_FILE
+        self.client: httpx.AsyncClient | None = None  # to the deployment processes
+        self.probe_client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=60)
+        self.client = httpx.AsyncClient(limits=limits, timeout=None, trust_env=False)
+        self.probe_client = httpx.AsyncClient(trust_env=False)
+        atomic_write_json(self.instance_config, self.config.model_dump(mode="json"))
+        self.restore()
 
     # persistence
     def save(self) -> None:
         payload = {
             "name": self.config.name,
             "deployments": {
-                n: {"model_path": d.model_path, "model_version": d.model_version} for n, d in self.deployments.items()
+                n: {
+                    "model_path": d.model_path,
+                    "model_version": d.model_version,
+                    "memory_limit_mb": d.memory_limit_mb,
+                    "instance_count": d.instance_count,
+                }
+                for n, d in self.deployments.items()
             },
             "traffic": self.traffic,
         }
         atomic_write_json(self.dir / STATE_FILE, payload)
 
+    def save_records(self) -> None:
+        """PIDs, ports and tokens of the running instances (0600: the tokens let a process be called)."""
+        records = {n: [i.record() for i in d.instances if i.pid is not None] for n, d in self.deployments.items()}
+        atomic_write_json(self.dir / procs.INSTANCES_FILE, records, permissions=0o600)
+
     def restore(self) -> None:
         saved = read_json(self.dir / STATE_FILE, default={}) or {}
-        for name, spec in (saved.get("deployments") or {}).items():
-            self.create(name, spec["model_path"], spec.get("model_version"), persist=False)
-        self.traffic = {k: int(v) for k, v in (saved.get("traffic") or {}).items() if k in self.deployments}
+        records = procs.read_records(self.dir)
+        specs = saved.get("deployments") or {}
+        self.traffic = {k: int(v) for k, v in (saved.get("traffic") or {}).items() if k in specs}
+        for name, spec in specs.items():
+            try:
+                self.create(
+                    name,
+                    spec["model_path"],
+                    spec.get("model_version"),
+                    spec.get("memory_limit_mb"),
+                    spec.get("instance_count"),
+                    persist=False,
+                    records=records.pop(name, []),
+                )
+            except ApiError as exc:  # saved by an older version under a name Azure refuses: keep it out
+                log.warning("deployment %s in %s not restored: %s", name, STATE_FILE, exc.message)
+                self.traffic.pop(name, None)
+        for leftovers in records.values():  # processes of a deployment deleted while no router watched them
+            for record in leftovers:
+                pid = record.get("pid")
+                if isinstance(pid, int) and procs.is_model_server(pid, record.get("create_time")):
+                    procs.stop_group(pid, grace_s=2.0)
+        self.save_records()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -324,50 +449,128 @@ class Endpoint:
             "stopping": self.stopping,
             "deployments": {n: d.describe() for n, d in self.deployments.items()},
             "traffic": dict(self.traffic),
+            # the router's own footprint: it loads no model, and torch never enters this process
+            "router": {
+                "pid": os.getpid(),
+                "rss_mb": round(tree_rss(os.getpid()) / 1024 / 1024, 1),
+                "own_rss_mb": round(_own_rss() / 1024 / 1024, 1),
+                "torch_imported": "torch" in sys.modules,
+            },
         }
 
     # admin
-    def create(self, name: str, model_path: str, model_version: str | None, *, persist: bool = True) -> Deployment:
+    def oom_adj_for(self, name: str) -> int:
+        """Live deployments 0; the others IDLE_OOM_SCORE_ADJ above the highest live one. Lowering a score needs
+        CAP_SYS_RESOURCE: where that is refused (a live one kept a newcomer's score), the idle ones go higher
+        instead, which anyone may do, so the newcomer is still the kernel's first choice."""
+        if self.traffic.get(name, 0) > 0:
+            return LIVE_OOM_SCORE_ADJ
+        live = [
+            oom_score_adj(i.pid) or 0
+            for n, d in self.deployments.items()
+            if self.traffic.get(n, 0) > 0
+            for i in d.instances
+            if i.pid is not None
+        ]
+        return min(MAX_OOM_SCORE_ADJ, max(live, default=LIVE_OOM_SCORE_ADJ) + IDLE_OOM_SCORE_ADJ)
+
+    def update_oom_scores(self) -> None:
+        """Under memory pressure the kernel's OOM killer picks a deployment without traffic before a live one."""
+        ordered = sorted(self.deployments.items(), key=lambda item: self.traffic.get(item[0], 0) == 0)
+        for name, deployment in ordered:  # live ones first: the idle scores are set above theirs
+            for instance in deployment.instances:
+                if instance.pid is not None:
+                    set_oom_score_adj(instance.pid, self.oom_adj_for(name))
+
+    def create(
+        self,
+        name: str,
+        model_path: str,
+        model_version: str | None,
+        memory_limit_mb: int | None = None,
+        instance_count: int | None = None,
+        *,
+        persist: bool = True,
+        records: list[dict[str, Any]] | None = None,
+    ) -> Deployment:
+        problem = name_problem(name, "deployment")
+        if problem is not None:
+            raise ApiError(422, "InvalidField", f"field 'name': {problem}", param="name")
         old = self.deployments.get(name)
-        deployment = Deployment(name, model_path, model_version)
-        deployment.semaphore = asyncio.Semaphore(self.config.max_concurrent_requests)
+        deployment = Deployment(
+            name,
+            model_path,
+            model_version,
+            memory_limit_mb or self.config.memory_limit_mb,
+            instance_count or self.config.instance_count,
+        )
         self.deployments[name] = deployment
-        if old is not None and old.runner is not None:
-            old.runner.close()  # requests already queued on it still finish
+        if old is not None:
+            self._stop_later(old)
         if persist:
             self.save()
-        threading.Thread(target=self._load, args=(deployment,), name=f"load-{name}", daemon=True).start()
+        deployment.error = self._refusal(deployment)
+        if deployment.error is not None:
+            log.warning("deployment %s refused: %s", name, deployment.error)
+            return deployment
+        spec = procs.InstanceSpec(
+            name,
+            model_path,
+            deployment.memory_limit_mb,
+            self.instance_config,
+            self.dir / "deployments",
+            self.config.liveness_probe,
+            self.config.readiness_probe,
+        )
+        for index in range(deployment.instance_count):
+            instance = procs.Instance(spec, index, self.config.max_concurrent_requests)
+            if records and index < len(records):
+                instance.adopt(records[index])
+            deployment.instances.append(instance)
+            instance.task = asyncio.get_running_loop().create_task(
+                procs.supervise(instance, self.probe_client, lambda n=name: self.oom_adj_for(n), self.save_records)
+            )
+        for record in (records or [])[deployment.instance_count :]:  # instance_count went down meanwhile
+            if isinstance(record.get("pid"), int) and procs.is_model_server(record["pid"], record.get("create_time")):
+                procs.stop_group(record["pid"], grace_s=2.0)
         return deployment
 
-    def _load(self, deployment: Deployment) -> None:
-        started = time.monotonic()
+    def _refusal(self, deployment: Deployment) -> str | None:
+        """Why the deployment cannot start (path or memory), before any process is started for it."""
+        problem = model_path_problem(deployment.model_path, self.state_dir, self.config.model_roots)
+        if problem is not None:
+            return problem
+        folder = Path(deployment.model_path)
+        if not folder.is_dir():
+            return f"model folder {deployment.model_path} does not exist; register the model again or fix the path"
         try:
-            runner = ModelRunner(
-                deployment.model_path,
-                max_batch_size=self.config.max_batch_size,
-                batch_wait_ms=self.config.batch_wait_ms,
-                torch_threads=self.config.torch_threads,
+            check_fits(
+                folder,
+                target_dtype(self.config, folder),
+                deployment.memory_limit_mb,
+                deployment.instance_count,
+                deployment.name,
             )
-        except Exception as exc:
-            log.warning("deployment %s failed to load %s: %s", deployment.name, deployment.model_path, exc)
-            self._on_loop(self._loaded, deployment, None, f"{type(exc).__name__}: {exc}")
-            return
-        log.info("deployment %s loaded in %.1f s", deployment.name, time.monotonic() - started)
-        self._on_loop(self._loaded, deployment, runner, None)
+        except (MemoryCheckError, OSError, ValueError) as exc:
+            return str(exc)
+        return None
 
-    def _on_loop(self, fn: Any, *args: Any) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(fn, *args)
+    def _stop_later(self, deployment: Deployment) -> None:
+        for instance in deployment.instances:
+            instance.stopping = True
+        asyncio.get_running_loop().create_task(self._stop_instances(deployment.instances, grace_s=procs.STOP_GRACE_S))
 
-    def _loaded(self, deployment: Deployment, runner: ModelRunner | None, error: str | None) -> None:
-        if self.deployments.get(deployment.name) is not deployment:  # deleted or replaced while loading
-            if runner is not None:
-                runner.close()
-            return
-        deployment.runner = runner
-        deployment.state, deployment.error = ("ready", None) if runner is not None else ("failed", error)
+    async def _stop_instances(self, instances: list[procs.Instance], grace_s: float) -> None:
+        for instance in instances:
+            instance.stopping = True
+        await asyncio.gather(*(i.kill(grace_s) for i in instances))
+        for instance in instances:
+            if instance.task is not None:
+                instance.task.cancel()
+            instance.state = "stopped"
+        self.save_records()
 
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         deployment = self.deployments.get(name)
         if deployment is None:
             raise ApiError(404, "DeploymentNotFound", f"no deployment named {name!r}", param="name")
@@ -380,9 +583,9 @@ class Endpoint:
             )
         del self.deployments[name]
         self.traffic.pop(name, None)
-        if deployment.runner is not None:
-            deployment.runner.close()
         self.save()
+        # answered once its processes are gone, so that their memory is back when the caller sees the answer
+        await self._stop_instances(deployment.instances, grace_s=procs.STOP_GRACE_S)
 
     def set_traffic(self, traffic: dict[str, int]) -> None:
         unknown = sorted(set(traffic) - set(self.deployments))
@@ -397,9 +600,19 @@ class Endpoint:
             )
         self.traffic = {k: int(v) for k, v in traffic.items() if v > 0}
         self.save()
+        self.update_oom_scores()
+
+    async def shutdown(self) -> None:
+        """Stop every instance (the drain already waited for the requests in flight) and close the clients."""
+        everything = [i for d in self.deployments.values() for i in d.instances]
+        await self._stop_instances(everything, grace_s=5.0)
+        (self.dir / procs.INSTANCES_FILE).unlink(missing_ok=True)
+        for client in (self.client, self.probe_client):
+            if client is not None:
+                await client.aclose()
 
     # routing
-    def route(self, pinned: str | None) -> Deployment:
+    def route(self, pinned: str | None) -> tuple[Deployment, procs.Instance]:
         if pinned:
             deployment = self.deployments.get(pinned)
             if deployment is None:
@@ -420,30 +633,44 @@ class Endpoint:
                 )
             names, weights = zip(*weighted, strict=True)
             deployment = self.deployments[self.random.choices(names, weights=weights)[0]]
-        if deployment.state != "ready" or deployment.runner is None:
-            detail = f" ({deployment.error})" if deployment.error else ""
+        ready = [i for i in deployment.instances if i.state == "ready"]
+        if not ready:
+            failure = deployment.failure() if deployment.state == "failed" else None
+            detail = f" ({failure})" if failure else ""
             raise ApiError(
                 503,
                 "DeploymentNotReady",
                 f"deployment {deployment.name!r} is {deployment.state}{detail}; retry once it is ready",
                 headers={"Retry-After": "5"},
             )
-        return deployment
+        if sum(i.in_flight for i in ready) >= self.max_pending * len(ready):
+            raise ApiError(
+                429,
+                "TooManyPendingRequests",
+                f"too many pending requests for deployment {deployment.name!r} "
+                f"(more than {self.max_pending * len(ready)} in flight); retry later",
+                headers={"Retry-After": "1"},
+            )
+        least = min(i.in_flight for i in ready)
+        return deployment, self.random.choice([i for i in ready if i.in_flight == least])
+
+
+def _own_rss() -> int:
+    return int(psutil.Process().memory_info().rss)
 
 
 class Slot:
-    """A deployment's admission for one request: counted while it waits and while it runs; released once."""
+    """An instance's admission for one request: counted while it waits and while it runs; released once."""
 
-    def __init__(self, deployment: Deployment) -> None:
-        self.deployment = deployment
+    def __init__(self, deployment: Deployment, instance: procs.Instance) -> None:
+        self.deployment, self.instance = deployment, instance
         self.acquired = False
         self.released = False
-        deployment.in_flight += 1
+        instance.in_flight += 1
 
     async def acquire(self, wait_s: float) -> None:
-        assert self.deployment.semaphore is not None
         try:
-            await asyncio.wait_for(self.deployment.semaphore.acquire(), timeout=max(wait_s, 0.0))
+            await asyncio.wait_for(self.instance.semaphore.acquire(), timeout=max(wait_s, 0.0))
         except TimeoutError:
             self.release()
             raise ApiError(
@@ -459,9 +686,9 @@ class Slot:
         if self.released:
             return
         self.released = True
-        self.deployment.in_flight -= 1
-        if self.acquired and self.deployment.semaphore is not None:
-            self.deployment.semaphore.release()
+        self.instance.in_flight -= 1
+        if self.acquired:
+            self.instance.semaphore.release()
 
 
 # ---------------------------------------------------------------------------------------------------------- app
@@ -549,8 +776,8 @@ class _Observe:
     """Pure ASGI middleware: per-deployment request counts and latency for /metrics (the handler names the
     deployment in ``scope["state"]``)."""
 
-    def __init__(self, app: Any, metrics: Metrics, live: LiveMetrics) -> None:
-        self.app, self.metrics, self.live = app, metrics, live
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -572,14 +799,8 @@ class _Observe:
             if route is not None:
                 state = scope.get("state") or {}
                 route = "/admin" if route.startswith("/admin") else route
-                ended = time.perf_counter()
-                deployment = state.get("deployment", "none")
-                self.metrics.observe(deployment, route, status, ended - started)
-                if route in ("/score", "/v1/chat/completions"):
-                    # Per token from admission: time queued for a slot is load on the endpoint, not the model.
-                    generating = ended - state.get("admitted_at", started)
-                    tokens, finishes = state.get("generated_tokens", 0), state.get("finish_reasons", ())
-                    self.live.record(deployment, state.get("stream_status", status), generating, tokens, finishes)
+                status = state.get("stream_status", status)  # an error event after the 200 (set by the relay)
+                self.metrics.observe(state.get("deployment", "none"), route, status, time.perf_counter() - started)
 
 
 def _bearer(request: Request) -> str | None:
@@ -590,30 +811,61 @@ def _bearer(request: Request) -> str | None:
     return request.headers.get("api-key") or None
 
 
-def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body",)]
-    return ".".join(parts) or "body"
+async def _crashed(deployment: Deployment, instance: procs.Instance) -> ApiError:
+    """The answer for requests whose instance dropped the connection. When its process is gone (the kernel closes
+    the sockets just before the process is reaped: wait a moment), it takes no more requests from now on, before
+    its supervisor's next look."""
+    deadline = time.monotonic() + 0.5
+    while not instance.exited() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if instance.exited() and instance.state == "ready":
+        instance.state = "restarting"
+    return ApiError(
+        502,
+        "ModelContainerCrashed",
+        f"deployment {deployment.name!r} (instance {instance.index}) crashed or dropped the connection while "
+        "answering; the endpoint restarts its process: retry shortly",
+    )
+
+
+def _timed_out(config: EndpointConfig) -> ApiError:
+    return ApiError(
+        408,
+        "RequestTimeout",
+        f"the request took longer than request_timeout_ms ({config.request_timeout_ms} ms); "
+        "ask for fewer max_new_tokens or raise the timeout",
+    )
+
+
+def _sse_error(error: ApiError) -> bytes:
+    return f"data: {json.dumps(error_body(error.status, error.code, error.message))}\n\n".encode()
+
+
+def _stream_finish(chunk: bytes) -> str | None:
+    marker = b'"finish_reason": "'
+    at = chunk.rfind(marker)
+    if at < 0:
+        return None
+    end = chunk.find(b'"', at + len(marker))
+    return chunk[at + len(marker) : end].decode(errors="replace") if end > 0 else None
 
 
 def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
-    """The endpoint's ASGI app. Deployments saved in ``<state_dir>/endpoint/state.json`` load at start-up."""
+    """The router's ASGI app. Deployments saved in ``<state_dir>/endpoint/state.json`` start (or are found still
+    running) at start-up. More routes: ``app.include_router(...)`` on the returned app."""
     endpoint_dir = Path(state_dir) / "endpoint"
     endpoint_dir.mkdir(parents=True, exist_ok=True)
     keys = KeyStore(endpoint_dir)
-    endpoint = Endpoint(config, endpoint_dir)
+    endpoint = Endpoint(config, endpoint_dir, Path(state_dir))
     metrics = Metrics()
-    live = LiveMetrics()
     rescue = Rescue()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        endpoint.loop = asyncio.get_running_loop()
-        endpoint.restore()
+        await endpoint.start()
         yield
         endpoint.stopping = True
-        for deployment in endpoint.deployments.values():
-            if deployment.runner is not None:
-                deployment.runner.close()
+        await endpoint.shutdown()
 
     app = FastAPI(
         title=f"finetune-phi endpoint {config.name}",
@@ -623,25 +875,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     )
     app.state.endpoint = endpoint
     app.state.metrics = metrics
-    app.state.live_metrics = live
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
-        field_name = _field_name(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            return error_response(
-                ApiError(400, "InvalidJson", f"the body is not valid JSON: {first['msg']}", param="body")
-            )
-        message = f"field '{field_name}': {first.get('msg', 'invalid value')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return error_response(ApiError(422, "InvalidField", message, param=field_name))
+    install_error_handlers(app)
 
     bearer = HTTPBearer(auto_error=False, description="The endpoint's primary or secondary key (or the admin key)")
 
@@ -661,74 +895,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     scoring_auth = Depends(require_key)
     admin_auth = Depends(require_admin)
 
-    # ----------------------------------------------------------------------------------------------- generation
-    def budget(requested: int | None, room: int) -> int:
-        wanted = requested if requested is not None else config.default_max_new_tokens
-        return max(1, min(wanted, config.max_new_tokens_cap, room))
-
-    def sequences_for(runner: ModelRunner, prompts: list[list[int]], params: list[SamplingParams]) -> list[Sequence]:
-        return [Sequence(ids, p) for ids, p in zip(prompts, params, strict=True)]
-
-    def encode(runner: ModelRunner, messages: list[dict[str, str]], param: str) -> list[int]:
-        try:
-            ids = runner.encode_chat(messages)
-        except Exception as exc:  # the model's chat template refuses the conversation (empty, roles out of order)
-            raise ApiError(
-                400, "InvalidConversation", f"the model's chat template cannot render this input: {exc}", param=param
-            ) from None
-        try:
-            runner.check_fits(ids)
-        except InputTooLongError as exc:
-            raise ApiError(400, "InputTooLong", str(exc), param=param) from None
-        return ids
-
-    async def admitted(deployment: Deployment, request_started: float) -> Slot:
-        if deployment.in_flight >= endpoint.max_pending:
-            raise ApiError(
-                429,
-                "TooManyPendingRequests",
-                f"too many pending requests for deployment {deployment.name!r} "
-                f"(more than {endpoint.max_pending} in flight); retry later",
-                headers={"Retry-After": "1"},
-            )
-        slot = Slot(deployment)
-        timeout_left = config.request_timeout_ms / 1000.0 - (time.monotonic() - request_started)
-        await slot.acquire(min(config.max_queue_wait_ms / 1000.0, max(timeout_left, 0.0)))
-        return slot
-
-    async def run_all(deployment: Deployment, seqs: list[Sequence], request_started: float) -> None:
-        loop = asyncio.get_running_loop()
-        futures = []
-        for seq in seqs:
-            future: asyncio.Future[Sequence] = loop.create_future()
-
-            def done(s: Sequence, f: asyncio.Future[Sequence] = future) -> None:
-                loop.call_soon_threadsafe(lambda: f.done() or f.set_result(s))
-
-            seq.on_done = done
-            futures.append(future)
-        assert deployment.runner is not None
-        for seq in seqs:
-            deployment.runner.submit(seq)
-        remaining = config.request_timeout_ms / 1000.0 - (time.monotonic() - request_started)
-        try:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=max(remaining, 0.001))
-        except TimeoutError:
-            raise ApiError(
-                408,
-                "RequestTimeout",
-                f"the request took longer than request_timeout_ms ({config.request_timeout_ms} ms); "
-                "ask for fewer max_new_tokens or raise the timeout",
-            ) from None
-        finally:
-            for seq in seqs:
-                if seq.finish_reason is None:
-                    seq.cancel()
-        metrics.add_tokens(deployment.name, sum(len(s.generated) for s in seqs))
-        failed = next((s for s in seqs if s.finish_reason == "error"), None)
-        if failed is not None:
-            raise ApiError(500, "GenerationFailed", f"generation failed: {failed.error}")
-
+    # ----------------------------------------------------------------------------------------------- forwarding
     def pinned_from(request: Request, model: str | None = None) -> str | None:
         header = request.headers.get(PIN_HEADER)
         if header:
@@ -736,6 +903,143 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         if model and model in endpoint.deployments:
             return model
         return None
+
+    async def admitted(
+        request: Request, model: str | None, started: float, to: str | None = None
+    ) -> tuple[Deployment, Slot]:
+        deployment, instance = endpoint.route(to or pinned_from(request, model))
+        request.state.deployment = deployment.name
+        slot = Slot(deployment, instance)
+        timeout_left = config.request_timeout_ms / 1000.0 - (time.monotonic() - started)
+        await slot.acquire(min(config.max_queue_wait_ms / 1000.0, max(timeout_left, 0.0)))
+        request.state.admitted_at = time.monotonic()  # per-token latency from here: queueing is load, not the model
+        return deployment, slot
+
+    def instance_headers(instance: procs.Instance, started: float) -> dict[str, str]:
+        left_ms = max(config.request_timeout_ms - (time.monotonic() - started) * 1000.0, 1.0)
+        return {
+            INSTANCE_TOKEN_HEADER: instance.token,
+            TIME_LEFT_HEADER: f"{left_ms:.0f}",
+            "content-type": "application/json",
+        }
+
+    def answer(deployment: Deployment, upstream: httpx.Response, content: bytes) -> Response:
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_HEADERS and k != "content-type"}
+        headers[PIN_HEADER] = deployment.name
+        return Response(
+            content, status_code=upstream.status_code, headers=headers, media_type=upstream.headers.get("content-type")
+        )
+
+    async def forward(
+        request: Request, path: str, model: str | None, started: float, to: str | None = None
+    ) -> Response:
+        """Admit, send the request's own bytes to the least loaded ready instance, and pass its answer back."""
+        body = await request.body()
+        deployment, slot = await admitted(request, model, started, to)
+        instance = slot.instance
+        assert endpoint.client is not None
+        left = config.request_timeout_ms / 1000.0 - (time.monotonic() - started)
+        try:
+            upstream = await endpoint.client.post(
+                f"{instance.url}{path}",
+                content=body,
+                headers=instance_headers(instance, started),
+                timeout=httpx.Timeout(max(left, 0.001) + BACKSTOP_S, connect=2.0),
+            )
+        except httpx.TimeoutException:
+            raise _timed_out(config) from None
+        except httpx.TransportError:
+            raise await _crashed(deployment, instance) from None
+        finally:
+            slot.release()
+        tokens = upstream.headers.get(TOKENS_HEADER, "")
+        if upstream.status_code == 200 and tokens.isdigit():
+            finishes = upstream.headers.get(FINISH_HEADER, "").split(",")
+            metrics.generated(deployment.name, int(tokens), time.monotonic() - request.state.admitted_at, finishes)
+        return answer(deployment, upstream, upstream.content)
+
+    async def forward_stream(request: Request, model: str | None, started: float, to: str | None = None) -> Response:
+        """The same for ``stream: true``: the instance's events are relayed as they come, never buffered whole."""
+        body = await request.body()
+        deployment, slot = await admitted(request, model, started, to)
+        admitted_at = request.state.admitted_at
+        instance = slot.instance
+        assert endpoint.client is not None
+        deadline = started + config.request_timeout_ms / 1000.0 + BACKSTOP_S
+        upstream_request = endpoint.client.build_request(
+            "POST",
+            f"{instance.url}/v1/chat/completions",
+            content=body,
+            headers=instance_headers(instance, started),
+            timeout=httpx.Timeout(None, connect=2.0),  # the relay below keeps the deadline
+        )
+        try:
+            upstream = await asyncio.wait_for(
+                endpoint.client.send(upstream_request, stream=True), timeout=max(deadline - time.monotonic(), 0.001)
+            )
+        except TimeoutError:
+            slot.release()
+            raise _timed_out(config) from None
+        except httpx.TransportError:
+            slot.release()
+            raise await _crashed(deployment, instance) from None
+        if upstream.status_code != 200:
+            try:
+                content = await upstream.aread()
+            finally:
+                await upstream.aclose()
+                slot.release()
+            return answer(deployment, upstream, content)
+
+        async def relay() -> AsyncIterator[bytes]:
+            chunks, finish = 0, None
+            pieces = upstream.aiter_raw()
+            try:
+                while True:
+                    try:
+                        piece = await asyncio.wait_for(anext(pieces), timeout=max(deadline - time.monotonic(), 0.001))
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        request.state.stream_status = 408
+                        yield _sse_error(_timed_out(config)) + b"data: [DONE]\n\n"
+                        break
+                    except httpx.TransportError:
+                        request.state.stream_status = 502
+                        yield _sse_error(await _crashed(deployment, instance)) + b"data: [DONE]\n\n"
+                        break
+                    chunks += piece.count(b'"delta": {"content": ')
+                    finish = _stream_finish(piece) or finish
+                    yield piece
+            finally:
+                await upstream.aclose()
+                slot.release()
+                # one content chunk per decoding step that added text: the tokens, give or take a held-back byte
+                metrics.generated(deployment.name, chunks, time.monotonic() - admitted_at, [finish] if finish else [])
+
+        headers = {PIN_HEADER: deployment.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+    async def with_rescue(request: Request, model: str | None, attempt: Any) -> Response:
+        """``attempt(None)`` as routed; during a rollout, once more on the champion (``attempt(champion)``) when the
+        new deployment failed server-side or could not admit the request, before any byte went to the client
+        (:mod:`deployments.rescue`). The failure still counts as the new deployment's, and as rescued."""
+        failure: ApiError | None = None
+        try:
+            response = await attempt(None)
+            status = response.status_code
+        except ApiError as exc:
+            failure, status = exc, exc.status
+        name = getattr(request.state, "deployment", None)
+        champion = rescue.target(name, pinned_from(request, model) is not None, status) if name else None
+        if champion is None or champion not in endpoint.deployments:
+            if failure is not None:
+                raise failure
+            return response
+        metrics.observe(name, request.url.path, status, 0.0)
+        metrics.rescue(name)
+        log.warning("rescued: deployment %s answered %d; the request goes to %s", name, status, champion)
+        return await attempt(champion)
 
     # ----------------------------------------------------------------------------------------------- routes
     @app.get("/health", tags=["probes"])
@@ -745,16 +1049,21 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     @app.get("/ready", tags=["probes"])
     async def ready() -> JSONResponse:
-        """Readiness: 200 once a deployment is loaded (and the server is not stopping), else 503."""
+        """Readiness: 200 once a deployment has a ready instance (and the server is not stopping), else 503."""
         ready_names = [n for n, d in endpoint.deployments.items() if d.state == "ready"]
         ok = bool(ready_names) and not endpoint.stopping
         return JSONResponse({"ready": ok, "deployments": ready_names}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
     async def metrics_text() -> PlainTextResponse:
-        """Prometheus text: requests, errors, latency, generated tokens, in flight; per deployment."""
-        in_flight = {n: d.in_flight for n, d in endpoint.deployments.items()}
-        return PlainTextResponse(metrics.render(in_flight), media_type="text/plain; version=0.0.4")
+        """Prometheus text: requests, errors, latency, tokens, finish reasons, in flight, restarts; per deployment."""
+        deployments = endpoint.deployments.values()
+        text = metrics.render(
+            {d.name: d.in_flight for d in deployments},
+            {d.name: d.restarts for d in deployments},
+            {d.name: sum(i.state == "ready" for i in d.instances) for d in deployments},
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post(
         "/score",
@@ -762,68 +1071,10 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         responses={200: {"description": "One reply per input"}},
         dependencies=[scoring_auth],
     )
-    async def score(request: Request, body: ScoreRequest) -> Any:
+    async def score(request: Request, body: ScoreRequest) -> Response:
         """The sample's scoring route: one generated text per item of ``input_data``."""
         started = time.monotonic()
-        return await with_rescue(request, pinned_from(request), lambda d: score_on(request, body, d, started))
-
-    async def with_rescue(request: Request, pinned: str | None, attempt: Any) -> Any:
-        """``attempt`` on the routed deployment; during a rollout, once more on the champion when the new
-        deployment failed server-side or could not admit the request (:mod:`deployments.rescue`)."""
-        deployment = endpoint.route(pinned)
-        try:
-            return await attempt(deployment)
-        except ApiError as exc:
-            champion = rescue.target(deployment.name, pinned is not None, exc.status)
-            if champion is None or champion not in endpoint.deployments:
-                raise
-            status, reason = exc.status, exc.message
-        # The candidate's failure counts in its numbers (the alarms must see it); the client sees the champion's.
-        metrics.observe(deployment.name, request.url.path, status, 0.0)
-        live.record(deployment.name, status, 0.0)
-        live.rescued(deployment.name)
-        log.warning("rescued: %s answered %d (%s); retrying on %s", deployment.name, status, reason, champion)
-        for name in ("admitted_at", "generated_tokens", "finish_reasons"):
-            if hasattr(request.state, name):
-                delattr(request.state, name)
-        return await attempt(endpoint.route(champion))
-
-    async def score_on(request: Request, body: ScoreRequest, deployment: Deployment, started: float) -> JSONResponse:
-        request.state.deployment = deployment.name
-        runner = deployment.runner
-        assert runner is not None
-        p = body.params
-        do_sample = bool(p.do_sample) and (p.temperature is None or p.temperature > 0)
-        prompts, params = [], []
-        for index, item in enumerate(body.input_data):
-            messages = [{"role": "user", "content": item}] if isinstance(item, str) else [t.model_dump() for t in item]
-            ids = encode(runner, messages, f"input_data.{index}")
-            prompts.append(ids)
-            params.append(
-                SamplingParams(
-                    max_new_tokens=budget(p.max_new_tokens, runner.check_fits(ids)),
-                    do_sample=do_sample,
-                    temperature=p.temperature if p.temperature is not None else 1.0,
-                    top_p=p.top_p if p.top_p is not None else 1.0,
-                )
-            )
-        slot = await admitted(deployment, started)
-        request.state.admitted_at = time.perf_counter()
-        try:
-            seqs = sequences_for(runner, prompts, params)
-            await run_all(deployment, seqs, started)
-        finally:
-            slot.release()
-        request.state.generated_tokens = sum(len(s.generated) for s in seqs)
-        request.state.finish_reasons = [s.finish_reason or "" for s in seqs]
-        replies = []
-        for item, seq in zip(body.input_data, seqs, strict=True):
-            text = seq.text
-            if p.return_full_text and isinstance(item, str):
-                text = f"{item}\n{text}"
-            replies.append({"text": text, "finish_reason": seq.finish_reason} if p.return_finish_reason else text)
-        headers = {PIN_HEADER: deployment.name, FINISH_HEADER: ",".join(s.finish_reason or "" for s in seqs)}
-        return JSONResponse(replies, headers=headers)
+        return await with_rescue(request, None, lambda to: forward(request, "/score", None, started, to))
 
     @app.get("/v1/models", tags=["openai"], dependencies=[scoring_auth])
     async def list_models(request: Request) -> dict[str, Any]:
@@ -836,152 +1087,26 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=[scoring_auth])
-    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         """OpenAI-compatible chat completions; ``stream: true`` answers server-sent events."""
         started = time.monotonic()
-        pinned = pinned_from(request, body.model)
-        return await with_rescue(request, pinned, lambda d: chat_on(request, body, d, started))
-
-    async def chat_on(request: Request, body: ChatCompletionRequest, deployment: Deployment, started: float) -> Any:
-        request.state.deployment = deployment.name
-        runner = deployment.runner
-        assert runner is not None
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-        ]
-        ids = encode(runner, messages, "messages")
-        temperature = 1.0 if body.temperature is None else body.temperature  # OpenAI's default: sampling at 1
-        params = SamplingParams(
-            max_new_tokens=budget(body.max_completion_tokens or body.max_tokens, runner.check_fits(ids)),
-            do_sample=temperature > 0,
-            temperature=temperature,
-            top_p=body.top_p if body.top_p is not None else 1.0,
-        )
-        stops = [body.stop] if isinstance(body.stop, str) else [s for s in (body.stop or []) if s]
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        model_name = body.model or deployment.name
-        headers = {PIN_HEADER: deployment.name}
-        slot = await admitted(deployment, started)
-        request.state.admitted_at = time.perf_counter()
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = _stream_chat(
-                deployment, Sequence(ids, params), slot, started, completion_id, model_name, stops, include_usage,
-                request.state,
-            )  # fmt: skip
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers=headers, background=BackgroundTask(slot.release)
-            )
-        try:
-            seq = Sequence(ids, params)
-            await run_all(deployment, [seq], started)
-        finally:
-            slot.release()
-        text, finish = _apply_stops(seq.text, stops, seq.finish_reason or "stop")
-        request.state.generated_tokens, request.state.finish_reasons = len(seq.generated), [finish or ""]
-        payload = {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-            "usage": {
-                "prompt_tokens": len(ids),
-                "completion_tokens": len(seq.generated),
-                "total_tokens": len(ids) + len(seq.generated),
-            },
-        }
-        return JSONResponse(payload, headers=headers)
-
-    async def _stream_chat(
-        deployment: Deployment,
-        seq: Sequence,
-        slot: Slot,
-        started: float,
-        completion_id: str,
-        model_name: str,
-        stops: list[str],
-        include_usage: bool,
-        observed: Any,
-    ) -> AsyncIterator[bytes]:
-        loop = asyncio.get_running_loop()
-        updates: asyncio.Queue[bool] = asyncio.Queue()
-        seq.on_token = lambda s: loop.call_soon_threadsafe(updates.put_nowait, False)
-        seq.on_done = lambda s: loop.call_soon_threadsafe(updates.put_nowait, True)
-        created = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish: str | None, usage: dict[str, int] | None = None) -> bytes:
-            data: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            if usage is not None:
-                data["choices"], data["usage"] = [], usage
-            return f"data: {json.dumps(data)}\n\n".encode()
-
-        sent, finish = 0, None
-        try:
-            assert deployment.runner is not None
-            deployment.runner.submit(seq)
-            yield chunk({"role": "assistant", "content": ""}, None)
-            while finish is None:
-                remaining = config.request_timeout_ms / 1000.0 - (time.monotonic() - started)
-                try:
-                    is_done = await asyncio.wait_for(updates.get(), timeout=max(remaining, 0.001))
-                except TimeoutError:
-                    seq.cancel()
-                    error = error_body(408, "RequestTimeout", "the request took longer than request_timeout_ms")
-                    observed.stream_status = 408  # the 200 is already sent: the alarms count the error event
-                    yield f"data: {json.dumps(error)}\n\n".encode()
-                    break
-                text, stop_finish = _apply_stops(seq.text, stops, None)
-                if len(text) > sent and not text.endswith("\ufffd"):  # hold back a half-decoded character
-                    yield chunk({"content": text[sent:]}, None)
-                    sent = len(text)
-                if stop_finish is not None:
-                    seq.cancel()
-                    finish = "stop"
-                elif is_done:
-                    if seq.finish_reason == "error":
-                        error = error_body(500, "GenerationFailed", f"generation failed: {seq.error}")
-                        observed.stream_status = 500
-                        yield f"data: {json.dumps(error)}\n\n".encode()
-                        break
-                    text, _ = _apply_stops(seq.text, stops, None)
-                    if len(text) > sent:
-                        yield chunk({"content": text[sent:]}, None)
-                    finish = seq.finish_reason or "stop"
-            if finish is not None:
-                yield chunk({}, finish)
-                if include_usage:
-                    usage = {
-                        "prompt_tokens": len(seq.prompt_ids),
-                        "completion_tokens": len(seq.generated),
-                        "total_tokens": len(seq.prompt_ids) + len(seq.generated),
-                    }
-                    yield chunk({}, None, usage)
-            yield b"data: [DONE]\n\n"
-        finally:
-            if seq.finish_reason is None:
-                seq.cancel()
-            metrics.add_tokens(deployment.name, len(seq.generated))
-            observed.generated_tokens, observed.finish_reasons = len(seq.generated), [finish or ""]
-            slot.release()
+            return await with_rescue(request, body.model, lambda to: forward_stream(request, body.model, started, to))
+        path = "/v1/chat/completions"
+        return await with_rescue(request, body.model, lambda to: forward(request, path, body.model, started, to))
 
     # ----------------------------------------------------------------------------------------------- admin
     @app.get("/admin/state", tags=["admin"], dependencies=[admin_auth])
     async def admin_state(request: Request) -> dict[str, Any]:
-        """Deployments (creating, ready or failed, with the load error), traffic, and whether the server stops."""
+        """Deployments (creating, ready, restarting or failed, with the error) and their instances, traffic, the
+        router's own footprint, and whether the server stops."""
         return endpoint.describe()
 
     @app.get("/admin/metrics", tags=["admin"], dependencies=[admin_auth])
     async def admin_metrics(request: Request) -> dict[str, Any]:
-        """Per-deployment answers by status, finish reasons, seconds-per-token histogram, rescued requests
-        (cumulative since the server started; :mod:`deployments.live_metrics`): what the rollout's alarms read."""
-        return live.to_json()
+        """Per deployment: requests by status, latency and latency-per-token histograms, finish reasons, generated
+        tokens, restarts."""
+        return {"deployments": metrics.snapshot({n: d.restarts for n, d in endpoint.deployments.items()})}
 
     @app.put("/admin/rescue", tags=["admin"], dependencies=[admin_auth])
     async def admin_rescue(request: Request, body: RescueSpec) -> dict[str, Any]:
@@ -1003,17 +1128,14 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     @app.put("/admin/deployments/{name}", tags=["admin"], status_code=202, dependencies=[admin_auth])
     async def admin_create(request: Request, name: str, body: DeploymentSpec) -> dict[str, Any]:
-        """Create or replace a deployment; the model loads in the background (poll ``GET /admin/state``)."""
-        if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
-            raise ApiError(
-                422, "InvalidField", "field 'name': letters, digits, '-' and '_' only, at most 64", param="name"
-            )
-        return endpoint.create(name, body.model_path, body.model_version).describe()
+        """Create or replace a deployment; its processes start in the background (poll ``GET /admin/state``)."""
+        created = endpoint.create(name, body.model_path, body.model_version, body.memory_limit_mb, body.instance_count)
+        return created.describe()
 
     @app.delete("/admin/deployments/{name}", tags=["admin"], dependencies=[admin_auth])
     async def admin_delete(request: Request, name: str) -> dict[str, Any]:
-        """Delete a deployment that receives no traffic."""
-        endpoint.delete(name)
+        """Delete a deployment that receives no traffic; answered once its processes have stopped."""
+        await endpoint.delete(name)
         return endpoint.describe()
 
     @app.put("/admin/traffic", tags=["admin"], dependencies=[admin_auth])
@@ -1029,16 +1151,8 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(_Drain, endpoint=endpoint)  # outside the body limit: a stopping server reads no body
-    app.add_middleware(_Observe, metrics=metrics, live=live)  # outermost: counts the 503s of a stop and the 413s too
+    app.add_middleware(_Observe, metrics=metrics)  # outermost: counts the 503s of a stop and the 413s too
     return app
-
-
-def _apply_stops(text: str, stops: list[str], finish: str | None) -> tuple[str, str | None]:
-    """Cut ``text`` at the first stop string (OpenAI's ``stop``); the finish reason becomes ``stop`` then."""
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    if cut >= 0:
-        return text[:cut], "stop"
-    return text, finish
 
 
 # ---------------------------------------------------------------------------------------------------------- main
@@ -1099,11 +1213,12 @@ def run(config: EndpointConfig, state_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the endpoint server in the foreground (service.py runs this).")
+    parser = argparse.ArgumentParser(description="Run the endpoint router in the foreground (service.py runs this).")
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--endpoint-config", required=True, type=Path, help="JSON of tasks.config.EndpointConfig")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request otherwise
     config = EndpointConfig.model_validate(json.loads(args.endpoint_config.read_text(encoding="utf-8")))
     run(config, args.state_dir)
 

@@ -6,10 +6,13 @@
     finetune-phi endpoint stop
     finetune-phi endpoint keys   [--regenerate primary|secondary|admin]
 
-The server runs in its own session (``python -m deployments.server``), with ``server.pid`` and ``server.log`` in
-``<state_dir>/endpoint/``. ``stop`` sends SIGTERM: new requests get 503 at once (the port stays open), in-flight
-ones finish, and the process is killed if it is still there 5 s after ``endpoint.stop_grace_s``. Keys are printed
-only by ``keys``.
+The server (the router, ``python -m deployments.server``) runs in its own session, with ``server.pid`` and
+``server.log`` in ``<state_dir>/endpoint/``; it starts each deployment's processes itself, with their logs in
+``<state_dir>/endpoint/deployments/``. ``status`` lists each deployment's state, instances, restarts and memory.
+``stop`` sends SIGTERM: new requests get 503 at once (the port stays open), in-flight ones finish, the router stops
+its deployment processes, and it is killed if it is still there 5 s after ``endpoint.stop_grace_s`` (deployment
+processes a killed router leaves behind are then stopped by their recorded PIDs). Keys are printed only by
+``keys``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deployments.instances import stop_recorded
 from tasks.backends.base import BackendError
 from tasks.config import Settings
 from tasks.state import atomic_write_json, read_json, state_paths
@@ -196,10 +200,12 @@ def stop_server(settings: Settings, grace_s: float | None = None) -> bool:
     pid = _running_pid(settings)
     if pid is None:
         (folder / PID_FILE).unlink(missing_ok=True)
+        stop_recorded(folder)
         return False
     # uvicorn gives in-flight requests stop_grace_s; a few seconds more before the hard kill.
     _terminate(pid, settings.endpoint.stop_grace_s + 5.0 if grace_s is None else grace_s)
     (folder / PID_FILE).unlink(missing_ok=True)
+    stop_recorded(folder)  # deployment processes of a router that had to be killed: none is left behind
     return True
 
 
@@ -252,7 +258,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         for name, dep in state.get("deployments", {}).items():
             error = f" ({dep['error']})" if dep.get("error") else ""
             traffic = state.get("traffic", {}).get(name, 0)
-            print(f"  {name}: {dep['state']}{error}, model version {dep.get('model_version')}, traffic {traffic}%")
+            instances = dep.get("instances") or []
+            rss = sum(i.get("rss_mb") or 0 for i in instances)
+            print(
+                f"  {name}: {dep['state']}{error}, model version {dep.get('model_version')}, traffic {traffic}%, "
+                f"{len(instances)} instance(s), {dep.get('restarts', 0)} restart(s), {rss:.0f} MB"
+            )
     return 0
 
 

@@ -115,6 +115,31 @@ class EndpointConfig(_Section):
     # torch intra-op threads in the server. 1 suits small models and shared CPUs (2 threads stalled the batching
     # worker 10-50x on a busy 2-core machine); 0 keeps torch's default (one per core) for big models.
     torch_threads: int = Field(1, ge=0)
+    # Each deployment runs in processes of its own behind the router (deployments/instances.py), like Azure ML
+    # instances: instance_count processes per deployment, each capped at memory_limit_mb of address space
+    # (RLIMIT_AS; None: no cap, the size check still compares with the machine's available memory).
+    instance_count: int = Field(1, ge=1, le=50)
+    memory_limit_mb: int | None = Field(None, gt=0)
+    # Azure ML's probe fields. Liveness keeps Azure's defaults (a hang is detected after failure_threshold x
+    # period); readiness probes each second from the start, since the process answers 503 until the model is loaded.
+    liveness_probe: AzureProbeConfig = Field(
+        default_factory=lambda: AzureProbeConfig(initial_delay=10, period=10, timeout=2, failure_threshold=30)
+    )
+    readiness_probe: AzureProbeConfig = Field(
+        default_factory=lambda: AzureProbeConfig(initial_delay=0, period=1, timeout=2, failure_threshold=30)
+    )
+    # Folders whose models may be deployed besides the state folder and registered models' folders.
+    model_roots: list[Path] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _azure_endpoint_name(cls, name: str) -> str:
+        from deployments.names import name_problem
+
+        problem = name_problem(name, "endpoint")
+        if problem is not None:
+            raise ValueError(problem)
+        return name
 
 
 class AlarmConfig(_Section):

@@ -107,7 +107,7 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_split) -
     try:
         settings = load_config(REPO_ROOT / "configs" / "local.yaml", environ={})
         training = settings.training.model_copy(update={"timeout_s": 900, "poll_interval_s": 1.0})
-        settings = settings.model_copy(update={"state_dir": root / "state", "training": training})
+        settings = settings.model_copy(update={"state_dir": root, "training": training})
         backend = LocalBackend(settings)
         job = backend.runner.submit(spec, job_id="tiny-session")
         done = wait_for_job(backend, job.job_id, settings)

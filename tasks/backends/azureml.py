@@ -45,6 +45,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from deployments.names import name_problem
 from tasks.backends import azureml_entities as entities
 from tasks.backends.base import (
     BackendError,
@@ -680,6 +681,9 @@ class AzureMLBackend:
 
     def create_deployment(self, name: str, version: ModelVersion) -> DeploymentInfo:
         """Start creating the deployment at 0 traffic (after a quota check); :meth:`wait_deployment_ready` waits."""
+        problem = name_problem(name, "deployment")  # the same rule and message as the local endpoint's
+        if problem is not None:
+            raise DeploymentFailedError(problem)
         if self._get_endpoint_entity() is None:
             raise DeploymentFailedError(f"endpoint {self.endpoint_name} does not exist; ensure_endpoint() first")
         existing = self._call(

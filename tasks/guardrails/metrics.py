@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Seconds per generated token: geometric buckets from 1 ms (factor 1.5, about 23 of them up to 10 s), fine enough
-# that a 2x slower deployment moves its p95 by about two buckets. The server and the readers share these bounds.
+# that a 2x slower deployment moves its p95 by about two buckets; for histograms that come without their own bounds
+# (the router's JSON names its ``le``).
 SECONDS_PER_TOKEN_BOUNDS: tuple[float, ...] = tuple(round(0.001 * 1.5**i, 6) for i in range(23))
 # The crashed-container answer: the router's code when the model server process died under a request (Azure ML
 # answers 502 when the scoring container crashed).
@@ -160,9 +161,9 @@ def _histogram(payload: Mapping[str, Any] | None) -> tuple[tuple[float, ...], li
 
 
 def counters_from_json(payload: Mapping[str, Any]) -> Counters:
-    """One deployment's entry of the router's admin metrics route (see :mod:`deployments.live_metrics`): answers
-    by status under ``statuses`` (or ``requests_by_status``), the seconds-per-token histogram under
-    ``seconds_per_token`` (or ``latency_per_token_seconds``), ``finish_reasons``, ``rescued``."""
+    """One deployment's entry of the router's ``GET /admin/metrics``: answers by status under
+    ``requests_by_status`` (or ``statuses``), the seconds-per-token histogram under ``latency_per_token_seconds``
+    (Prometheus-style, or ``seconds_per_token`` over the shared bounds), ``finish_reasons``, ``rescued``."""
     statuses = payload.get("statuses") or payload.get("requests_by_status") or {}
     bounds, latency = _histogram(payload.get("seconds_per_token") or payload.get("latency_per_token_seconds"))
     return Counters(

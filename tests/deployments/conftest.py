@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from deployments.client import EndpointAdminClient
 from deployments.keys import read_keys
@@ -110,12 +111,27 @@ class LiveEndpoint:
         return (self.endpoint_dir / "server.log").read_text(encoding="utf-8", errors="replace")
 
 
+_BASETEMP: list[Path] = []  # pytest's base temporary folder for this run, which holds every fixture's folders
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pytest_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _BASETEMP[:] = [tmp_path_factory.getbasetemp()]
+
+
 def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
     return Settings.model_validate(
         {
             "state_dir": str(state_dir),
             "data": {"path": str(SAMPLE)},
-            "endpoint": {"port": free_port(), "startup_timeout_s": 60, "stop_grace_s": 10, **endpoint},
+            # the session's tiny models live in pytest's own temporary folders, beside the state folders
+            "endpoint": {
+                "port": free_port(),
+                "startup_timeout_s": 60,
+                "stop_grace_s": 10,
+                "model_roots": [str(p) for p in _BASETEMP],
+                **endpoint,
+            },
         }
     )
 
@@ -134,3 +150,15 @@ def launch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., L
     yield _launch
     for settings in started:
         stop_server(settings, grace_s=10)
+
+
+def write_config(settings: Settings, folder: Path) -> Path:
+    """A config file for the CLI (``--config``) describing ``settings``."""
+    path = folder / "endpoint.yaml"
+    data = {
+        "state_dir": str(settings.state_dir),
+        "data": {"path": str(settings.data.path)},
+        "endpoint": settings.endpoint.model_dump(mode="json"),
+    }
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path

@@ -240,7 +240,7 @@ def test_admin_metrics_route_counts_statuses_finish_reasons_and_seconds_per_toke
     assert window.errors == 0  # a client's 4xx is no server error
     assert sum(window.finish_reasons.values()) == 3  # two /score replies, one streamed chat reply
     assert sum(window.latency_counts) == 2 and window.stats().p95_s_per_token is not None
-    assert "none" not in payload["deployments"]
+    assert payload["deployments"]["green"]["rescued"] == 0  # no rollout runs: nothing is rescued
     with pytest.raises(BackendError, match="401"):
         type(live.admin)(live.url, live.keys["primary"]).get_metrics()  # a scoring key is no admin key
 

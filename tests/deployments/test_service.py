@@ -10,25 +10,13 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-import yaml
 
 from deployments.service import server_status, start_server, stop_server
 from flows.cli import main as cli
-from tests.deployments.conftest import LiveEndpoint, make_settings, wait_for
+from tests.deployments.conftest import LiveEndpoint, make_settings, wait_for, write_config
 
 LONG = {"input_data": ["Tell me a long story."], "params": {"max_new_tokens": 480}}
 SHORT = {"input_data": ["hi"], "params": {"max_new_tokens": 2}}
-
-
-def write_config(settings, folder: Path) -> Path:
-    path = folder / "endpoint.yaml"
-    data = {
-        "state_dir": str(settings.state_dir),
-        "data": {"path": str(settings.data.path)},
-        "endpoint": settings.endpoint.model_dump(mode="json"),
-    }
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
 
 
 @pytest.mark.slow

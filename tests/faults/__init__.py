@@ -1,23 +1,22 @@
-"""Test-only faults for the model server (see ``sitecustomize.py`` here)."""
+"""Test-only faults for the model server (see ``engine.py`` here)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-FOLDER = Path(__file__).resolve().parent
+from tests.faults.engine import ENGINE, FAULTS_FILE
 
 
-def faulty_engine_path() -> str:
-    """A ``PYTHONPATH`` value that makes the server's engine honour ``test_faults.json`` in model folders."""
-    return os.pathsep.join(p for p in (str(FOLDER), os.environ.get("PYTHONPATH", "")) if p)
+def faulty_engines(deployments: list[str]) -> str:
+    """A ``FINETUNE_PHI_TEST_ENGINE`` value giving these deployments the engine that honours ``test_faults.json``."""
+    return ",".join(f"{name}={ENGINE}" for name in deployments)
 
 
 def faulty_copy(model_dir: Path, target: Path, **faults: Any) -> Path:
     """A copy of ``model_dir`` at ``target`` with ``test_faults.json`` holding ``faults``."""
     shutil.copytree(model_dir, target)
-    (target / "test_faults.json").write_text(json.dumps(faults), encoding="utf-8")
+    (target / FAULTS_FILE).write_text(json.dumps(faults), encoding="utf-8")
     return target

@@ -66,6 +66,8 @@ def _real_endpoint(settings: Settings, model_dir: Path) -> Iterator[str]:
     from tasks.state import state_paths
 
     base = f"http://{settings.endpoint.host}:{settings.endpoint.port}"
+    # the session's model lives in pytest's temporary folders, outside the state folder: allow it explicitly
+    settings.endpoint.model_roots = [model_dir]
     start_server(settings)
     try:
         admin = EndpointAdminClient(base, read_keys(state_paths(settings.state_dir).endpoint)["admin"])

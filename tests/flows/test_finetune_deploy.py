@@ -1,5 +1,6 @@
 """The product end to end: the whole flow on the tiny recipe, the unchanged re-run, and the rollout's failure modes
-(a model that fails to load, a smoke test failing at the 50% step, a process killed mid-rollout), each against
+(a model that fails to load, a smoke test failing at the 50% step, the new deployment's process killed, a
+process killed mid-rollout), each against
 the real endpoint server with requests flowing throughout."""
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_to
 class Traffic:
     """Sends the sample's /score request in a loop from a thread, as users would during a rollout."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, pin: str | None = None, clients: int = 1) -> None:
         endpoint = backend.get_endpoint()
         assert endpoint is not None
         self.url = endpoint.scoring_uri
         self.headers = {"Authorization": f"Bearer {backend.scoring_key()}"}
+        if pin is not None:  # users of one deployment (the live one), whatever the traffic split
+            self.headers["azureml-model-deployment"] = pin
         self.statuses: list[int | str] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _run(self) -> None:
         with httpx.Client(timeout=60) as client:
@@ -58,12 +61,14 @@ class Traffic:
                 time.sleep(0.05)
 
     def __enter__(self) -> Traffic:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=90)
+        for thread in self._threads:
+            thread.join(timeout=90)
 
 
 def _consistent(backend: Backend) -> dict[str, int]:
@@ -127,6 +132,32 @@ def _rollout_flow(config_path: str, version: ModelVersion, fail_at: int | None, 
         return default_step_check(backend, settings, name, percent, strict)
 
     return run_rollout(backend, version, settings, check=check, force=force).to_dict()
+
+
+@flow(name="rollout-killing-the-new-deployment")
+def _rollout_killing_the_new_deployment(config_path: str, version: ModelVersion) -> dict[str, Any]:
+    """The flow's rollout of a fresh deployment whose process is killed (SIGKILL) once the first traffic step has
+    moved traffic to it, before that step's check."""
+    from deployments.client import EndpointAdminClient
+    from deployments.keys import read_admin_key
+    from tasks.config import load_config
+    from tasks.state import state_paths
+
+    settings = load_config(config_path)
+    backend = get_backend(settings)
+    url = f"http://{settings.endpoint.host}:{settings.endpoint.port}"
+    admin = EndpointAdminClient(url, read_admin_key(state_paths(settings.state_dir).endpoint))
+
+    def check(backend: Backend, settings: Settings, name: str, percent: int) -> tuple[SmokeReport, SmokeReport]:
+        if percent == settings.rollout.traffic_steps[0]:
+            pid = admin.get_state()["deployments"][name]["instances"][0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while admin.get_state()["deployments"][name]["state"] == "ready" and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return default_step_check(backend, settings, name, percent)
+
+    return run_rollout(backend, version, settings, check=check, force=True).to_dict()
 
 
 @pytest.fixture()
@@ -197,11 +228,12 @@ def test_refresh_data_prepares_the_data_again_and_training_stays_cached(first_ru
 
 
 def test_a_model_that_fails_to_load_is_rolled_back_while_the_old_one_keeps_answering(
-    first_run, flow_config, backend, tmp_path: Path
+    first_run, flow_config, flow_settings, backend
 ) -> None:
     before = _consistent(backend)
     champion = backend.get_model_by_alias(CHAMPION)
-    broken = tmp_path / "broken-model"
+    # under the state folder, where the endpoint accepts a model path: the load itself must fail
+    broken = Path(flow_settings.state_dir) / "test-models" / "broken-model"
     shutil.copytree(backend.model_folder(champion), broken)
     (broken / "config.json").write_text('{"model_type": "phi3", "hidden_size": "not a number"', encoding="utf-8")
     version = ModelVersion(champion.name, "900", "no-job", "models:/broken/900", local_path=broken)
@@ -231,6 +263,25 @@ def test_a_smoke_failure_at_50_percent_restores_traffic_and_deletes_the_new_depl
     assert _consistent(backend) == before
     assert _names(backend) == names_before  # the new deployment is gone
     assert users.statuses and set(users.statuses) == {200}, users.statuses
+
+
+def test_a_new_deployment_killed_mid_rollout_is_rolled_back_and_the_live_one_never_fails(
+    first_run, flow_config, backend
+) -> None:
+    """Its own process per deployment: kill -9 of the new one takes nothing of the live one's down."""
+    before = _consistent(backend)
+    names_before = _names(backend)
+    champion = backend.get_model_by_alias(CHAMPION)
+    live = next(iter(before))
+    with Traffic(backend, pin=live, clients=3) as users:  # 3: the live deployment's max_concurrent_requests
+        state = _rollout_killing_the_new_deployment(str(flow_config), champion, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RolloutFailed, match="rolled back"):
+        state.result()
+    assert _consistent(backend) == before
+    assert _names(backend) == names_before  # the killed deployment is deleted, its restarted process stopped
+    assert backend.get_model_by_alias(CHAMPION).version == champion.version
+    assert len(users.statuses) >= 3 and set(users.statuses) == {200}, users.statuses
 
 
 def test_a_rollout_failing_in_the_flow_is_rolled_back_and_its_summary_says_so(first_run, flow_config, backend) -> None:

@@ -5,9 +5,9 @@ pinned smoke test; the one here ends its first two); with rescue on, users see n
 canary passes every bake and the final bake and the old deployment is retired; too little traffic makes the
 synthetic probes decide; a flow killed mid-bake converges.
 
-The faults come from the test-only engine switch in ``tests/faults`` (a ``test_faults.json`` in a copy of the
-champion's model folder, honoured only by a server started with that folder on its path): the server of the flow
-tests is restarted with it for this module. Bakes are seconds long to keep CI short.
+The faults come from the model server's test-engine switch: deployments ``model-v910`` to ``model-v913`` run
+:class:`tests.faults.engine.FaultyRunner`, which honours a ``test_faults.json`` in a copy of the champion's model
+folder; the server of the flow tests is restarted with the switch for this module. Bakes are seconds long (CI).
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ import pytest
 import yaml
 from prefect import flow
 
+from deployments.model_server import ENV_TEST_ENGINE
 from tasks.backends import get_backend
 from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings
 from tasks.rollout import CHAMPION, RolloutFailed, live_traffic, run_rollout
-from tests.faults import faulty_copy, faulty_engine_path
+from tests.faults import faulty_copy, faulty_engines
 
 pytestmark = pytest.mark.slow
+FAULTY_VERSIONS = ("910", "911", "912", "913")  # the versions given a faulty engine (deployments model-v910, ...)
 
 GUARDED = {
     "strategy": "canary",
@@ -91,13 +93,13 @@ class Load:
 
 @pytest.fixture(scope="module")
 def faulty_backend(first_run: dict[str, Any], flow_settings: Settings) -> Iterator[Backend]:
-    """The flow tests' endpoint, restarted with the test-only fault switch on the server's path, and room for the
+    """The flow tests' endpoint, restarted with the test-only faulty engine for the bad canaries, and room for the
     load's 8 clients to queue (no 429 for a full queue: every failure a client sees is then a deployment's)."""
     from deployments.service import stop_server
 
     stop_server(flow_settings)
     patch = pytest.MonkeyPatch()
-    patch.setenv("PYTHONPATH", faulty_engine_path())
+    patch.setenv(ENV_TEST_ENGINE, faulty_engines([f"model-v{n}" for n in FAULTY_VERSIONS]))
     roomy = flow_settings.model_copy(
         update={"endpoint": flow_settings.endpoint.model_copy(update={"max_pending_requests": 64})}
     )
