@@ -13,6 +13,7 @@ folder; the server of the flow tests is restarted with the switch for this modul
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,10 +132,13 @@ def _guarded_flow(config_path: str, version: ModelVersion, force: bool = False) 
     return run_rollout(get_backend(settings), version, settings, force=force).to_dict()
 
 
-def _faulty_version(backend: Backend, folder: Path, number: str, **faults: Any) -> ModelVersion:
+def _faulty_version(backend: Backend, settings: Settings, number: str, **faults: Any) -> ModelVersion:
+    """A copy of the champion with ``faults``, under the state folder (the endpoint serves no model from elsewhere)."""
     champion = backend.get_model_by_alias(CHAMPION)
     assert champion is not None
-    copy = faulty_copy(backend.model_folder(champion), folder / f"model-{number}", **faults)
+    folder = Path(settings.state_dir) / "test-models" / f"model-{number}"
+    shutil.rmtree(folder, ignore_errors=True)
+    copy = faulty_copy(backend.model_folder(champion), folder, **faults)
     return ModelVersion(champion.name, number, "no-job", f"models:/faulty/{number}", local_path=copy)
 
 
@@ -179,7 +183,7 @@ def test_a_bad_canary_fires_its_alarm_during_the_first_bake_and_traffic_returns_
     number: str,
 ) -> None:
     before = _serving(faulty_backend)
-    version = _faulty_version(faulty_backend, tmp_path, number, **faults)
+    version = _faulty_version(faulty_backend, flow_settings, number, **faults)
     errors_before = _router_errors(faulty_backend)
     with Load(faulty_backend, flow_settings.smoke.prompts) as users:
         rollout = _failed_rollout(guarded(rescue=False), version)
@@ -204,7 +208,7 @@ def test_with_rescue_on_users_see_no_failure_from_a_failing_canary_and_the_alarm
     faulty_backend: Backend, flow_settings: Settings, guarded: Any, tmp_path: Path
 ) -> None:
     before = _serving(faulty_backend)
-    version = _faulty_version(faulty_backend, tmp_path, "911", fail_share=0.3)
+    version = _faulty_version(faulty_backend, flow_settings, "911", fail_share=0.3)
     with Load(faulty_backend, flow_settings.smoke.prompts) as users:
         rollout = _failed_rollout(guarded(rescue=True), version)
     assert _serving(faulty_backend) == before
