@@ -28,6 +28,7 @@ from tasks.config import Settings, load_config
 from tasks.data import prepare_data_step
 from tasks.evaluate import evaluate_candidate_step, evaluate_champion_task
 from tasks.gate import gate_task
+from tasks.preflight import preflight_task
 from tasks.register import register_step
 from tasks.rollout import CHAMPION, check_approval_possible, rollout_step
 from tasks.serving import ChampionNotServing, verify_champion_serving_task
@@ -100,6 +101,7 @@ def finetune_and_deploy(
     wanted = check_refresh(refresh)
     check_approval_possible(settings)  # before training, not after it
     backend = get_backend(settings)
+    preflight_task(settings, backend)  # what would stop the run later (recipe, quota, names...), before any cost
 
     data = prepare_data_step(settings, refresh="data" in wanted)
     dataset = data.value

@@ -15,17 +15,24 @@
 - Rollout primitives: the endpoint is created when missing and never deleted (only ``azureml teardown`` deletes it);
   deployments are created after a VM quota check, polled until ready (the container log on failure), and deleted;
   traffic is set on ``endpoint.traffic`` (mirror traffic is dropped from a deployment that gets live traffic).
-- Every SDK call goes through :meth:`AzureMLBackend._call`: transient faults (HTTP 408/429/5xx, connection errors)
-  are retried with :func:`tasks.retry.call_with_retry` (exponential backoff with our own jitter), everything else
-  becomes a :class:`BackendError` with a sentence. Once the retries are spent the error is a plain
-  :class:`BackendError`, so the flow's own retry wrapper does not multiply the attempts.
+- Every SDK call goes through :meth:`AzureMLBackend._call`: transient faults (HTTP 408/429/5xx, connection errors,
+  a long-running operation failing with a transient code) are retried with :func:`tasks.retry.call_with_retry`
+  (exponential backoff with our own jitter), everything else becomes a :class:`BackendError` with a sentence. That
+  is the only retry layer: the ``MLClient`` is built with ``retry_total=0``, so ``retry.*`` and the injected clock
+  govern every wait. Once the retries are spent the error is a :class:`RetriesExhaustedError`, so the flow's own
+  retry wrapper does not multiply the attempts.
+- Long-running operations (:meth:`AzureMLBackend._lro`) are waited for at most ``rollout.ready_timeout_s``; a poller
+  the backend does not wait on (deployment create, job cancel), or one still running at the deadline, is stopped,
+  and the SDK's progress dots never reach stdout.
 
-Azure cannot be reached from CI: the tests drive this code with a fake ``MLClient`` raising the SDK's real
-exception types, and load every entity back with the SDK's own YAML loaders.
+Azure cannot be reached from CI: the tests drive this code through the real ``MLClient`` against a REST fake of
+Azure ML on loopback HTTPS (``tests/azure_fake``), with a fake in-process ``MLClient`` kept for fast timing tests, and
+load every entity back with the SDK's own YAML loaders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -36,6 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -44,14 +52,17 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.pipeline.transport import RequestsTransport
 
 from deployments.names import name_problem
 from tasks.backends import azureml_entities as entities
 from tasks.backends.base import (
+    USAGE_ERROR_EXIT_CODE,
     BackendError,
     DeploymentFailedError,
     DeploymentInfo,
     EndpointInfo,
+    JobFailedError,
     JobInfo,
     JobStatus,
     ModelVersion,
@@ -99,6 +110,13 @@ TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
 ALIAS_TAG = "alias.{alias}"
 MAX_JOB_ATTEMPTS = 50  # fresh job names tried after failed/canceled jobs with the same inputs
 LOG_LINES_ON_FAILURE = 50
+# How Azure ML reports the user process's exit code in a failed job's error ("... exited with status code 2 ...").
+_USAGE_EXIT = re.compile(rf"exit(?:ed)? (?:with )?(?:status |exit )?code:? {USAGE_ERROR_EXIT_CODE}\b", re.IGNORECASE)
+POLLER_STOP_WAIT_S = 10.0  # a stopped poller ends after its current sleep (the injected clock's in tests)
+# Codes of a failed long-running operation worth another try (the operation's status answer is HTTP 200).
+TRANSIENT_LRO_CODES = frozenset(
+    {"internalservererror", "serviceunavailable", "toomanyrequests", "requesttimeout", "timeout", "conflict"}
+)
 
 
 def map_job_status(status: str | None) -> JobStatus:
@@ -173,6 +191,71 @@ def _prefect_secret_store(name: str, value: str) -> None:
     Secret(value=value).save(name, overwrite=True)
 
 
+class _PollingStopped(Exception):
+    """Raised inside a poller's thread to end it: the backend polls (or gave up on) that operation itself."""
+
+
+def _stop_polling(poller: Any) -> None:
+    """End an SDK poller's thread at its next poll, without a request.
+
+    An ``LROPoller`` polls on a daemon thread until Azure says the operation ended, 15 to 40 minutes for a
+    deployment; azure-core offers no cancel, so its polling method's next status update raises instead."""
+    if poller is None or poller.done():
+        return
+
+    def stopped() -> None:
+        raise _PollingStopped()
+
+    poller.polling_method().update_status = stopped
+    with contextlib.suppress(Exception):  # wait() re-raises what ended the thread: ours, or the poll it raced with
+        poller.wait(timeout=POLLER_STOP_WAIT_S)
+
+
+def _silence_progress_dots() -> None:
+    """azure-ai-ml's ``AzureMLPolling`` prints a ``.`` to stdout on every poll (and the job ops a progress bar):
+    nothing the flow's logs or a CLI's output should get."""
+    from azure.ai.ml._utils import _azureml_polling
+
+    _azureml_polling.print = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+
+
+def _sent(exc: Exception) -> str:
+    """The request an SDK error answers, as `` (at GET <path in the workspace>)``: one SDK call sends several (a
+    workspace GET before usages, an endpoint GET before a deployment PUT), and a fault in any of them would otherwise
+    read as a fault of the outer call."""
+    request = getattr(getattr(exc, "response", None), "request", None)
+    url = getattr(request, "url", None)
+    if not url:
+        return ""
+    path = urlsplit(url).path
+    return f" (at {request.method} {path.split('/workspaces/', 1)[-1] or path})"
+
+
+def _usage_family(usage: Any) -> str:
+    """The VM family of a quota usage. ``Usage._from_rest_object`` copies the REST dict onto the entity, so
+    ``usage.name`` is ``{"value": ..., "localizedValue": ...}`` from the SDK (a ``UsageName`` only when built)."""
+    name = getattr(usage, "name", None)
+    value = name.get("value") if isinstance(name, dict) else getattr(name, "value", None)
+    return str(value or "")
+
+
+def _weights(traffic: dict[str, Any] | None) -> dict[str, int]:
+    """A traffic map as Azure means it: ``online_endpoints.get`` fills in 0 for every deployment without traffic,
+    and ``begin_create_or_update`` drops zeros (and lowercases names) before the PUT, so zeros carry nothing."""
+    return {str(k).lower(): int(v) for k, v in (traffic or {}).items() if int(v or 0) > 0}
+
+
+class _ClockedTransport(RequestsTransport):
+    """azure-core's requests transport whose ``sleep`` (what LRO pollers wait with between polls) is ours."""
+
+    def __init__(self, sleep: Callable[[float], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._clock_sleep = sleep
+
+    def sleep(self, duration: float) -> None:
+        self._clock_sleep(duration)
+
+
 class AzureMLBackend:
     """:class:`~tasks.backends.base.Backend` on Azure ML. ``ml_client`` may be injected (tests use a fake)."""
 
@@ -190,6 +273,7 @@ class AzureMLBackend:
         fetch_log: Callable[[str, int | None], bytes] = _fetch_log,
         secret_store: Callable[[str, str], None] | None = _prefect_secret_store,
         training_dir: Path = entities.TRAINING_DIR,
+        cloud: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = entities.azure_config(settings)
@@ -203,11 +287,20 @@ class AzureMLBackend:
         self._secret_store = secret_store
         self._training_dir = training_dir
         self._secret_saved = False
+        self._cloud = dict(cloud or {})  # MLClient's ``cloud`` / ``cloud_metadata`` for a sovereign or test cloud
+        self._transport: _ClockedTransport | None = None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AzureMLBackend:
         # A backend is a handle on remote state, not a value: Prefect's transaction ``get`` deep-copies what the
         # rollout stored (the backend included), and the rollback hooks must act through this same client.
         return self
+
+    def close(self) -> None:
+        """Close the client's connections (a later call builds a new client)."""
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            self._client_obj = None
+            transport.close()
 
     # ------------------------------------------------------------------------------------------ plumbing
     @property
@@ -216,13 +309,26 @@ class AzureMLBackend:
         if self._client_obj is None:
             from azure.ai.ml import MLClient
 
+            _silence_progress_dots()
             self._client_obj = MLClient(
                 self._credential or self._make_credential(),
                 self.cfg.subscription_id,
                 self.cfg.resource_group,
                 self.cfg.workspace,
+                # One retry layer: ours (_call, on retry.* and the injected clock). azure-core's RetryPolicy would
+                # retry each request 3 more times with real sleeps the config and the clock never see.
+                retry_total=0,
+                # Long-running-operation polls sleep through the transport: on the injected clock too.
+                transport=self._new_transport(),
+                enable_telemetry=False,
+                show_progress=False,
+                **self._cloud,
             )
         return self._client_obj
+
+    def _new_transport(self) -> _ClockedTransport:
+        self._transport = _ClockedTransport(self._sleep)
+        return self._transport
 
     def _make_credential(self) -> Any:
         from azure.identity import AzureCliCredential, DefaultAzureCredential, ManagedIdentityCredential
@@ -244,18 +350,25 @@ class AzureMLBackend:
                 "azureml.credential / azureml.managed_identity_client_id in the config"
             )
         if isinstance(exc, ResourceNotFoundError):
-            return BackendError(f"could not {what}: it does not exist in {where}")
+            return BackendError(f"could not {what}: it does not exist in {where}{_sent(exc)}")
+        if isinstance(exc, HttpResponseError) and (exc.status_code or 0) < 400 and exc.error is not None:
+            # A long-running operation that failed: the exception carries the last poll's status (200) and the
+            # operation's error body, which is what Azure has to say.
+            code, message = exc.error.code or "OperationFailed", (exc.error.message or "").strip()
+            text = f"Azure ML could not {what}: {code}: {message.splitlines()[0] if message else 'no message'}"
+            return TransientBackendError(text) if code.lower() in TRANSIENT_LRO_CODES else BackendError(text)
         if isinstance(exc, HttpResponseError):
             code = exc.status_code
             reason = (exc.message or str(exc)).strip().splitlines()[0] if (exc.message or str(exc)) else ""
+            at = _sent(exc)
             if code is None or code in TRANSIENT_HTTP or code >= 500:
-                return TransientBackendError(f"Azure ML answered HTTP {code} to {what}: {reason}")
+                return TransientBackendError(f"Azure ML answered HTTP {code} to {what}{at}: {reason}")
             if code == 403:
                 return BackendError(
-                    f"permission denied to {what} in {where}: {reason}; the signed-in identity needs the "
+                    f"permission denied to {what} in {where}{at}: {reason}; the signed-in identity needs the "
                     "Contributor (or AzureML Data Scientist) role on the workspace"
                 )
-            return BackendError(f"Azure ML refused to {what} (HTTP {code}): {reason}")
+            return BackendError(f"Azure ML refused to {what} (HTTP {code}){at}: {reason}")
         if isinstance(exc, (ServiceRequestError, ServiceResponseError, ConnectionError, TimeoutError)):
             return TransientBackendError(f"could not reach Azure ML to {what} ({type(exc).__name__}: {exc})")
         try:
@@ -294,6 +407,93 @@ class AzureMLBackend:
         except ResourceNotFoundError as exc:
             raise self._translate(exc, what) from exc  # type: ignore[misc]
 
+    def _lro(self, what: str, begin: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+        """A long-running operation, waited for at most ``rollout.ready_timeout_s``: an SDK poller is never left
+        polling (one still running at the deadline is stopped) and a transient failure restarts the operation."""
+
+        timeout_s = float(self.settings.rollout.ready_timeout_s)
+
+        def run() -> Any:
+            poller = begin()
+            try:
+                poller.wait(timeout=timeout_s)  # raises the operation's error when it failed
+                if not poller.done():
+                    raise BackendError(
+                        f"could not {what} within {timeout_s:.0f} s (rollout.ready_timeout_s): Azure ML "
+                        "is still working on it; a re-run picks up what it finished"
+                    )
+                return poller.result()
+            finally:
+                _stop_polling(poller)
+
+        return self._call(what, run, missing_ok=missing_ok)
+
+    def _start(self, what: str, begin: Callable[..., Any], *args: Any) -> None:
+        """Start a long-running operation the backend then polls itself (or needs no answer of): no SDK poller."""
+        _stop_polling(self._call(what, begin, *args))
+
+    # ------------------------------------------------------------------------------------------ preflight reads
+    @property
+    def credential(self) -> Any:
+        if self._credential is None:
+            self._credential = self._make_credential()
+        return self._credential
+
+    @property
+    def resource_manager_url(self) -> str:
+        """Azure Resource Manager of the client's cloud (public Azure, a sovereign cloud, or a test server)."""
+        from azure.ai.ml._azure_environments import _get_base_url_from_metadata
+
+        self.client  # noqa: B018 - building the client registers and selects its cloud
+        return _get_base_url_from_metadata(self._cloud.get("cloud")).rstrip("/")
+
+    def arm_token(self) -> str:
+        """A token for Azure Resource Manager from the configured credential (what every call needs first)."""
+        return self.credential.get_token(self.resource_manager_url + "/.default").token
+
+    def workspace_location(self) -> str:
+        workspace = self._call(f"get workspace {self.cfg.workspace}", self.client.workspaces.get, self.cfg.workspace)
+        return str(workspace.location or "")
+
+    def vm_sizes(self) -> dict[str, tuple[str, int]]:
+        """The workspace region's VM sizes: lowercase name -> (family, vCPUs)."""
+        sizes = self._call("list VM sizes", self.client.compute.list_sizes)
+        return {(s.name or "").lower(): (s.family or "", int(getattr(s, "v_cp_us", 0) or 0)) for s in sizes or []}
+
+    def vcpu_quota(self) -> dict[str, tuple[int, int]]:
+        """The region's vCPU quota: lowercase VM family -> (in use, limit)."""
+        usages = self._call("list quota usage", self.client.compute.list_usage)
+        return {
+            _usage_family(u).lower(): (int(u.current_value or 0), int(u.limit))
+            for u in usages or []
+            if u.limit is not None
+        }
+
+    def arm_resource_exists(self, resource_id: str, api_version: str) -> bool:
+        """An ARM GET on ``resource_id`` (e.g. the user-assigned identity): True found, False 404."""
+        from azure.core import PipelineClient
+        from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+        from azure.core.rest import HttpRequest
+
+        base = self.resource_manager_url
+        policy = BearerTokenCredentialPolicy(self.credential, base + "/.default")
+        url = f"{base}/{resource_id.lstrip('/')}?api-version={api_version}"
+
+        def get() -> bool:
+            with PipelineClient(base, policies=[policy], transport=_ClockedTransport(self._sleep)) as client:
+                response = client.send_request(HttpRequest("GET", url))
+            if response.status_code == 404:
+                return False
+            response.raise_for_status()
+            return True
+
+        return self._call(f"get {resource_id.rsplit('/', 1)[-1]}", get)
+
+    def endpoint_tags(self) -> dict[str, str] | None:
+        """The existing endpoint's tags, or None when the name is free in the workspace."""
+        endpoint = self._get_endpoint_entity()
+        return None if endpoint is None else dict(endpoint.tags or {})
+
     # ------------------------------------------------------------------------------------------ training
     def _ensure_environment(self) -> Any:
         env = entities.training_environment(self.cfg, self._training_dir.parent)
@@ -316,9 +516,7 @@ class AzureMLBackend:
             return found
         _LOG.info("creating compute cluster %s (%s)", name, self.cfg.compute.size)
         cluster = entities.compute_cluster(self.cfg)
-        return self._call(
-            f"create compute {name}", lambda: self.client.compute.begin_create_or_update(cluster).result()
-        )
+        return self._lro(f"create compute {name}", lambda: self.client.compute.begin_create_or_update(cluster))
 
     def _job_for(self, spec: TrainingJobSpec) -> tuple[str, Any | None]:
         """The job name to submit under, and the job already there when one with these inputs is reusable."""
@@ -331,6 +529,14 @@ class AzureMLBackend:
                 continue  # refresh asked: the next free attempt name, a new job
             if map_job_status(job.status) not in (JobStatus.FAILED, JobStatus.CANCELED):
                 return name, job  # running or completed: same data, recipe and code, so the same result
+            if map_job_status(job.status) == JobStatus.FAILED:
+                reason = self._failure_reason(job)
+                if _USAGE_EXIT.search(reason):
+                    raise JobFailedError(
+                        f"{reason.splitlines()[0]} That is training/sft.py's usage error (exit code "
+                        f"{USAGE_ERROR_EXIT_CODE}): the same inputs fail the same way, so no new job is submitted; "
+                        "fix the recipe or the overrides"
+                    )
         raise BackendError(
             f"{MAX_JOB_ATTEMPTS} Azure ML jobs with these exact inputs failed or were canceled; fix the cause "
             "(see the last job's log in the studio) before trying again"
@@ -395,7 +601,7 @@ class AzureMLBackend:
         if job is None or map_job_status(job.status).is_terminal:
             return
         _LOG.warning("canceling Azure ML job %s (%s)", job_id, job.status)
-        self._call(f"cancel job {job_id}", self.client.jobs.begin_cancel, job_id)
+        self._start(f"cancel job {job_id}", self.client.jobs.begin_cancel, job_id)
 
     @staticmethod
     def _pick_log(log_files: dict[str, str], any_log: bool = True) -> str | None:
@@ -473,8 +679,8 @@ class AzureMLBackend:
 
         try:
             run = self._mlflow_run(job_id)
-        except BackendError as exc:
-            _LOG.warning("registering job %s without its lineage tags: %s", job_id, exc)
+        except Exception as exc:  # the azureml-mlflow plugin raises bare Exceptions too: lineage never blocks it
+            _LOG.warning("registering job %s without its lineage tags: %s: %s", job_id, type(exc).__name__, exc)
             return {}
         params = {str(k): str(v) for k, v in (run.data.params or {}).items()}
         # sft.py's params name the base model "tiny (built from the training split)" where metrics.json says "tiny".
@@ -596,6 +802,10 @@ class AzureMLBackend:
     # ------------------------------------------------------------------------------------------ endpoint
     @property
     def endpoint_name(self) -> str:
+        """The configured endpoint name, refused before any request when Azure ML would refuse it."""
+        problem = name_problem(self.settings.endpoint.name, "endpoint")
+        if problem is not None:
+            raise BackendError(f"endpoint.name {problem}")
         return self.settings.endpoint.name
 
     def _get_endpoint_entity(self) -> Any | None:
@@ -629,7 +839,7 @@ class AzureMLBackend:
             scoring_uri=scoring,
             # Only a deployment that serves the OpenAI routes answers here; a no-code MLflow deployment serves /score.
             openai_base_url=re.sub(r"/score/?$", "", scoring).rstrip("/") + "/v1" if scoring else "",
-            traffic={k: int(v) for k, v in (endpoint.traffic or {}).items()},
+            traffic=_weights(endpoint.traffic),
             deployments=deployments,
         )
 
@@ -642,12 +852,10 @@ class AzureMLBackend:
         endpoint = self._get_endpoint_entity()
         if endpoint is None:
             _LOG.info("creating endpoint %s", self.endpoint_name)
-            endpoint = self._call(
+            endpoint = self._lro(
                 f"create endpoint {self.endpoint_name}",
                 # A fresh entity per attempt: the SDK rewrites the identity objects of one it has serialised.
-                lambda: self.client.online_endpoints.begin_create_or_update(
-                    entities.online_endpoint(self.settings)
-                ).result(),
+                lambda: self.client.online_endpoints.begin_create_or_update(entities.online_endpoint(self.settings)),
             )
         return self._endpoint_info(endpoint)
 
@@ -666,7 +874,7 @@ class AzureMLBackend:
         need = instances * vcpus
         usages = self._call("list quota usage", self.client.compute.list_usage)
         family = (size.family or "").lower()
-        usage = next((u for u in usages or [] if (getattr(u.name, "value", "") or "").lower() == family), None)
+        usage = next((u for u in usages or [] if _usage_family(u).lower() == family), None)
         if usage is None or usage.limit is None:
             _LOG.warning("no quota figure for VM family %s; creating deployment without a quota check", size.family)
             return
@@ -703,7 +911,7 @@ class AzureMLBackend:
             tags={"model_version": version.version, "job_id": version.source_job_id},
         )
         # Not waiting on the poller: creation takes many minutes, wait_deployment_ready polls with backoff.
-        self._call(f"create deployment {name}", self.client.online_deployments.begin_create_or_update, deployment)
+        self._start(f"create deployment {name}", self.client.online_deployments.begin_create_or_update, deployment)
         return DeploymentInfo(name, version.version, "creating")
 
     def _deployment_logs(self, name: str) -> str:
@@ -754,11 +962,11 @@ class AzureMLBackend:
         endpoint = self._get_endpoint_entity()
         if endpoint is None:
             return
-        if int((endpoint.traffic or {}).get(name, 0)) > 0:
+        if _weights(endpoint.traffic).get(name.lower(), 0) > 0:
             raise BackendError(
                 f"deployment {name} still takes {endpoint.traffic[name]}% of the traffic; move it first (set_traffic)"
             )
-        if name in (endpoint.mirror_traffic or {}):
+        if name.lower() in _weights(endpoint.mirror_traffic):
             endpoint.mirror_traffic = {k: v for k, v in endpoint.mirror_traffic.items() if k != name}
             self._update_endpoint(endpoint, f"drop mirror traffic to {name}")
         found = self._call(
@@ -766,14 +974,14 @@ class AzureMLBackend:
         )
         if found is None:
             return
-        self._call(
+        self._lro(
             f"delete deployment {name}",
-            lambda: self.client.online_deployments.begin_delete(name, self.endpoint_name).result(),
+            lambda: self.client.online_deployments.begin_delete(name, self.endpoint_name),
             missing_ok=True,
         )
 
     def _update_endpoint(self, endpoint: Any, what: str) -> Any:
-        return self._call(what, lambda: self.client.online_endpoints.begin_create_or_update(endpoint).result())
+        return self._lro(what, lambda: self.client.online_endpoints.begin_create_or_update(endpoint))
 
     def set_traffic(self, traffic: dict[str, int]) -> dict[str, int]:
         """Set ``endpoint.traffic`` (weights add up to 100, or 0 to stop serving); mirror traffic to a deployment
@@ -793,7 +1001,7 @@ class AzureMLBackend:
             k: v for k, v in (endpoint.mirror_traffic or {}).items() if weights.get(k, 0) == 0 and k in known
         }
         updated = self._update_endpoint(endpoint, f"set traffic {weights} on {self.endpoint_name}")
-        return {k: int(v) for k, v in (updated.traffic or {}).items()}
+        return _weights(updated.traffic)
 
     def set_mirror_traffic(self, name: str | None, percent: int | None = None) -> dict[str, int]:
         """Mirror ``percent`` (default ``rollout.mirror_percent``, at most 50) of live traffic to a deployment that
@@ -804,11 +1012,11 @@ class AzureMLBackend:
         percent = self.settings.rollout.mirror_percent if percent is None else int(percent)
         if not 0 <= percent <= 50:
             raise BackendError(f"mirror traffic {percent}% is out of range: Azure ML mirrors 0 to 50% of traffic")
-        if name is not None and int((endpoint.traffic or {}).get(name, 0)) > 0:
+        if name is not None and _weights(endpoint.traffic).get(name.lower(), 0) > 0:
             raise BackendError(f"deployment {name} takes live traffic; Azure ML mirrors only to one that does not")
         endpoint.mirror_traffic = {name: percent} if name is not None and percent > 0 else {}
         updated = self._update_endpoint(endpoint, f"mirror {percent}% of traffic to {name}")
-        return {k: int(v) for k, v in (updated.mirror_traffic or {}).items()}
+        return _weights(updated.mirror_traffic)
 
     @property
     def secret_block_name(self) -> str:
@@ -884,22 +1092,20 @@ class AzureMLBackend:
                 continue
             if kind == "deployment":
                 endpoint_name, deployment = name.split("/", 1)
-                self._call(
+                self._lro(
                     f"delete deployment {name}",
-                    lambda d=deployment, e=endpoint_name: self.client.online_deployments.begin_delete(d, e).result(),
+                    lambda d=deployment, e=endpoint_name: self.client.online_deployments.begin_delete(d, e),
                     missing_ok=True,
                 )
             elif kind == "endpoint":
-                self._call(
+                self._lro(
                     f"delete endpoint {name}",
-                    lambda n=name: self.client.online_endpoints.begin_delete(name=n).result(),
+                    lambda n=name: self.client.online_endpoints.begin_delete(name=n),
                     missing_ok=True,
                 )
             elif kind == "compute":
-                self._call(
-                    f"delete compute {name}",
-                    lambda n=name: self.client.compute.begin_delete(n).result(),
-                    missing_ok=True,
+                self._lro(
+                    f"delete compute {name}", lambda n=name: self.client.compute.begin_delete(n), missing_ok=True
                 )
             done.append(f"{kind} {name}")
         return done

@@ -1,10 +1,12 @@
 """``finetune-phi azureml ...``: review or reuse the Azure ML set-up, and stop paying for it.
 
     finetune-phi azureml export-yaml --config configs/azureml.yaml --output azureml-yaml/
+    finetune-phi azureml check --config configs/azureml.yaml
     finetune-phi azureml teardown --config configs/azureml.yaml [--compute] [--yes]
 
 ``export-yaml`` writes the Azure ML CLI v2 files the flow would submit (job.yml, endpoint.yml, deployment.yml, plus
 environment.yml and compute.yml) without contacting Azure: review them, or run them with ``az ml ... create -f``.
+``check`` is the preflight (:mod:`tasks.preflight`): one row per check, exit 1 on any failure.
 ``teardown`` lists what exists (deployments, the endpoint, optionally the compute cluster) and deletes it only after
 ``--yes`` or a typed "yes" at an interactive prompt; without a terminal and without ``--yes`` it deletes nothing.
 """
@@ -152,6 +154,27 @@ def _teardown_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def check(settings: Any, backend: Any) -> int:
+    """Print the preflight table; 1 when any check failed, else 0."""
+    from tasks.preflight import run_checks, table
+
+    checks = run_checks(settings, backend)
+    print(table(checks))
+    failed = [c.name for c in checks if not c.ok]
+    print(f"\n{len(failed)} of {len(checks)} checks failed: {', '.join(failed)}" if failed else "\nready to run")
+    return 1 if failed else 0
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    from tasks.backends.azureml import AzureMLBackend
+
+    backend = AzureMLBackend(_settings(args.config, args.set))
+    try:
+        return check(backend.settings, backend)
+    finally:
+        backend.close()
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("azureml", help="Azure ML: export CLI v2 YAML, tear down endpoint and compute")
     commands = parser.add_subparsers(dest="azureml_command", required=True, metavar="ACTION")
@@ -165,6 +188,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
     export.set_defaults(handler=_export_command)
 
+    preflight = commands.add_parser("check", help="preflight: credential, workspace, SKUs, quota, identity, names")
+    preflight.add_argument("--config", default="configs/azureml.yaml")
+    preflight.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="override a config field")
+    preflight.set_defaults(handler=_check_command)
+
     down = commands.add_parser("teardown", help="delete the endpoint, its deployments and optionally the compute")
     down.add_argument("--config", default="configs/azureml.yaml")
     down.add_argument("--compute", action="store_true", help="also delete the training compute cluster")
@@ -173,4 +201,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     down.set_defaults(handler=_teardown_command)
 
 
-__all__ = ["add_commands", "export_yaml", "teardown"]
+__all__ = ["add_commands", "check", "export_yaml", "teardown"]

@@ -34,6 +34,11 @@ class JobFailedError(BackendError):
     """A training job ended in failure. Never retried."""
 
 
+# ``training/sft.py`` exits with this code when its arguments are wrong (a missing recipe, an unknown key): the same
+# command fails the same way every time, so no backend restarts or resubmits such a job.
+USAGE_ERROR_EXIT_CODE = 2
+
+
 class DeploymentFailedError(BackendError):
     """A deployment could not be created or never became ready."""
 

@@ -31,7 +31,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.backends.base import BackendError, JobFailedError, JobInfo, JobStatus, TrainingJobSpec
+from tasks.backends.base import (
+    USAGE_ERROR_EXIT_CODE,
+    BackendError,
+    JobFailedError,
+    JobInfo,
+    JobStatus,
+    TrainingJobSpec,
+)
 from tasks.backends.training_job import TRAINING_DIR, job_identity, training_args
 from tasks.logs import LogFollower, read_lines_since, run_logger
 from tasks.polling import PollTimeout, every, poll_until
@@ -481,6 +488,12 @@ def submit_or_resume(runner: LocalJobRunner, spec: TrainingJobSpec, max_attempts
             why = "was canceled"
         else:
             why = exit_reason(info.exit_code)
+        if info.status == JobStatus.FAILED and info.exit_code == USAGE_ERROR_EXIT_CODE:
+            raise JobFailedError(
+                f"training job {job_id} refused its arguments (exit code {USAGE_ERROR_EXIT_CODE}, a usage error: "
+                f"the same on every attempt, so it is not restarted); read its log {info.url}, fix the recipe or "
+                f"the overrides, or delete {runner.job_dir(job_id)} to run these inputs again"
+            )
         if attempt >= max_attempts:
             raise BackendError(
                 f"training job {job_id} ended without a model on all {attempt} attempts (last: {why}); read its log "

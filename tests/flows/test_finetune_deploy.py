@@ -29,7 +29,7 @@ from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.rollout import CHAMPION, RolloutFailed, default_step_check, live_traffic, run_rollout
 from tasks.smoke import SmokeReport
-from tests.flows.conftest import wait_for_paused_run
+from tests.flows.conftest import free_port, wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 16, "do_sample": False}}
@@ -399,3 +399,19 @@ def test_with_require_approval_no_traffic_moves_until_a_person_resumes_the_run(
     result = done["state"].result()
     assert result["deployment"] in new and result["traffic_after"] == {result["deployment"]: 100}
     assert _consistent(backend) == {result["deployment"]: 100}
+
+
+def test_a_missing_recipe_is_stopped_by_preflight_before_any_work(prefect_harness, flow_config, tmp_path, capsys):
+    """`finetune-phi run --set training.recipe=training/recipes/nope.yaml` used to prepare the data and start a job
+    that exited 2, twice; preflight stops it first, with one sentence."""
+    from flows.cli import main
+
+    state = tmp_path / "state"  # a state folder of its own, so the session's endpoint server is not its own
+    args = ["run", "--config", str(flow_config), "--set", "training.recipe=training/recipes/nope.yaml"]
+    assert main([*args, "--set", f"state_dir={state}", "--set", f"endpoint.port={free_port()}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "finetune-phi run: error: preflight stopped the run before it spent anything: recipe: "
+        "training/recipes/nope.yaml does not exist; set training.recipe to a file in training/recipes/"
+    )
+    assert not any((state / "data").iterdir()) and not any((state / "jobs").iterdir())  # no data, no job

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from tasks.backends.azureml import AzureMLBackend
 from tasks.backends.base import TrainingJobSpec
 from tasks.config import Settings, load_config
+from tests.azure_fake.client import StaticToken, fake_cloud
+from tests.azure_fake.server import AzureMLFake
 from tests.tasks.backends.fake_azure import FakeMLClient
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -114,3 +118,38 @@ def backend(settings, fake, clock, logs, secrets, training_dir) -> AzureMLBacken
         secret_store=secrets.__setitem__,
         training_dir=training_dir,
     )
+
+
+@pytest.fixture
+def azure(settings) -> Iterator[AzureMLFake]:
+    """Azure ML's REST API on loopback HTTPS for the config's workspace, with the config's identity existing."""
+    cfg = settings.azureml
+    fake = AzureMLFake(subscription=cfg.subscription_id, resource_group=cfg.resource_group, workspace=cfg.workspace)
+    fake.add_identity(cfg.user_assigned_identity_id.rsplit("/", 1)[-1])
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def rest_backend(settings, azure, clock, secrets, training_dir) -> Iterator[AzureMLBackend]:
+    """The backend building the real ``MLClient`` against the REST fake (its own retry and transport settings)."""
+    with fake_cloud(azure) as cloud:
+        backend = AzureMLBackend(
+            settings,
+            credential=StaticToken(),
+            cloud=cloud,
+            sleep=clock.sleep,
+            rng=random.Random(1234).random,
+            clock=clock,
+            secret_store=secrets.__setitem__,
+            training_dir=training_dir,
+        )
+        try:
+            yield backend
+        finally:
+            backend.close()
+    # However the test ended, the backend left no SDK poller polling (and printing) behind it.
+    assert [t.name for t in threading.enumerate() if t.name.startswith("LROPoller")] == []

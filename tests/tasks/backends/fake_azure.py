@@ -17,7 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import requests
-from azure.ai.ml.entities import Usage, UsageName, VmSize
+from azure.ai.ml.entities import Usage, VmSize
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.core.pipeline.transport import HttpRequest, RequestsTransportResponse
 
@@ -50,6 +50,9 @@ class Poller:
 
     def wait(self, timeout: float | None = None) -> None:
         return None
+
+    def done(self) -> bool:  # the fake's operations finish at once
+        return True
 
 
 class _Ops:
@@ -180,7 +183,8 @@ class Compute(_Ops):
     def list_usage(self, **kwargs: Any) -> list[Any]:
         self._enter("list_usage")
         return [
-            Usage(name=UsageName(value=family, localized_value=family), current_value=used, limit=limit, unit="Count")
+            # What Usage._from_rest_object gives: ``name`` is the REST dict, not a UsageName.
+            Usage(name={"value": family, "localizedValue": family}, current_value=used, limit=limit, unit="Count")
             for family, (used, limit) in self.usage.items()
         ]
 

@@ -6,7 +6,6 @@ what Azure ML refuses; time is a fake clock whose ``sleep`` records the backoff 
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -321,28 +320,6 @@ def _version(n: str) -> ModelVersion:
     return ModelVersion("finetune-phi", n, f"job-{n}", f"azureml:finetune-phi:{n}")
 
 
-def test_endpoint_is_created_once_and_never_replaced(backend, fake, settings) -> None:
-    info = backend.ensure_endpoint()
-    assert info.name == settings.endpoint.name and info.traffic == {}
-    assert info.scoring_uri.endswith("/score") and info.openai_base_url.endswith(".azure.com/v1")
-    backend.ensure_endpoint()
-    assert len(fake.called("online_endpoints.begin_create_or_update")) == 1
-    assert not fake.called("online_endpoints.begin_delete")
-    created = fake.online_endpoints.created[0]
-    assert created.identity.user_assigned_identities[0].resource_id == settings.azureml.user_assigned_identity_id
-
-
-def test_quota_shortfall_stops_the_deployment_with_a_clear_message(backend, fake) -> None:
-    backend.ensure_endpoint()
-    fake.compute.usage["standardESv3Family"] = (6, 8)  # 2 vCPUs free; 1 x E4s_v3 + 20% reserve needs 2 x 4
-    with pytest.raises(DeploymentFailedError) as caught:
-        backend.create_deployment("model-v1", _version("1"))
-    message = str(caught.value)
-    assert "Standard_E4s_v3" in message and "needs 8 vCPUs" in message and "only 2 of 8 are available" in message
-    assert "standardESv3Family" in message
-    assert not fake.called("online_deployments.begin_create_or_update")
-
-
 def test_deployment_created_polled_with_backoff_until_ready(backend, fake, clock, settings) -> None:
     backend.ensure_endpoint()
     fake.deployment_states["model-v1"] = ["Creating", "Creating", "Creating", "Succeeded"]
@@ -360,15 +337,6 @@ def test_deployment_created_polled_with_backoff_until_ready(backend, fake, clock
     )
 
 
-def test_a_failed_deployment_reports_its_container_log(backend, fake) -> None:
-    backend.ensure_endpoint()
-    fake.deployment_states["model-v1"] = ["Creating", "Failed"]
-    backend.create_deployment("model-v1", _version("1"))
-    with pytest.raises(DeploymentFailedError) as failed:
-        backend.wait_deployment_ready("model-v1", timeout_s=600)
-    assert "Failed" in str(failed.value) and "model load: out of memory" in str(failed.value)
-
-
 def test_a_deployment_not_ready_in_time_says_so(backend, fake, clock) -> None:
     backend.ensure_endpoint()
     fake.deployment_states["model-v1"] = ["Creating"] * 100
@@ -377,45 +345,6 @@ def test_a_deployment_not_ready_in_time_says_so(backend, fake, clock) -> None:
         backend.wait_deployment_ready("model-v1", timeout_s=30)
     assert "(Creating)" in str(failed.value) and "not ready after 30 s" in str(failed.value)
     assert sum(clock.sleeps) == pytest.approx(30)
-
-
-def test_traffic_and_mirror_rules(backend, fake, settings) -> None:
-    backend.ensure_endpoint()
-    for n in ("1", "2"):
-        backend.create_deployment(f"model-v{n}", _version(n))
-        backend.wait_deployment_ready(f"model-v{n}", 60)
-    assert backend.set_traffic({"model-v1": 100, "model-v2": 0}) == {"model-v1": 100, "model-v2": 0}
-    assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
-    settings.rollout.mirror_percent = 25  # the default share is the rollout's
-    assert backend.set_mirror_traffic("model-v2") == {"model-v2": 25}
-    with pytest.raises(BackendError, match="0 to 50%"):
-        backend.set_mirror_traffic("model-v2", 60)
-    with pytest.raises(BackendError, match="takes live traffic"):
-        backend.set_mirror_traffic("model-v1", 10)
-    assert backend.set_mirror_traffic(None) == {}
-    assert backend.set_mirror_traffic("model-v2", 10) == {"model-v2": 10}
-    with pytest.raises(BackendError, match="add up to 100"):
-        backend.set_traffic({"model-v1": 50})
-    with pytest.raises(BackendError, match="no such deployment"):
-        backend.set_traffic({"model-v9": 100})
-    # Live traffic to the mirrored deployment ends the mirror (Azure ML refuses both at once).
-    assert backend.set_traffic({"model-v1": 90, "model-v2": 10}) == {"model-v1": 90, "model-v2": 10}
-    assert fake.online_endpoints.store[settings.endpoint.name].mirror_traffic == {}
-    with pytest.raises(BackendError, match="still takes 10%"):
-        backend.delete_deployment("model-v2")
-    backend.set_traffic({"model-v1": 100, "model-v2": 0})
-    backend.delete_deployment("model-v2")
-    backend.delete_deployment("model-v2")  # already gone: a no-op
-    assert [d.name for d in backend.get_endpoint().deployments] == ["model-v1"]
-
-
-def test_scoring_key_goes_to_the_secret_store_and_never_to_the_log(backend, fake, secrets, caplog) -> None:
-    backend.ensure_endpoint()
-    with caplog.at_level(logging.DEBUG):
-        key = backend.scoring_key()
-    assert key == fake.endpoint_key
-    assert secrets == {f"{backend.settings.endpoint.name}-endpoint-key": fake.endpoint_key}
-    assert fake.endpoint_key not in caplog.text
 
 
 def test_get_endpoint_is_none_when_missing(backend) -> None:

@@ -8,12 +8,14 @@ that serves it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import signal
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -477,3 +479,165 @@ def test_a_live_alarm_on_azure_monitor_numbers_rolls_the_canary_back(
     assert backend.get_model_by_alias(CHAMPION).version == "1"
     step = failed.value.rollout.steps[0]
     assert step["decided_by"] == "live" and step["verdict"]["alarm"] == "error_rate" and step["waited_s"] < 60
+
+
+# ---------------------------------------------------------------------------------------------- through the real SDK
+# The same scenarios with the real azure-ai-ml client against the REST fake on loopback HTTPS (tests/azure_fake):
+# assertions on the requests it sent. The fake serves the endpoint's scoring routes at its scoring_uri.
+
+
+def _rest_live_v1(rest_backend, azure) -> ModelVersion:
+    v1 = rest_backend.register_model("job-1", {"manifest_sha256": "ab"})
+    rest_backend.set_alias(CHAMPION, v1)
+    rest_backend.ensure_endpoint()
+    rest_backend.create_deployment("model-v1", v1)
+    assert rest_backend.wait_deployment_ready("model-v1", 60).state == "ready"
+    rest_backend.set_traffic({"model-v1": 100})
+    azure.requests.clear()
+    return v1
+
+
+def _maps_sent(azure, name: str) -> list[tuple[dict[str, int], dict[str, int]]]:
+    """(traffic, mirror traffic) of each endpoint PUT the SDK sent."""
+    return [
+        (r.body["properties"].get("traffic") or {}, r.body["properties"].get("mirrorTraffic") or {})
+        for r in azure.sent("PUT", rf"/onlineEndpoints/{name}$")
+    ]
+
+
+def test_rest_rollout_shifts_traffic_in_steps_pinned_smoke_first(rest_backend, azure, settings, capfd) -> None:
+    _rest_live_v1(rest_backend, azure)
+    v2 = rest_backend.register_model("job-2", {"manifest_sha256": "cd"})
+    result = _rollout(rest_backend, v2, settings)
+    assert _maps_sent(azure, settings.endpoint.name) == [
+        ({"model-v1": 90, "model-v2": 10}, {}),
+        ({"model-v1": 50, "model-v2": 50}, {}),
+        ({"model-v2": 100}, {}),
+    ]
+    assert result.traffic_after == {"model-v2": 100} and [s["percent"] for s in result.steps] == [10, 50, 100]
+    assert rest_backend.get_model_by_alias(CHAMPION).version == "2"
+    # The pinned smoke test reached the new deployment through the endpoint's scoring URI, before any traffic moved.
+    first = azure.scored[0]
+    assert first[:2] == ("score", "model-v2") and first[2]["input_data"] == [settings.smoke.prompts[0]]
+    assert {d.name for d in rest_backend.get_endpoint().deployments} == {"model-v1", "model-v2"}
+    assert "." not in capfd.readouterr().out  # the SDK's poll dots never reach stdout
+
+
+def test_rest_a_failed_deployment_is_rolled_back(rest_backend, azure, settings) -> None:
+    _rest_live_v1(rest_backend, azure)
+    azure.deployment_states["model-v2"] = ["Creating", "Failed"]
+    with pytest.raises(RolloutFailed, match="rolled back") as caught:
+        _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    assert "model load: out of memory" in str(caught.value)
+    assert "traffic now {'model-v1': 100}, deployment model-v2 deleted, champion v1" in str(caught.value)
+    assert len(azure.sent("DELETE", r"/deployments/model-v2$")) == 1
+    assert not azure.sent("DELETE", rf"/onlineEndpoints/{settings.endpoint.name}$")
+    assert _maps_sent(azure, settings.endpoint.name) == []  # no traffic ever moved
+
+
+def test_rest_a_failing_smoke_test_moves_no_traffic(rest_backend, azure, settings) -> None:
+    _rest_live_v1(rest_backend, azure)
+    azure.broken.add("model-v2")
+    with pytest.raises(RolloutFailed, match="HTTP 424"):
+        _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    assert rest_backend.get_endpoint().traffic == {"model-v1": 100}
+    assert [d.name for d in rest_backend.get_endpoint().deployments] == ["model-v1"]
+
+
+def test_rest_mirror_then_traffic_steps(rest_backend, azure, settings) -> None:
+    _rest_live_v1(rest_backend, azure)
+    settings.rollout.mirror_percent, settings.rollout.mirror_duration_s = 10, 0.0
+    result = _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    assert _maps_sent(azure, settings.endpoint.name) == [
+        ({"model-v1": 100}, {"model-v2": 10}),  # mirror on, no live traffic to the new deployment
+        ({"model-v1": 100}, {}),  # mirror off before traffic moves
+        ({"model-v1": 90, "model-v2": 10}, {}),
+        ({"model-v1": 50, "model-v2": 50}, {}),
+        ({"model-v2": 100}, {}),
+    ]
+    assert result.mirror["deployment"] == "model-v2"
+
+
+@pytest.mark.parametrize("healthy", [True, False], ids=["completes", "rolls-back"])
+def test_rest_a_rerun_after_a_kill_at_10_percent_converges(rest_backend, azure, settings, healthy) -> None:
+    _rest_live_v1(rest_backend, azure)
+    v2 = rest_backend.register_model("job-2", {})
+    # What the killed run had done: v2 deployed and ready, 10% of the traffic on it, the alias still on v1.
+    rest_backend.create_deployment("model-v2", v2)
+    rest_backend.wait_deployment_ready("model-v2", 60)
+    rest_backend.set_traffic({"model-v1": 90, "model-v2": 10})
+    if not healthy:
+        azure.broken.add("model-v2")
+        with pytest.raises(RolloutFailed, match="rolled back"):
+            _rollout(rest_backend, v2, settings)
+        assert _consistent(rest_backend) == {"model-v1": 100}
+        assert rest_backend.get_model_by_alias(CHAMPION).version == "1"
+    else:
+        result = _rollout(rest_backend, v2, settings)
+        assert "deleted model-v2 (unfinished rollout)" in result.reconcile
+        assert _consistent(rest_backend) == {"model-v2": 100}
+        assert rest_backend.get_model_by_alias(CHAMPION).version == "2"
+    assert not reconcile(rest_backend, rest_backend.get_model_by_alias(CHAMPION), settings).changed
+
+
+def test_rest_scoring_key_is_kept_in_a_prefect_secret_block(settings, azure, training_dir) -> None:
+    from prefect.blocks.system import Secret
+
+    from tasks.backends.azureml import AzureMLBackend
+    from tests.azure_fake.client import StaticToken, fake_cloud
+
+    with fake_cloud(azure) as cloud:
+        backend = AzureMLBackend(settings, credential=StaticToken(), cloud=cloud, training_dir=training_dir)
+        backend.ensure_endpoint()
+        assert backend.scoring_key() == azure.endpoint_key
+        backend.close()
+    assert Secret.load(backend.secret_block_name).get() == azure.endpoint_key
+
+
+@pytest.mark.parametrize(
+    "interrupt",
+    [KeyboardInterrupt(), TerminationSignal(signal.SIGTERM), CancelledError(), "status-refused", None],
+    ids=["ctrl-c", "prefect-cancel", "task-timeout", "status-refused", "deadline"],
+)
+def test_rest_an_interrupted_wait_cancels_the_azure_job(rest_backend, azure, settings, spec, clock, interrupt):
+    azure.job_statuses = ["Queued"] + ["Running"] * 1000
+    remote = "azureml://datastores/workspaceblobstore/paths/d/{}.jsonl"
+    spec = dataclasses.replace(spec, train_file=Path(remote.format("train")), eval_file=Path(remote.format("test")))
+    job = rest_backend.submit_training(spec).job_id
+
+    def sleep(seconds: float) -> None:
+        if len(clock.sleeps) == 2 and interrupt == "status-refused":
+            azure.fault("GET", rf"/jobs/{job}$", 403, body={"error": {"code": "AuthorizationFailed", "message": "no"}})
+        elif len(clock.sleeps) == 2 and isinstance(interrupt, BaseException):
+            raise interrupt
+        clock.sleep(seconds)
+
+    with pytest.raises((BaseException,)):
+        wait_for_job(
+            rest_backend, job, _quick(settings, timeout_s=600.0, poll_interval_s=30.0), PollTiming(sleep, clock)
+        )
+    assert len(azure.sent("POST", rf"/jobs/{job}/cancel$")) == 1
+    assert azure.jobs[job]["properties"]["status"] in ("CancelRequested", "Canceled")
+
+
+def test_contract_the_dict_fake_and_the_rest_fake_agree_on_a_rollout(
+    backend, fake, scoring_host, rest_backend, azure, settings, monkeypatch
+) -> None:
+    """One scenario (v1 live, v2 rolled out with a mirror first) through both fakes: the same result, the same
+    traffic maps in the same order, the same endpoint and registry afterwards."""
+    settings.rollout.mirror_percent, settings.rollout.mirror_duration_s = 10, 0.0
+
+    def outcome(b, result, maps) -> tuple[Any, ...]:
+        endpoint = b.get_endpoint()
+        deployments = sorted((d.name, d.model_version, d.state) for d in endpoint.deployments)
+        steps = [s["percent"] for s in result.steps]
+        return result.traffic_after, steps, maps, endpoint.traffic, deployments, b.get_model_by_alias(CHAMPION).version
+
+    _live_v1(backend, fake, settings)
+    history = _record_endpoint_updates(fake, monkeypatch)
+    by_dict_fake = outcome(backend, _rollout(backend, backend.register_model("job-2", {}), settings), history)
+    _rest_live_v1(rest_backend, azure)
+    result = _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    by_rest_fake = outcome(rest_backend, result, _maps_sent(azure, settings.endpoint.name))
+    assert by_dict_fake == by_rest_fake
+    assert by_rest_fake[0] == {"model-v2": 100} and len(by_rest_fake[2]) == 5
