@@ -1031,16 +1031,11 @@ class AzureMLBackend:
         if client is None:
             from azure.monitor.query import MetricsQueryClient
 
-            client = MetricsQueryClient(self._credential or self._make_credential(), endpoint=self._resource_manager())
+            client = MetricsQueryClient(self.credential, endpoint=self.resource_manager_url)
         resource = endpoint_resource_id(
             self.cfg.subscription_id, self.cfg.resource_group, self.cfg.workspace, self.settings.endpoint.name
         )
         return AzureMonitorMetrics(client, resource)
-
-    def _resource_manager(self) -> str:
-        """The ARM address of the workspace's cloud (a sovereign or test cloud's, when the client was given one)."""
-        metadata = (getattr(self, "_cloud", None) or {}).get("cloud_metadata") or {}
-        return str(metadata.get("resource_manager") or "https://management.azure.com").rstrip("/")
 
     def scoring_key(self) -> str:
         """The endpoint's primary key (its token in aml_token mode), kept in a Prefect Secret block; never logged."""
