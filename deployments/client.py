@@ -70,6 +70,17 @@ class EndpointAdminClient:
     def get_state(self) -> dict[str, Any]:
         return self._call("GET", "/admin/state")
 
+    def arm_rescue(self, candidate: str, champion: str, ttl_s: float) -> dict[str, Any]:
+        """Retry ``candidate``'s server-side failures once on ``champion`` for ``ttl_s`` (a rollout in progress)."""
+        return self._call("PUT", "/admin/rescue", {"candidate": candidate, "champion": champion, "ttl_s": ttl_s})
+
+    def disarm_rescue(self) -> dict[str, Any]:
+        return self._call("DELETE", "/admin/rescue")
+
+    def get_metrics(self) -> dict[str, Any]:
+        """Per-deployment live numbers (``GET /admin/metrics``: the router's counters as JSON)."""
+        return self._call("GET", "/admin/metrics")
+
     def create_deployment(
         self,
         name: str,

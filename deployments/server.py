@@ -103,6 +103,7 @@ from deployments.protocol import (
     error_response,
     install_error_handlers,
 )
+from deployments.rescue import Rescue
 from tasks.config import EndpointConfig
 from tasks.state import atomic_write_json, read_json
 
@@ -137,6 +138,12 @@ class TrafficSpec(RequestBody):
     traffic: dict[str, int]
 
 
+class RescueSpec(RequestBody):
+    candidate: str
+    champion: str
+    ttl_s: float = Field(..., gt=0, le=86_400)
+
+
 # ---------------------------------------------------------------------------------------------------------- metrics
 class Histogram:
     def __init__(self, bounds: tuple[float, ...]) -> None:
@@ -162,6 +169,7 @@ class Metrics:
         self.per_token: dict[str, Histogram] = defaultdict(lambda: Histogram(PER_TOKEN_BUCKETS))
         self.tokens: dict[str, int] = defaultdict(int)
         self.finish: dict[str, Counter[str]] = defaultdict(Counter)
+        self.rescued: dict[str, int] = defaultdict(int)
         self.lock = threading.Lock()
 
     def observe(self, deployment: str, route: str, code: int, seconds: float) -> None:
@@ -175,6 +183,11 @@ class Metrics:
             if tokens > 0:
                 self.per_token[deployment].observe(seconds / tokens)
             self.finish[deployment].update(r for r in finish_reasons if r)
+
+    def rescue(self, deployment: str) -> None:
+        """A request ``deployment`` failed and the champion answered instead (:mod:`deployments.rescue`)."""
+        with self.lock:
+            self.rescued[deployment] += 1
 
     def snapshot(self, restarts: dict[str, int]) -> dict[str, Any]:
         with self.lock:
@@ -194,6 +207,7 @@ class Metrics:
                     "generated_tokens": self.tokens.get(name, 0),
                     "finish_reasons": dict(self.finish.get(name, {})),
                     "restarts": restarts.get(name, 0),
+                    "rescued": self.rescued.get(name, 0),
                 }
             return result
 
@@ -243,6 +257,12 @@ class Metrics:
                 "finetune_phi_latency_per_token_seconds",
                 [({"deployment": d}, h) for d, h in sorted(self.per_token.items())],
             )
+            lines += [
+                "# HELP finetune_phi_rescued_requests_total Requests a deployment failed that the champion answered.",
+                "# TYPE finetune_phi_rescued_requests_total counter",
+            ]
+            for dep, n in sorted(self.rescued.items()):
+                lines.append(f"finetune_phi_rescued_requests_total{labels(deployment=dep)} {n}")
             lines += [
                 "# HELP finetune_phi_generated_tokens_total Tokens generated (end tokens not counted).",
                 "# TYPE finetune_phi_generated_tokens_total counter",
@@ -807,6 +827,7 @@ class _Observe:
             if route is not None:
                 state = scope.get("state") or {}
                 route = "/admin" if route.startswith("/admin") else route
+                status = state.get("stream_status", status)  # an error event after the 200 (set by the relay)
                 self.metrics.observe(state.get("deployment", "none"), route, status, time.perf_counter() - started)
 
 
@@ -849,20 +870,28 @@ def _sse_error(error: ApiError) -> bytes:
 
 
 async def _relay_until(
-    source: AsyncIterator[bytes], deadline: float, config: EndpointConfig, failed: Callable[[Exception], Any]
+    source: AsyncIterator[bytes],
+    deadline: float,
+    config: EndpointConfig,
+    failed: Callable[[Exception], Any],
+    mark: Callable[[int], None] = lambda status: None,
 ) -> AsyncIterator[bytes]:
     """``source``'s chunks until it ends; past ``deadline`` a timeout event, on a broken connection (or an engine's
-    error) the event of ``await failed(exc)``, each followed by ``[DONE]``."""
+    error) the event of ``await failed(exc)``, each followed by ``[DONE]``. ``mark(status)`` records the error's
+    status, since the 200 has already gone out (the metrics count the stream as that error)."""
     while True:
         try:
             piece = await asyncio.wait_for(anext(source), timeout=max(deadline - time.monotonic(), 0.001))
         except StopAsyncIteration:
             return
         except TimeoutError:
+            mark(408)
             yield _sse_error(_timed_out(config)) + b"data: [DONE]\n\n"
             return
         except (httpx.TransportError, external.ExternalEngineError) as exc:
-            yield _sse_error(await failed(exc)) + b"data: [DONE]\n\n"
+            error = await failed(exc)
+            mark(error.status)
+            yield _sse_error(error) + b"data: [DONE]\n\n"
             return
         yield piece
 
@@ -884,6 +913,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     keys = KeyStore(endpoint_dir)
     endpoint = Endpoint(config, endpoint_dir, Path(state_dir))
     metrics = Metrics()
+    rescue = Rescue()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -930,12 +960,15 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             return model
         return None
 
-    async def admitted(request: Request, model: str | None, started: float) -> tuple[Deployment, Slot]:
-        deployment, instance = endpoint.route(pinned_from(request, model))
+    async def admitted(
+        request: Request, model: str | None, started: float, to: str | None = None
+    ) -> tuple[Deployment, Slot]:
+        deployment, instance = endpoint.route(to or pinned_from(request, model))
         request.state.deployment = deployment.name
         slot = Slot(deployment, instance)
         timeout_left = config.request_timeout_ms / 1000.0 - (time.monotonic() - started)
         await slot.acquire(min(config.max_queue_wait_ms / 1000.0, max(timeout_left, 0.0)))
+        request.state.admitted_at = time.monotonic()  # per-token latency from here: queueing is load, not the model
         return deployment, slot
 
     def instance_headers(instance: procs.Instance, started: float) -> dict[str, str]:
@@ -1030,10 +1063,12 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         headers = {PIN_HEADER: deployment.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
 
-    async def forward(request: Request, path: str, model: str | None, started: float) -> Response:
+    async def forward(
+        request: Request, path: str, model: str | None, started: float, to: str | None = None
+    ) -> Response:
         """Admit, send the request's own bytes to the least loaded ready instance, and pass its answer back."""
         body = await request.body()
-        deployment, slot = await admitted(request, model, started)
+        deployment, slot = await admitted(request, model, started, to)
         if deployment.engine != "builtin":
             return await forward_external(deployment, slot, path, body, started)
         instance = slot.instance
@@ -1055,15 +1090,16 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         tokens = upstream.headers.get(TOKENS_HEADER, "")
         if upstream.status_code == 200 and tokens.isdigit():
             finishes = upstream.headers.get(FINISH_HEADER, "").split(",")
-            metrics.generated(deployment.name, int(tokens), time.monotonic() - started, finishes)
+            metrics.generated(deployment.name, int(tokens), time.monotonic() - request.state.admitted_at, finishes)
         return answer(deployment, upstream, upstream.content)
 
-    async def forward_stream(request: Request, model: str | None, started: float) -> Response:
+    async def forward_stream(request: Request, model: str | None, started: float, to: str | None = None) -> Response:
         """The same for ``stream: true``: the instance's events are relayed as they come, never buffered whole."""
         body = await request.body()
-        deployment, slot = await admitted(request, model, started)
+        deployment, slot = await admitted(request, model, started, to)
         if deployment.engine != "builtin":
             return await stream_external(deployment, slot, body, started)
+        admitted_at = request.state.admitted_at
         instance = slot.instance
         assert endpoint.client is not None
         deadline = started + config.request_timeout_ms / 1000.0 + BACKSTOP_S
@@ -1096,7 +1132,11 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             chunks, finish = 0, None
             try:
                 async for piece in _relay_until(
-                    upstream.aiter_raw(), deadline, config, lambda exc: _crashed(deployment, instance)
+                    upstream.aiter_raw(),
+                    deadline,
+                    config,
+                    lambda exc: _crashed(deployment, instance),
+                    mark=lambda status: setattr(request.state, "stream_status", status),
                 ):
                     chunks += piece.count(b'"delta": {"content": ')
                     finish = _stream_finish(piece) or finish
@@ -1105,10 +1145,31 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 await upstream.aclose()
                 slot.release()
                 # one content chunk per decoding step that added text: the tokens, give or take a held-back byte
-                metrics.generated(deployment.name, chunks, time.monotonic() - started, [finish] if finish else [])
+                metrics.generated(deployment.name, chunks, time.monotonic() - admitted_at, [finish] if finish else [])
 
         headers = {PIN_HEADER: deployment.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+    async def with_rescue(request: Request, model: str | None, attempt: Any) -> Response:
+        """``attempt(None)`` as routed; during a rollout, once more on the champion (``attempt(champion)``) when the
+        new deployment failed server-side or could not admit the request, before any byte went to the client
+        (:mod:`deployments.rescue`). The failure still counts as the new deployment's, and as rescued."""
+        failure: ApiError | None = None
+        try:
+            response = await attempt(None)
+            status = response.status_code
+        except ApiError as exc:
+            failure, status = exc, exc.status
+        name = getattr(request.state, "deployment", None)
+        champion = rescue.target(name, pinned_from(request, model) is not None, status) if name else None
+        if champion is None or champion not in endpoint.deployments:
+            if failure is not None:
+                raise failure
+            return response
+        metrics.observe(name, request.url.path, status, 0.0)
+        metrics.rescue(name)
+        log.warning("rescued: deployment %s answered %d; the request goes to %s", name, status, champion)
+        return await attempt(champion)
 
     # ----------------------------------------------------------------------------------------------- routes
     @app.get("/health", tags=["probes"])
@@ -1142,7 +1203,8 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     )
     async def score(request: Request, body: ScoreRequest) -> Response:
         """The sample's scoring route: one generated text per item of ``input_data``."""
-        return await forward(request, "/score", None, time.monotonic())
+        started = time.monotonic()
+        return await with_rescue(request, None, lambda to: forward(request, "/score", None, started, to))
 
     @app.get("/v1/models", tags=["openai"], dependencies=[scoring_auth])
     async def list_models(request: Request) -> dict[str, Any]:
@@ -1159,8 +1221,9 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         """OpenAI-compatible chat completions; ``stream: true`` answers server-sent events."""
         started = time.monotonic()
         if body.stream:
-            return await forward_stream(request, body.model, started)
-        return await forward(request, "/v1/chat/completions", body.model, started)
+            return await with_rescue(request, body.model, lambda to: forward_stream(request, body.model, started, to))
+        path = "/v1/chat/completions"
+        return await with_rescue(request, body.model, lambda to: forward(request, path, body.model, started, to))
 
     # ----------------------------------------------------------------------------------------------- admin
     @app.get("/admin/state", tags=["admin"], dependencies=[admin_auth])
@@ -1174,6 +1237,24 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         """Per deployment: requests by status, latency and latency-per-token histograms, finish reasons, generated
         tokens, restarts."""
         return {"deployments": metrics.snapshot({n: d.restarts for n, d in endpoint.deployments.items()})}
+
+    @app.put("/admin/rescue", tags=["admin"], dependencies=[admin_auth])
+    async def admin_rescue(request: Request, body: RescueSpec) -> dict[str, Any]:
+        """During a rollout: retry the candidate's server-side failures once on the champion, for ``ttl_s``."""
+        for name in (body.candidate, body.champion):
+            if name not in endpoint.deployments:
+                raise ApiError(404, "DeploymentNotFound", f"no deployment named {name!r}", param="rescue")
+        try:
+            rescue.arm(body.candidate, body.champion, body.ttl_s)
+        except ValueError as exc:
+            raise ApiError(422, "InvalidField", str(exc), param="champion") from None
+        return {"rescue": rescue.describe()}
+
+    @app.delete("/admin/rescue", tags=["admin"], dependencies=[admin_auth])
+    async def admin_no_rescue(request: Request) -> dict[str, Any]:
+        """The rollout is over: failures reach the client again."""
+        rescue.disarm()
+        return {"rescue": None}
 
     @app.put("/admin/deployments/{name}", tags=["admin"], status_code=202, dependencies=[admin_auth])
     async def admin_create(request: Request, name: str, body: DeploymentSpec) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The product: one flow run takes a chat dataset to a live, tested model.
 
-    prepare data -> train (submit + wait) -> register -> evaluate -> gate -> roll out (blue/green) -> smoke test
-    -> summary
+    prepare data -> train (submit + wait) -> register -> evaluate -> gate -> roll out (blue/green, baked with
+    live alarms) -> the champion verified as serving (started, reconciled, smoke-tested) -> summary
 
 Every step is a Prefect task over a plain function in ``tasks/``; every call to jobs, registry and endpoint goes
 through :class:`tasks.backends.base.Backend`, so the same flow drives ``local`` and ``azureml``. The two expensive
@@ -31,7 +31,8 @@ from tasks.gate import gate_task
 from tasks.preflight import preflight_task
 from tasks.register import register_step
 from tasks.rollout import CHAMPION, check_approval_possible, rollout_step
-from tasks.smoke import smoke_test_task
+from tasks.serving import ChampionNotServing, verify_champion_serving_task
+from tasks.smoke import SmokeTestFailed, smoke_test_task
 from tasks.state import configure_environment
 from tasks.summary import how_to_chat, publish_summary_task, render_summary
 from tasks.train import train_step
@@ -46,12 +47,15 @@ def load_settings(config_path: str, overrides: dict[str, Any] | None) -> Setting
 
 @dataclass(frozen=True)
 class Serving:
-    """What serves after the rollout step: the endpoint, its smoke test, how to chat, the optional chat-flow eval."""
+    """What serves after the rollout step: the endpoint, its smoke test, how to chat, the optional chat-flow eval,
+    what the serving check looked at and did (``checked``), and why the champion is not serving (``failure``)."""
 
     endpoint: EndpointInfo | None
     smoke: dict[str, Any] | None = None
     chat: str | None = None
     chat_eval: dict[str, Any] | None = None
+    checked: dict[str, Any] | None = None
+    failure: Exception | None = None
 
     def endpoint_dict(self) -> dict[str, Any] | None:
         if self.endpoint is None:
@@ -62,19 +66,29 @@ class Serving:
 def check_serving(
     settings: Settings, backend: Backend, config_path: str, test_path: str, rolled_back: bool
 ) -> Serving:
-    """Smoke-test whatever takes traffic now (also a champion kept by a rejected candidate) and say how to chat with
-    it; the Prompt flow chat over the test split only where ``evaluation.chat_flow_eval`` asks for it. Nothing is
-    tested after a rollout that was rolled back: the run fails with that."""
+    """Whatever the gate and the rollout did, the champion must serve when the run ends, and be shown to: the
+    endpoint started and reconciled to it (:mod:`tasks.serving`), then smoke-tested unpinned. Then how to chat with
+    it, and the Prompt flow chat over the test split where ``evaluation.chat_flow_eval`` asks for it (not after a
+    rollout that was rolled back: the run fails with that)."""
+    checked: dict[str, Any] | None = None
+    try:
+        checked = verify_champion_serving_task(backend, settings)
+        smoke = smoke_test_task(settings, None, "smoke-test") if checked["champion"] is not None else None
+    except (ChampionNotServing, SmokeTestFailed) as exc:
+        return Serving(backend.get_endpoint(), checked=checked, failure=exc)
+    if smoke is not None and checked is not None:
+        checked["checked"].append(f"unpinned smoke test passed ({len(smoke['cases'])} prompts)")
     endpoint = backend.get_endpoint()
     if rolled_back or endpoint is None or not endpoint.traffic:
-        return Serving(endpoint)
+        return Serving(endpoint, smoke=smoke, checked=checked)
     return Serving(
         endpoint,
-        smoke=smoke_test_task(settings, None, "smoke-test"),
+        smoke=smoke,
         chat=how_to_chat(
             endpoint.openai_base_url, endpoint.scoring_uri, config=config_path, chat_page_url=endpoint.chat_page_url
         ),
         chat_eval=maybe_evaluate_chat_flow(settings, test_path),
+        checked=checked,
     )
 
 
@@ -113,13 +127,20 @@ def finetune_and_deploy(
         cached={"data": data.cached, "training": trained.cached},
         failure=str(failure) if failure is not None else None,
         chat_page_url=serving.endpoint.chat_page_url if serving.chat and serving.endpoint else None,
+        serving=serving.checked,
+        not_serving=str(serving.failure) if serving.failure is not None else None,
     )
     output_dir = training.get("output_dir")
     publish_summary_task(markdown, str(Path(output_dir) / "loss_curve.png") if output_dir else None)
     if failure is not None:
         raise failure
+    if serving.failure is not None:
+        raise serving.failure
     states = {"data": data.state, "training": trained.state}
-    return {**summary, "chat_eval": serving.chat_eval, "endpoint": serving.endpoint_dict(), "states": states}
+    return {
+        **summary, "serving": serving.checked, "chat_eval": serving.chat_eval, "endpoint": serving.endpoint_dict(),
+        "states": states,
+    }  # fmt: skip
 
 
 __all__ = ["Serving", "check_serving", "finetune_and_deploy", "load_settings"]

@@ -158,7 +158,38 @@ class EndpointConfig(_Section):
         return name
 
 
+class AlarmConfig(_Section):
+    """Thresholds of the live-traffic alarms during a bake: the new deployment's own requests against the
+    champion's over the same window (:mod:`tasks.guardrails.alarms`)."""
+
+    # Server-side errors (5xx, 408, 424 and the crashed-container code; not a client's 4xx) over requests answered.
+    max_error_rate: float = Field(0.05, ge=0.0, le=1.0)  # absolute ceiling, whatever the champion does
+    max_error_rate_ratio: float = Field(2.0, ge=1.0)  # and at most this many times the champion's, when it has any
+    # p95 of seconds per generated token (long replies do not trip it), as a multiple of the champion's.
+    max_latency_ratio: float = Field(2.0, ge=1.0)
+    # Share of chat replies that ended (finish_reason "stop"): at most this far (absolute) below the champion's.
+    max_ended_share_drop: float = Field(0.25, ge=0.0, le=1.0)
+    # No verdict before the new deployment answered this many requests in the window; with less live traffic the
+    # bake extends by up to max_extension_s, then the synthetic probes of rollout.requests_per_step decide.
+    min_requests: int = Field(20, ge=1)
+    max_extension_s: float = Field(60.0, ge=0)
+    check_interval_s: float = Field(1.0, gt=0)  # how often the alarms are evaluated during a bake
+
+
 class RolloutConfig(_Section):
+    # How traffic moves to the new deployment: traffic_steps (the explicit list below), all_at_once (100 at once),
+    # canary (canary_percent, then 100) or linear (linear_steps equal steps up to 100).
+    strategy: Literal["traffic_steps", "all_at_once", "canary", "linear"] = "traffic_steps"
+    canary_percent: int = Field(10, gt=0, lt=100)
+    linear_steps: int = Field(4, ge=1, le=100)
+    # Seconds each step below 100% bakes with live alarms; final_bake_s: at 100%, before the old deployment is
+    # retired (traffic can still go back to it). 0: no bake, the synthetic probes alone decide, as before.
+    bake_s: float = Field(0.0, ge=0)
+    final_bake_s: float = Field(0.0, ge=0)
+    alarms: AlarmConfig = Field(default_factory=AlarmConfig)
+    # Local backend: while a rollout runs, a request to the new deployment that fails server-side (or cannot be
+    # admitted) is retried once on the champion before any byte reaches the client; counted as the new one's error.
+    rescue: bool = True
     traffic_steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
     requests_per_step: int = Field(6, ge=1)
     max_error_rate: float = Field(0.0, ge=0.0, le=1.0)

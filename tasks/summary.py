@@ -15,6 +15,9 @@ from prefect import task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.guardrails.picture import PICTURE_KEY
+from tasks.guardrails.report import step_line, step_table
+
 SUMMARY_KEY = "finetune-run-summary"
 LOSS_CURVE_KEY = "loss-curve"
 # A data: URI keeps the image in the artifact itself (the UI cannot read a local file); larger files get a link.
@@ -141,11 +144,16 @@ def _rollout_step_lines(rollout: dict[str, Any]) -> list[str]:
             f"- mirrored {mirror['percent']}% of live traffic to `{mirror['deployment']}` for "
             f"{mirror['duration_s']:.0f} s before its smoke test"
         )
-    for step in rollout.get("steps", []):
-        lines.append(
-            f"- step {step['percent']}%: {'passed' if step['passed'] else step['reason']} "
-            f"(error rate {step['error_rate']:.0%})"
-        )
+    if rollout.get("strategy"):
+        lines.append(f"- strategy: {rollout['strategy']}")
+    lines += [step_line(step) for step in rollout.get("steps", [])]
+    if any(step.get("candidate") for step in rollout.get("steps", [])):
+        lines += ["", *step_table(rollout["steps"]), ""]
+    alarm = (rollout.get("live") or {}).get("alarm")
+    if alarm:
+        lines.append(f"- alarm: {alarm['reason']}")
+    if (rollout.get("live") or {}).get("picture"):
+        lines.append(f"- picture (artifact `{PICTURE_KEY}`): {rollout['live']['picture']}")
     if rollout.get("retired"):
         lines.append(f"- retired: {', '.join(rollout['retired'])}")
     return lines
@@ -174,6 +182,18 @@ def _failed_rollout_lines(failure: str, rollout: dict[str, Any] | None) -> list[
     return lines
 
 
+def _serving_lines(serving: dict[str, Any] | None, not_serving: str | None) -> list[str]:
+    """What the end-of-run check found and did; a champion that is not serving says so first."""
+    lines = ["## Serving (checked at the end of the run)"]
+    if not_serving is not None:
+        lines.append(f"- **NOT SERVING**: {not_serving}")
+    if serving is not None:
+        if serving.get("champion"):
+            lines.append(f"- champion v{serving['champion']} on `{serving.get('deployment') or '-'}`")
+        lines += [f"- {item}" for item in serving.get("checked", [])]
+    return [*lines, ""]
+
+
 def render_summary(
     *,
     dataset: dict[str, Any],
@@ -188,12 +208,16 @@ def render_summary(
     cached: dict[str, bool] | None = None,
     failure: str | None = None,
     chat_page_url: str | None = None,
+    serving: dict[str, Any] | None = None,
+    not_serving: str | None = None,
 ) -> str:
     """Markdown for the run-summary artifact; every argument is a plain dict from one step.
 
     ``failure`` is the reason a rollout failed (the flow run fails with it); ``rollout`` is then what the rollout
     did up to the failure, with ``rollout["rollback"]`` as read back after the rollback, when it got that far.
-    ``chat_page_url``: the endpoint's browser chat page, linked at the top (only when the endpoint serves one)."""
+    ``chat_page_url``: the endpoint's browser chat page, linked at the top (only when the endpoint serves one).
+    ``serving`` is what the check that the champion serves looked at and did (:mod:`tasks.serving`);
+    ``not_serving`` the reason it is not serving, when it could not be brought back."""
     cached = cached or {}
     metrics = training.get("metrics", {})
     lines = ["# finetune-phi run summary", ""]
@@ -248,6 +272,8 @@ def render_summary(
             *_rollout_step_lines(rollout),
             "",
         ]
+    if serving is not None or not_serving is not None:
+        lines += _serving_lines(serving, not_serving)
     if smoke is not None:
         rows = [
             [

@@ -1023,6 +1023,20 @@ class AzureMLBackend:
         slug = re.sub(r"[^a-z0-9-]+", "-", self.endpoint_name.lower()).strip("-")
         return f"{slug}-endpoint-key"
 
+    def live_metrics(self, client: Any | None = None) -> Any:
+        """The endpoint's per-deployment metrics in Azure Monitor (``MetricsQueryClient`` on the cloud's resource
+        manager) for the rollout's alarms; ``client`` replaces the metrics client (tests)."""
+        from tasks.guardrails.sources import AzureMonitorMetrics, endpoint_resource_id
+
+        if client is None:
+            from azure.monitor.query import MetricsQueryClient
+
+            client = MetricsQueryClient(self.credential, endpoint=self.resource_manager_url)
+        resource = endpoint_resource_id(
+            self.cfg.subscription_id, self.cfg.resource_group, self.cfg.workspace, self.settings.endpoint.name
+        )
+        return AzureMonitorMetrics(client, resource)
+
     def scoring_key(self) -> str:
         """The endpoint's primary key (its token in aml_token mode), kept in a Prefect Secret block; never logged."""
         keys = self._call(

@@ -149,3 +149,20 @@ class MirroringBackend(Backend, Protocol):
     # Mirror ``percent`` (None: the rollout's share) of live traffic to ``name``; ``name=None`` stops mirroring.
     # Returns the endpoint's mirror weights after the change.
     def set_mirror_traffic(self, name: str | None, percent: int | None = None) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class LiveMetricsBackend(Backend, Protocol):
+    """A backend whose endpoint reports per-deployment numbers of users' requests (the local router's admin route,
+    Azure Monitor): the rollout's bakes judge each traffic step on them."""
+
+    def live_metrics(self) -> Any: ...  # a tasks.guardrails.bake.MetricsSource
+
+
+@runtime_checkable
+class RescuingBackend(Backend, Protocol):
+    """A backend whose endpoint can answer a request the new deployment failed with the champion (the local
+    router); the rollout arms it while a step bakes (``rollout.rescue``)."""
+
+    def arm_rescue(self, candidate: str, champion: str, ttl_s: float) -> None: ...
+    def disarm_rescue(self) -> None: ...

@@ -245,6 +245,21 @@ class LocalBackend:
         endpoint = self.get_endpoint()
         return endpoint.traffic if endpoint else {}
 
+    def live_metrics(self) -> Any:
+        """The router's per-deployment counters (``GET /admin/metrics``) for the rollout's alarms."""
+        from tasks.guardrails.sources import RouterMetrics
+
+        return RouterMetrics(lambda: self._client().get_metrics())
+
+    def arm_rescue(self, candidate: str, champion: str, ttl_s: float) -> None:
+        """While a rollout runs: the router answers the candidate's failed requests with the champion."""
+        with _translated("arming the rescue"):
+            self._client().arm_rescue(candidate, champion, ttl_s)
+
+    def disarm_rescue(self) -> None:
+        with _translated("disarming the rescue"):
+            self._client().disarm_rescue()
+
     def scoring_key(self) -> str:
         from deployments.keys import read_keys
 

@@ -18,8 +18,11 @@ The order of a rollout, each step a Prefect task inside one transaction:
 4. smoke-test it pinned with the ``azureml-model-deployment`` header (after the mirror window, while still
    mirrored): no traffic moves to a deployment that failed this;
    with ``rollout.require_approval``, the flow run then pauses until a person resumes it (``await_approval``);
-5. shift traffic in steps (``rollout.traffic_steps``, default 10/50/100), each followed by a pinned smoke test
-   and an error-rate check of unpinned requests (what users get at that split);
+5. shift traffic in steps (``rollout.strategy``: the explicit ``rollout.traffic_steps``, default 10/50/100,
+   ``all_at_once``, ``canary`` or ``linear``); each step bakes for ``rollout.bake_s`` (``final_bake_s`` at 100%,
+   while the old deployment still exists) with live alarms on both deployments' own requests, rolling back the
+   moment one fires (:mod:`tasks.guardrails`); without a bake, or with too little live traffic, a pinned smoke
+   test and an error-rate check of unpinned requests (what users get at that split) decide;
 6. move the ``champion`` alias; after the transaction commits, retire older deployments beyond
    ``rollout.keep_previous``.
 

@@ -22,17 +22,6 @@ class RolloutFailed(BackendError):
 
 
 @dataclass
-class TrafficStepResult:
-    percent: int
-    traffic: dict[str, int]
-    pinned: dict[str, Any]
-    endpoint: dict[str, Any]
-    error_rate: float
-    passed: bool
-    reason: str | None = None
-
-
-@dataclass
 class Rollback:
     """The endpoint and the alias as read back after the ``on_rollback`` hooks ran, not as the hooks meant them."""
 
@@ -75,6 +64,8 @@ class RolloutResult:
     retired: list[str] = field(default_factory=list)
     previous_champion: str | None = None
     mirror: dict[str, Any] | None = None  # {"percent", "duration_s", "deployment"} when traffic was mirrored
+    strategy: str | None = None  # rollout.strategy, with the plan it gave: "canary [10, 100]"
+    live: dict[str, Any] | None = None  # {"samples": [...], "alarm": {...} | None, "picture": path} of the bakes
     rollback: Rollback | None = None  # set when the rollout failed and was rolled back
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +77,6 @@ __all__ = [
     "Rollback",
     "RolloutFailed",
     "RolloutResult",
-    "TrafficStepResult",
     "read_rollback",
     "rollback_state",
 ]

@@ -9,6 +9,9 @@ from prefect.transactions import transaction
 
 from tasks.backends.base import Backend, BackendError, ModelVersion
 from tasks.config import Settings
+from tasks.guardrails.picture import publish_rollout_picture
+from tasks.guardrails.plan import traffic_plan
+from tasks.guardrails.step import Watch, disarm_rescue, metrics_source_of
 from tasks.rollout.approval import await_approval, check_approval_possible
 from tasks.rollout.reconcile import retire_old
 from tasks.rollout.result import CHAMPION, RolloutFailed, RolloutResult, read_rollback, rollback_state
@@ -54,14 +57,18 @@ def run_rollout(
     )  # fmt: skip
     if is_live(endpoint, version.version) and not force:
         return _already_live(backend, version, champion, result)
+    watch = _watch(backend, settings, result)
     try:
         with transaction() as txn:
             txn.set("backend", backend)
             txn.set("new_deployment", result.deployment)
             txn.set("previous_traffic", before)
             txn.set("previous_champion", champion)
-            _transaction_steps(backend, version, settings, check, result)
+            _transaction_steps(backend, version, settings, check, result, watch)
     except Exception as exc:
+        disarm_rescue(backend)
+        result.steps = watch.steps  # the failed step too: its numbers say why
+        result.live = publish_rollout_picture(watch, result, settings)
         result.rollback = read_rollback(backend)
         failed = RolloutFailed(
             f"rollout of model v{version.version} rolled back "
@@ -69,6 +76,8 @@ def run_rollout(
         )
         failed.rollout = result
         raise failed from exc
+    disarm_rescue(backend)
+    result.live = publish_rollout_picture(watch, result, settings)
     result.traffic_after = live_traffic(backend.get_endpoint())
     try:
         result.retired = retire_old(backend, result.deployment, settings.rollout.keep_previous, settings)
@@ -102,8 +111,22 @@ def _already_live(
     return result
 
 
+def _watch(backend: Backend, settings: Settings, result: RolloutResult) -> Watch:
+    """What the bakes watch: the backend's live metrics, the new deployment and the one that had the traffic.
+    A first rollout has no live traffic and no champion to compare with: its probes decide, no source is read."""
+    before = result.traffic_before
+    baking = bool(before) and (settings.rollout.bake_s > 0 or settings.rollout.final_bake_s > 0)
+    champion = max(before, key=before.__getitem__) if before else None
+    return Watch(metrics_source_of(backend) if baking else None, result.deployment, champion)
+
+
 def _transaction_steps(
-    backend: Backend, version: ModelVersion, settings: Settings, check: StepCheck, result: RolloutResult
+    backend: Backend,
+    version: ModelVersion,
+    settings: Settings,
+    check: StepCheck,
+    result: RolloutResult,
+    watch: Watch,
 ) -> None:
     """Create, wait, mirror, pinned smoke test, approval, traffic steps, promotion: recording into ``result``."""
     name, before, mirror = result.deployment, result.traffic_before, settings.rollout.mirror_percent
@@ -121,9 +144,12 @@ def _transaction_steps(
     if settings.rollout.require_approval:
         await_approval(name, settings)
     # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
-    for percent in settings.rollout.traffic_steps if before else [100]:
+    steps = traffic_plan(settings.rollout) if before else [100]
+    result.strategy = f"{settings.rollout.strategy} {steps}"
+    for percent in steps:
         weights = shift_traffic_task(backend, name, percent, settings)
-        result.steps.append(check_step_task(backend, name, percent, weights, settings, check))
+        check_step_task(backend, name, percent, weights, settings, check, watch)
+        result.steps = watch.steps
     promote_task(backend, version, settings)
 
 
@@ -135,7 +161,9 @@ def rollout_step(
     Returns what the rollout did and, when it failed, the :class:`RolloutFailed` for the flow to raise once the run's
     summary (what the rollback left) is published."""
     if not decision["promote"]:
-        get_run_logger().warning("the candidate was not promoted; the champion keeps serving: %s", decision["reason"])
+        get_run_logger().warning(
+            "the candidate was not promoted (%s): checking that the champion serves", decision["reason"]
+        )
         return None, None
     try:
         return run_rollout(backend, version, settings, force=force).to_dict(), None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -20,8 +19,9 @@ from prefect.transactions import Transaction, get_transaction
 
 from tasks.backends.base import Backend, MirroringBackend, ModelVersion
 from tasks.config import Settings, SmokeConfig
+from tasks.guardrails.step import Watch, arm_rescue, judge_step
 from tasks.rollout.reconcile import reconcile
-from tasks.rollout.result import CHAMPION, RolloutFailed, TrafficStepResult
+from tasks.rollout.result import CHAMPION, RolloutFailed
 from tasks.rollout.traffic import full_traffic, live_traffic, split_traffic
 from tasks.smoke import SmokeReport, smoke_deployment
 
@@ -158,26 +158,44 @@ def _restore_traffic(txn: Transaction) -> None:
         _hook_logger(txn).error("could not restore traffic %s (%s); the next run's reconcile step will", previous, exc)
 
 
-@task(name="check-traffic-step", cache_policy=NO_CACHE, persist_result=False)
-def check_step_task(
-    backend: Backend, name: str, percent: int, weights: dict[str, int], settings: Settings, check: StepCheck
-) -> dict[str, Any]:
+def probe_step(
+    backend: Backend, name: str, percent: int, settings: Settings, check: StepCheck
+) -> tuple[bool, str, float]:
+    """The synthetic probes of a step: the pinned smoke test and ``rollout.requests_per_step`` unpinned requests
+    within ``rollout.max_error_rate``. Returns (passed, what they saw, the unpinned error rate)."""
     pinned, unpinned = check(backend, settings, name, percent)
     rate = unpinned.error_rate
-    passed = pinned.passed and rate <= settings.rollout.max_error_rate
-    reason = None
     if not pinned.passed:
-        reason = f"at {percent}% the pinned smoke test failed: {pinned.summary()}"
-    elif not passed:
-        reason = (
-            f"at {percent}% the error rate was {rate:.0%} "
-            f"(rollout.max_error_rate {settings.rollout.max_error_rate:.0%}): {unpinned.summary()}"
-        )
-    step = TrafficStepResult(percent, weights, pinned.to_dict(), unpinned.to_dict(), rate, passed, reason)
-    get_run_logger().info("traffic step %d%%: %s", percent, "passed" if passed else reason)
-    if not passed:
-        raise RolloutFailed(reason)
-    return asdict(step)
+        return False, f"the pinned smoke test failed: {pinned.summary()}", rate
+    if rate > settings.rollout.max_error_rate:
+        return False, (
+            f"the error rate was {rate:.0%} (rollout.max_error_rate {settings.rollout.max_error_rate:.0%}): "
+            f"{unpinned.summary()}"
+        ), rate  # fmt: skip
+    return True, f"{pinned.summary()}; {unpinned.summary()}", rate
+
+
+@task(name="check-traffic-step", cache_policy=NO_CACHE, persist_result=False)
+def check_step_task(
+    backend: Backend,
+    name: str,
+    percent: int,
+    weights: dict[str, int],
+    settings: Settings,
+    check: StepCheck,
+    watch: Watch,
+) -> dict[str, Any]:
+    """Bake the step with live alarms (:mod:`tasks.guardrails`); the probes decide without a bake or traffic.
+    With ``rollout.rescue`` the champion answers what the new deployment fails meanwhile (local backend)."""
+    rescued = arm_rescue(backend, watch, settings, percent)
+    step = judge_step(
+        settings, percent, weights, watch, lambda: probe_step(backend, name, percent, settings, check),
+        log=get_run_logger(),
+    )  # fmt: skip
+    step["rescue"] = rescued
+    if not step["passed"]:
+        raise RolloutFailed(step["reason"])
+    return step
 
 
 @task(name="promote-champion", cache_policy=NO_CACHE, persist_result=False)

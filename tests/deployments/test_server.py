@@ -224,6 +224,27 @@ def test_metrics_per_deployment(live: LiveEndpoint) -> None:
     assert "finetune_phi_request_latency_seconds_bucket" in text
 
 
+def test_admin_metrics_route_counts_statuses_finish_reasons_and_seconds_per_token(live: LiveEndpoint) -> None:
+    from tasks.guardrails.metrics import counters_from_json
+
+    before = counters_from_json(live.admin.get_metrics()["deployments"].get("green", {}))
+    pin = {"azureml-model-deployment": "green"}
+    post(live, "/score", {"input_data": ["hi", "ho"], "params": {"max_new_tokens": 3}}, live.headers(**pin))
+    post(live, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                        "stream": True}, live.headers(**pin))  # fmt: skip
+    too_long = " ".join(f"w{i}" for i in range(5000))
+    assert post(live, "/score", {"input_data": [too_long]}, live.headers(**pin)).status_code == 400  # the client's
+    payload = live.admin.get_metrics()
+    window = counters_from_json(payload["deployments"]["green"]).minus(before)
+    assert window.statuses == {200: 2, 400: 1}
+    assert window.errors == 0  # a client's 4xx is no server error
+    assert sum(window.finish_reasons.values()) == 3  # two /score replies, one streamed chat reply
+    assert sum(window.latency_counts) == 2 and window.stats().p95_s_per_token is not None
+    assert payload["deployments"]["green"]["rescued"] == 0  # no rollout runs: nothing is rescued
+    with pytest.raises(BackendError, match="401"):
+        type(live.admin)(live.url, live.keys["primary"]).get_metrics()  # a scoring key is no admin key
+
+
 def test_admin_api_states_and_refusals(live: LiveEndpoint, tmp_path: Path) -> None:
     admin = live.admin
     admin.create_deployment("broken", str(tmp_path / "no-model-here"), "9")

@@ -40,6 +40,8 @@ def write_flow_config(repo_root: Path, folder: Path) -> Path:
     config["evaluation"] = {"num_prompts": 2, "max_new_tokens": 48}
     config["endpoint"]["port"] = free_port()
     config["rollout"]["requests_per_step"] = 2
+    # The failure-mode tests step through 10/50/100 and judge by the probes; tests/flows/test_guardrails.py bakes.
+    config["rollout"].update(strategy="traffic_steps", traffic_steps=[10, 50, 100], bake_s=0, final_bake_s=0)
     config["smoke"]["max_new_tokens"] = 48
     path = folder / "flow.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

@@ -444,6 +444,43 @@ def test_a_rerun_after_a_kill_at_10_percent_converges(backend, fake, settings, s
     assert not reconcile(backend, backend.get_model_by_alias(CHAMPION), settings).changed
 
 
+def test_a_live_alarm_on_azure_monitor_numbers_rolls_the_canary_back(
+    backend, fake, settings, scoring_host, tmp_path, monkeypatch
+) -> None:
+    """The same alarm logic as locally, on the endpoint's metrics as Azure Monitor serves them (the real
+    ``MetricsQueryClient`` against a loopback HTTPS metrics route): 10 of 50 requests to the canary failed."""
+    from azure.monitor.query import MetricsQueryClient
+
+    from tasks.backends.azureml import AzureMLBackend
+    from tests.tasks.guardrails.monitor_fake import MonitorFake, StaticToken
+
+    _live_v1(backend, fake, settings)
+    v2 = backend.register_model("job-2", {"manifest_sha256": "cd"})
+    settings.rollout.bake_s = 120
+    with MonitorFake(tmp_path) as monitor:
+        monitor.series = {
+            "RequestsPerMinute": [
+                ({"deployment": "model-v2", "statusCode": "200"}, 40.0),
+                ({"deployment": "model-v2", "statusCode": "424"}, 10.0),
+                ({"deployment": "model-v1", "statusCode": "200"}, 450.0),
+            ],
+            "RequestLatency_P95": [({"deployment": "model-v2"}, 300.0), ({"deployment": "model-v1"}, 300.0)],
+        }
+        client = MetricsQueryClient(
+            StaticToken(), endpoint=monitor.base_url, connection_verify=str(monitor.cert_path), retry_total=0
+        )
+        monkeypatch.setattr(backend, "live_metrics", lambda: AzureMLBackend.live_metrics(backend, client=client))
+        with pytest.raises(RolloutFailed, match="alarm at 10%") as failed:
+            _rollout(backend, v2, settings)
+        assert monitor.queries  # the numbers came from Azure Monitor's route
+    assert "error rate 20.0% (10/50)" in str(failed.value)
+    assert live_traffic(backend.get_endpoint()) == {"model-v1": 100}
+    assert "model-v2" not in {d.name for d in backend.get_endpoint().deployments}
+    assert backend.get_model_by_alias(CHAMPION).version == "1"
+    step = failed.value.rollout.steps[0]
+    assert step["decided_by"] == "live" and step["verdict"]["alarm"] == "error_rate" and step["waited_s"] < 60
+
+
 # ---------------------------------------------------------------------------------------------- through the real SDK
 # The same scenarios with the real azure-ai-ml client against the REST fake on loopback HTTPS (tests/azure_fake):
 # assertions on the requests it sent. The fake serves the endpoint's scoring routes at its scoring_uri.
