@@ -47,15 +47,17 @@ class FaultyRunner(ModelRunner):
 
             self.model.forward = slow_forward
 
-    def _advance(self, seq: Any, token: int) -> bool:
+    def _advance(self, row: Any, token: int) -> bool:
+        """The engine's per-token hook (``row.seq`` is the request's :class:`~deployments.engine.Sequence`)."""
+        seq = row.seq
         if not hasattr(seq, "test_index"):
             seq.test_index = next(self._count)
         share = float(self.faults.get("fail_share", 0))
         if share and not seq.generated and seq.finish_reason is None and self._rng.random() < share:
             seq.finish_reason, seq.error = "error", "test fault: fail_share"
-            self._finish(seq)
+            self._finish(row)
             return False
         after = self.faults.get("never_end_after")
         if after is not None and seq.test_index >= int(after) and token in self.end_ids:
             token = min(set(range(len(self.end_ids) + 1)) - self.end_ids)  # any token that is not an end token
-        return super()._advance(seq, token)
+        return super()._advance(row, token)
