@@ -93,7 +93,9 @@ def test_waiting_past_the_queue_wait_is_429_with_retry_after(queued: LiveEndpoin
 def test_openai_route_uses_the_openai_error_shape_for_limits(tight: LiveEndpoint) -> None:
     timed_out = None
     for prompt in PROMPTS:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 480}
+        # Greedy: chat completions sample at temperature 1 by default (OpenAI's), and a sampled reply of the untrained
+        # model may draw <|end|> early; its greedy reply never ends (the same token again and again).
+        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 480, "temperature": 0}
         response = httpx.post(f"{tight.url}/v1/chat/completions", json=body, headers=tight.headers(), timeout=30)
         if response.status_code == 200:
             assert response.json()["choices"][0]["finish_reason"] == "stop", response.text
