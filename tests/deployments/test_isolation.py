@@ -133,8 +133,10 @@ def test_deleting_a_deployment_gives_its_memory_back(live: LiveEndpoint, tiny_mo
 def test_a_killed_deployment_answers_502_in_flight_and_restarts(live: LiveEndpoint, tmp_path: Path, capsys) -> None:
     old_pid = instances(live, "blue")[0]["pid"]
     url = f"{live.url}/score"
+    # Greedy (chat completions sample at temperature 1 by default): the untrained model's greedy reply never ends, so
+    # the stream is still running when the kill comes.
     stream_body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 480,
-                   "stream": True}  # fmt: skip
+                   "temperature": 0, "stream": True}  # fmt: skip
     events: list[str] = []
     started = threading.Event()  # the stream's 200 and first event are out: the kill hits it mid-stream
 
