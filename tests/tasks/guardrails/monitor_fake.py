@@ -9,7 +9,6 @@ be there (the SDK refuses to send one over plain HTTP, hence HTTPS with a self-s
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
 import ssl
 import threading
@@ -20,46 +19,19 @@ from urllib.parse import parse_qs, urlparse
 
 from azure.core.credentials import AccessToken
 
+from tests.azure_fake.tls import self_signed_certificate
+
 
 class StaticToken:
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
         return AccessToken("fake-arm-token", 2**31 - 1)
 
 
-def _certificate(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 class MonitorFake:
     def __init__(self, folder: Path) -> None:
         self.series: dict[str, list[tuple[dict[str, str], float]]] = {}
         self.queries: list[dict[str, list[str]]] = []
-        self.cert_path, key_path = _certificate(folder)
+        self.cert_path, key_path = self_signed_certificate(folder)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
