@@ -192,7 +192,10 @@ def test_a_bad_canary_fires_its_alarm_during_the_first_bake_and_traffic_returns_
     assert first["percent"] == 25 and not first["passed"] and len(rollout["steps"]) == 1
     assert first["decided_by"] == "live" and first["verdict"]["alarm"] == alarm, first
     assert first["waited_s"] < GUARDED["bake_s"] + GUARDED["alarms"]["max_extension_s"]
-    assert first["candidate"]["requests"] >= 1 and first["champion"]["requests"] >= 1
+    # The error-rate alarm may fire on the canary's first requests, before the champion has served one in the window;
+    # the ratio alarms (latency, ended share) cannot decide without the champion's numbers.
+    assert first["candidate"]["requests"] >= 1
+    assert first["champion"]["requests"] >= (0 if alarm == "error_rate" else 1), first["champion"]
     assert rollout["live"]["alarm"]["alarm"] == alarm and Path(rollout["live"]["picture"]).is_file()
     # Users' failures are the bad canary's own, and only those: the champion failed nobody.
     errors_after = _router_errors(faulty_backend)
