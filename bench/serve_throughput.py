@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         default=16384,
         help="transformers serve's paged KV cache in tokens (0: the library's default, most of free RAM)",
     )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="the endpoint's batch_wait_ms (default: the config's)"
+    )
     parser.add_argument("--skip-ceilings", action="store_true", help="no in-process generate/engine numbers")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, store, logs)")
@@ -436,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_concurrent_requests": max_clients,
                 "max_batch_size": max_clients,
                 "torch_threads": args.threads,
+                **({} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}),
                 "device": "cpu",
                 "max_new_tokens_cap": max(512, args.max_new_tokens),
                 "model_roots": [str(work)],  # the benchmark's registry is beside the state folder, not in it
