@@ -42,6 +42,7 @@ from tasks.rollout.traffic import (
     full_traffic,
     is_live,
     live_traffic,
+    rollout_order,
     split_traffic,
     version_of,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "read_rollback",
     "reconcile",
     "retire_old",
+    "rollout_order",
     "rollout_step",
     "run_rollout",
     "split_traffic",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings
-from tasks.rollout.traffic import deployments_of, full_traffic, live_traffic, version_of
+from tasks.rollout.traffic import deployments_of, full_traffic, live_traffic, rollout_order, version_of
 
 
 @dataclass
@@ -33,7 +33,6 @@ def reconcile(backend: Backend, champion: ModelVersion | None, settings: Setting
     if endpoint is None:
         return report
     states = {d.name: d.state for d in endpoint.deployments}
-    champion_version = int(champion.version) if champion and champion.version.isdigit() else None
     traffic_now = live_traffic(endpoint)
     candidates = [n for n in deployments_of(endpoint, champion.version) if states[n] == "ready"] if champion else []
     # Of several deployments of the champion's version (a redeploy cut short), keep the one with most traffic.
@@ -43,9 +42,12 @@ def reconcile(backend: Backend, champion: ModelVersion | None, settings: Setting
         if live_traffic(endpoint) != {champion_name: 100}:
             backend.set_traffic(full_traffic(endpoint, {champion_name: 100}))
             report.actions.append(f"traffic {live_traffic(endpoint)} -> {{{champion_name}: 100}}")
+        champion_order = rollout_order(champion_name)
         for name, state in states.items():
-            version = version_of(name)
-            unfinished = version is not None and champion_version is not None and version >= champion_version
+            # Created after the champion's deployment: an unfinished rollout. An older deployment of the same
+            # version (the one a forced redeploy replaced) is a kept previous one: retire_old's keep_previous rules.
+            order = rollout_order(name)
+            unfinished = order is not None and champion_order is not None and order > champion_order
             if name != champion_name and (unfinished or state in ("failed", "creating")):
                 backend.delete_deployment(name)
                 report.actions.append(f"deleted {name} ({'unfinished rollout' if unfinished else state})")
@@ -84,7 +86,7 @@ def retire_old(backend: Backend, live: str, keep: int, settings: Settings) -> li
     traffic = live_traffic(endpoint)
     old = sorted(
         (d.name for d in endpoint.deployments if d.name != live and d.name not in traffic and version_of(d.name)),
-        key=lambda n: version_of(n) or 0,
+        key=lambda n: rollout_order(n) or (0, 0),
         reverse=True,
     )
     retired = old[keep:]

@@ -29,6 +29,12 @@ def version_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def rollout_order(name: str) -> tuple[int, int] | None:
+    """(version, redeploy) of a deployment name we made, in the order rollouts created them; None otherwise."""
+    match = _NAME.match(name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
+
+
 def fresh_name(endpoint: EndpointInfo | None, version: str) -> str:
     """A deployment name for ``version`` not taken on the endpoint."""
     taken = {d.name for d in endpoint.deployments} if endpoint else set()
@@ -87,6 +93,7 @@ __all__ = [
     "full_traffic",
     "is_live",
     "live_traffic",
+    "rollout_order",
     "split_traffic",
     "version_of",
 ]
