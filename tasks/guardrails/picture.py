@@ -65,7 +65,9 @@ def draw(samples: list[Sample], alarm: dict[str, Any] | None, path: Path, title:
         axes[0].annotate(
             f"alarm: {alarm['alarm']}", (alarm["t"], 0.5), xycoords=("data", "axes fraction"), color="red"
         )
-    axes[0].legend(loc="upper right")
+    # With no live requests in a bake the metric panels are empty; the traffic panel always names every deployment.
+    legend_axis = axes[0] if axes[0].get_legend_handles_labels()[0] else axes[2]
+    legend_axis.legend(loc="upper right")
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,3 +56,18 @@ def test_the_picture_is_a_png_with_the_steps_and_the_alarm(tmp_path: Path) -> No
                sleep=clock.sleep)  # fmt: skip
     path = draw(watch.samples, watch.alarm, tmp_path / "rollout.png", "rollout of model-v2")
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and path.stat().st_size > 10_000
+
+
+def test_a_bake_without_live_requests_still_draws_a_legend_and_warns_nothing(tmp_path: Path) -> None:
+    import warnings
+
+    clock = Clock()
+    source = ScriptedSource(clock, {})  # nobody sent a request: the metric panels stay empty
+    watch = Watch(source, "model-v2", "model-v1", origin=0.0)
+    judge_step(_settings(bake_s=5), 10, {"model-v1": 90, "model-v2": 10}, watch, _probe, clock=clock,
+               sleep=clock.sleep)  # fmt: skip
+    assert watch.samples and not any(s.stats.get("model-v2", {}).get("requests") for s in watch.samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend" reached the log
+        path = draw(watch.samples, watch.alarm, tmp_path / "rollout.png", "rollout of model-v2")
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
