@@ -36,12 +36,11 @@ def rollout_order(name: str) -> tuple[int, int] | None:
 
 
 def fresh_name(endpoint: EndpointInfo | None, version: str) -> str:
-    """A deployment name for ``version`` not taken on the endpoint."""
-    taken = {d.name for d in endpoint.deployments} if endpoint else set()
-    n = 0
-    while deployment_name(version, n) in taken:
-        n += 1
-    return deployment_name(version, n)
+    """A deployment name for ``version`` after every one the endpoint has of it, so that names sort in the order
+    rollouts created them (reconcile tells a kept previous deployment from an unfinished one by that order)."""
+    orders = [rollout_order(d.name) for d in endpoint.deployments] if endpoint else []
+    taken = [order[1] for order in orders if order is not None and order[0] == int(version)]
+    return deployment_name(version, max(taken) + 1 if taken else 0)
 
 
 def deployments_of(endpoint: EndpointInfo | None, version: str) -> set[str]:

@@ -51,6 +51,8 @@ def test_names_carry_the_version_and_a_redeploy_gets_a_fresh_name() -> None:
     endpoint = _endpoint({"model-v3": 100}, {"model-v3": "ready", "model-v3-1": "ready"})
     assert fresh_name(endpoint, "3") == "model-v3-2"
     assert fresh_name(endpoint, "4") == "model-v4"
+    # After model-v3 was retired, a redeploy still sorts after model-v3-1, the one it replaces.
+    assert fresh_name(_endpoint({"model-v3-1": 100}, {"model-v3-1": "ready"}), "3") == "model-v3-2"
     # Azure ML deployment names need 3 to 32 characters, starting with a letter.
     assert 3 <= len(deployment_name("1")) <= 32 and deployment_name("1")[0].isalpha()
 
