@@ -574,6 +574,7 @@ def _assert_metrics_queries(azure, settings: Settings) -> int:
         ({200: 40, 424: 10}, 300.0, "error_rate"),  # 10 of the canary's 50 requests failed
         ({200: 50}, 900.0, "latency"),  # its p95 is 3x the champion's
     ],
+    ids=["error_rate", "latency"],
 )
 def test_rest_a_live_alarm_on_azure_monitor_numbers_rolls_the_canary_back_at_once(
     rest_backend, azure, settings, canary, alarm, reason
