@@ -289,6 +289,7 @@ class AzureMLBackend:
         self._secret_saved = False
         self._cloud = dict(cloud or {})  # MLClient's ``cloud`` / ``cloud_metadata`` for a sovereign or test cloud
         self._transport: _ClockedTransport | None = None
+        self._metrics_clients: list[Any] = []  # the MetricsQueryClients live_metrics made, closed with the backend
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AzureMLBackend:
         # A backend is a handle on remote state, not a value: Prefect's transaction ``get`` deep-copies what the
@@ -296,7 +297,10 @@ class AzureMLBackend:
         return self
 
     def close(self) -> None:
-        """Close the client's connections (a later call builds a new client)."""
+        """Close the clients' connections (a later call builds a new client)."""
+        metrics_clients, self._metrics_clients = self._metrics_clients, []
+        for metrics_client in metrics_clients:
+            metrics_client.close()
         transport, self._transport = self._transport, None
         if transport is not None:
             self._client_obj = None
@@ -1023,15 +1027,22 @@ class AzureMLBackend:
         slug = re.sub(r"[^a-z0-9-]+", "-", self.endpoint_name.lower()).strip("-")
         return f"{slug}-endpoint-key"
 
-    def live_metrics(self, client: Any | None = None) -> Any:
-        """The endpoint's per-deployment metrics in Azure Monitor (``MetricsQueryClient`` on the cloud's resource
-        manager) for the rollout's alarms; ``client`` replaces the metrics client (tests)."""
+    def live_metrics(self) -> Any:
+        """The endpoint's per-deployment metrics in Azure Monitor for the rollout's alarms: a ``MetricsQueryClient``
+        on the resource manager of ``MLClient``'s cloud with the same credential (and TLS trust: azure-core's
+        requests transport, which honours ``REQUESTS_CA_BUNDLE``), closed by :meth:`close`."""
+        from azure.monitor.query import MetricsQueryClient
+
         from tasks.guardrails.sources import AzureMonitorMetrics, endpoint_resource_id
 
-        if client is None:
-            from azure.monitor.query import MetricsQueryClient
-
-            client = MetricsQueryClient(self.credential, endpoint=self.resource_manager_url)
+        client = MetricsQueryClient(
+            self.credential,
+            endpoint=self.resource_manager_url,
+            # One retry layer, as for MLClient: a reading that fails is a check without numbers and the bake reads
+            # again at its next check; azure-core's RetryPolicy would sleep for real, outside the injected clock.
+            retry_total=0,
+        )
+        self._metrics_clients.append(client)
         resource = endpoint_resource_id(
             self.cfg.subscription_id, self.cfg.resource_group, self.cfg.workspace, self.settings.endpoint.name
         )

@@ -9,6 +9,9 @@ A stateful server on 127.0.0.1 answering the routes azure-ai-ml 1.23.1 sends for
 - The workspace's discovery document and run history (``runs/{id}/details``, with log file URLs).
 - The log files (honouring ``Range``) and each endpoint's scoring routes (``/score`` and
   ``/v1/chat/completions``, keyed like a managed endpoint).
+- Azure Monitor's metrics route on an endpoint's resource id (``{id}/providers/Microsoft.Insights/metrics``, for
+  azure-monitor-query's ``MetricsQueryClient``): the numbers the test scripts in :meth:`AzureMLFake.metrics_of`
+  (:mod:`tests.azure_fake.monitor`); a resource id that is no endpoint of the workspace answers 404 like ARM.
 
 State moves like Azure's: a job goes through its scripted statuses one GET at a time (Queued, Running, Completed by
 default), a deployment through its provisioning states (Creating, then Succeeded or Failed), an endpoint keeps the
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from tests.azure_fake.monitor import EndpointMetrics, metrics_answer
 from tests.azure_fake.tls import self_signed_certificate
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
@@ -143,6 +147,7 @@ class AzureMLFake:
         self.scored: list[tuple[str, str, Any]] = []  # (route, deployment, body) of each scoring request
         self.lro: dict[str, list[str]] = {}  # kind -> operation statuses, e.g. {"endpoint": ["InProgress", "Failed"]}
         self.lro_error = {"code": "BadArgument", "message": "The operation failed."}
+        self.monitor: dict[str, EndpointMetrics] = {}  # endpoint -> what Azure Monitor answers for it
         self._operations: dict[str, dict[str, Any]] = {}
         self._folder = Path(tempfile.mkdtemp(prefix="azure-fake-"))
         self.cert_path, key_path = self_signed_certificate(self._folder, (f"{STORAGE_ACCOUNT}.blob.{STORAGE_DOMAIN}",))
@@ -217,6 +222,11 @@ class AzureMLFake:
                 location=self.location, kind="Managed", tags=dict(tags or {}), identity=None,
             )  # fmt: skip
             self.deployments.setdefault(name, {})
+
+    def metrics_of(self, endpoint: str) -> EndpointMetrics:
+        """What Azure Monitor answers for ``endpoint``'s metrics (the test fills it in)."""
+        with self.lock:
+            return self.monitor.setdefault(endpoint, EndpointMetrics())
 
     def add_job(self, name: str, status: str, script: list[str] | None = None) -> None:
         with self.lock:
@@ -301,6 +311,7 @@ class AzureMLFake:
                 r"userAssignedIdentities/(?P<name>[^/]+)",
                 self._identity,
             ),
+            ("GET", r"(?P<resource>/subscriptions/.+)/providers/Microsoft\.Insights/metrics", self._metrics),
             ("GET", r"/logs/(?P<job>[^/]+)/(?P<file>.+)", self._log_file),
             ("POST", r"/endpoints/(?P<ep>[^/]+)/(?P<route>score|v1/chat/completions)", self._score),
         ]
@@ -750,6 +761,22 @@ class AzureMLFake:
         if name not in self._endpoint_of(ep):
             raise AzureError(404, "UserError", f"deployment {name} not found")
         return 200, {"content": self.deployment_logs}, {}
+
+    # --------------------------------------------------------------------------------------------- Azure Monitor
+    def _metrics(self, req: Request, resource: str) -> tuple[int, Any, dict]:
+        if not req.headers.get("authorization", "").startswith("Bearer "):
+            raise AzureError(401, "AuthenticationFailed", "the Authorization header is missing")
+        if "api-version" not in req.query:
+            raise AzureError(400, "MissingApiVersionParameter", "The api-version query parameter is required.")
+        # ARM ids are case-insensitive; only the endpoints of this workspace have metrics here.
+        name = next((n for n, e in self.endpoints.items() if e["id"].lower() == resource.lower()), None)
+        if name is None:
+            raise AzureError(404, "ResourceNotFound", f"The Resource '{resource}' was not found.")
+        metrics = self.monitor.get(name, EndpointMetrics())
+        try:
+            return 200, metrics_answer(resource, self.location, metrics, req.query), {}
+        except ValueError as exc:
+            raise AzureError(400, "BadRequest", str(exc)) from exc
 
     def _score(self, req: Request, ep: str, route: str) -> tuple[int, Any, dict]:
         endpoint = self.endpoints.get(ep)

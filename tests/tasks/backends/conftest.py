@@ -55,7 +55,7 @@ def settings(tmp_path: Path, training_dir: Path) -> Settings:
             "training.recipe": str(training_dir / "recipes" / "phi3.5-mini_full_gpu.yaml"),
             "state_dir": str(tmp_path / "state"),
             # The shipped config bakes each step for minutes on Azure Monitor's numbers; these tests judge steps by
-            # the probes (tests/tasks/backends/test_azureml_guardrails.py bakes).
+            # the probes (the Azure Monitor tests of test_azureml_flow.py set their own bakes).
             "rollout.bake_s": 0,
             "rollout.final_bake_s": 0,
         },

@@ -444,43 +444,6 @@ def test_a_rerun_after_a_kill_at_10_percent_converges(backend, fake, settings, s
     assert not reconcile(backend, backend.get_model_by_alias(CHAMPION), settings).changed
 
 
-def test_a_live_alarm_on_azure_monitor_numbers_rolls_the_canary_back(
-    backend, fake, settings, scoring_host, tmp_path, monkeypatch
-) -> None:
-    """The same alarm logic as locally, on the endpoint's metrics as Azure Monitor serves them (the real
-    ``MetricsQueryClient`` against a loopback HTTPS metrics route): 10 of 50 requests to the canary failed."""
-    from azure.monitor.query import MetricsQueryClient
-
-    from tasks.backends.azureml import AzureMLBackend
-    from tests.tasks.guardrails.monitor_fake import MonitorFake, StaticToken
-
-    _live_v1(backend, fake, settings)
-    v2 = backend.register_model("job-2", {"manifest_sha256": "cd"})
-    settings.rollout.bake_s = 120
-    with MonitorFake(tmp_path) as monitor:
-        monitor.series = {
-            "RequestsPerMinute": [
-                ({"deployment": "model-v2", "statusCode": "200"}, 40.0),
-                ({"deployment": "model-v2", "statusCode": "424"}, 10.0),
-                ({"deployment": "model-v1", "statusCode": "200"}, 450.0),
-            ],
-            "RequestLatency_P95": [({"deployment": "model-v2"}, 300.0), ({"deployment": "model-v1"}, 300.0)],
-        }
-        client = MetricsQueryClient(
-            StaticToken(), endpoint=monitor.base_url, connection_verify=str(monitor.cert_path), retry_total=0
-        )
-        monkeypatch.setattr(backend, "live_metrics", lambda: AzureMLBackend.live_metrics(backend, client=client))
-        with pytest.raises(RolloutFailed, match="alarm at 10%") as failed:
-            _rollout(backend, v2, settings)
-        assert monitor.queries  # the numbers came from Azure Monitor's route
-    assert "error rate 20.0% (10/50)" in str(failed.value)
-    assert live_traffic(backend.get_endpoint()) == {"model-v1": 100}
-    assert "model-v2" not in {d.name for d in backend.get_endpoint().deployments}
-    assert backend.get_model_by_alias(CHAMPION).version == "1"
-    step = failed.value.rollout.steps[0]
-    assert step["decided_by"] == "live" and step["verdict"]["alarm"] == "error_rate" and step["waited_s"] < 60
-
-
 # ---------------------------------------------------------------------------------------------- through the real SDK
 # The same scenarios with the real azure-ai-ml client against the REST fake on loopback HTTPS (tests/azure_fake):
 # assertions on the requests it sent. The fake serves the endpoint's scoring routes at its scoring_uri.
@@ -578,6 +541,93 @@ def test_rest_a_rerun_after_a_kill_at_10_percent_converges(rest_backend, azure, 
         assert _consistent(rest_backend) == {"model-v2": 100}
         assert rest_backend.get_model_by_alias(CHAMPION).version == "2"
     assert not reconcile(rest_backend, rest_backend.get_model_by_alias(CHAMPION), settings).changed
+
+
+METRICS_ROUTE = r"/providers/Microsoft\.Insights/metrics$"
+
+
+def _endpoint_id(settings: Settings) -> str:
+    cfg = settings.azureml
+    return (
+        f"/subscriptions/{cfg.subscription_id}/resourceGroups/{cfg.resource_group}/providers/"
+        f"Microsoft.MachineLearningServices/workspaces/{cfg.workspace}/onlineEndpoints/{settings.endpoint.name}"
+    )
+
+
+def _assert_metrics_queries(azure, settings: Settings) -> int:
+    """Every Azure Monitor query of the bakes asked for the endpoint's metrics, split by deployment (and status
+    code for requests), one requests and one latency query per reading; returns the number of readings."""
+    queries = azure.sent("GET", METRICS_ROUTE)
+    assert queries and {q.path for q in queries} == {_endpoint_id(settings) + "/providers/Microsoft.Insights/metrics"}
+    asked = [(q.query["metricnames"], q.query["aggregation"], q.query["$filter"]) for q in queries]
+    reading = [
+        ("RequestsPerMinute", "Total", "deployment eq '*' and statusCode eq '*'"),
+        ("RequestLatency_P95", "Maximum", "deployment eq '*'"),
+    ]
+    assert asked == reading * (len(queries) // 2)
+    return len(queries) // 2
+
+
+@pytest.mark.parametrize(
+    ("canary", "alarm", "reason"),
+    [
+        ({200: 40, 424: 10}, 300.0, "error_rate"),  # 10 of the canary's 50 requests failed
+        ({200: 50}, 900.0, "latency"),  # its p95 is 3x the champion's
+    ],
+    ids=["error_rate", "latency"],
+)
+def test_rest_a_live_alarm_on_azure_monitor_numbers_rolls_the_canary_back_at_once(
+    rest_backend, azure, settings, canary, alarm, reason
+) -> None:
+    """The backend's own MetricsQueryClient reads the endpoint's metrics from the REST fake: the first reading of
+    the 10% bake fires, and traffic goes back to the champion before the bake is over."""
+    _rest_live_v1(rest_backend, azure)
+    settings.rollout.bake_s = 120
+    metrics = azure.metrics_of(settings.endpoint.name)
+    metrics.requests = {"model-v2": canary, "model-v1": {200: 450}}
+    metrics.latency_p95_ms = {"model-v2": alarm, "model-v1": 300.0}
+    with pytest.raises(RolloutFailed, match="alarm at 10%") as failed:
+        _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    assert _maps_sent(azure, settings.endpoint.name) == [
+        ({"model-v1": 90, "model-v2": 10}, {}),
+        ({"model-v1": 100}, {}),
+    ]
+    assert len(azure.sent("DELETE", r"/deployments/model-v2$")) == 1
+    assert set(azure.deployments[settings.endpoint.name]) == {"model-v1"}
+    assert rest_backend.get_model_by_alias(CHAMPION).version == "1"
+    (step,) = failed.value.rollout.steps
+    # At the first reading (the rollout bakes on real time: a reading's round trip is all it waited).
+    assert step["decided_by"] == "live" and step["verdict"]["alarm"] == reason and step["waited_s"] < 10
+    assert (step["candidate"]["requests"], step["candidate"]["errors"]) == (50, canary.get(424, 0))
+    assert step["candidate"]["request_p95_s"] == pytest.approx(alarm / 1000)
+    assert (step["champion"]["requests"], step["champion"]["errors"]) == (450, 0)
+    assert step["champion"]["request_p95_s"] == pytest.approx(0.3)
+    assert _assert_metrics_queries(azure, settings) == 1  # the first reading decided
+
+
+def test_rest_too_few_requests_in_azure_monitor_leave_the_step_to_the_synthetic_probes(
+    rest_backend, azure, settings
+) -> None:
+    """5 requests a step (fewer than rollout.alarms.min_requests): each bake extends to its limit, then the probes
+    (answered by the fake's scoring route) pass it, and the rollout completes. The rollout bakes on real time:
+    short bakes."""
+    _rest_live_v1(rest_backend, azure)
+    settings.rollout.bake_s = 0.3
+    alarms = settings.rollout.alarms
+    alarms.max_extension_s, alarms.check_interval_s = 0.3, 0.1
+    metrics = azure.metrics_of(settings.endpoint.name)
+    metrics.requests = {"model-v2": {200: 5}, "model-v1": {200: 450}}
+    metrics.latency_p95_ms = {"model-v2": 300.0, "model-v1": 300.0}
+    result = _rollout(rest_backend, rest_backend.register_model("job-2", {}), settings)
+    assert result.traffic_after == {"model-v2": 100} and rest_backend.get_model_by_alias(CHAMPION).version == "2"
+    baked = [s for s in result.steps if s["bake_s"] > 0]
+    assert [s["percent"] for s in baked] == [10, 50]  # final_bake_s is 0: the 100% step is the probes' alone
+    for step in baked:
+        assert step["decided_by"] == "probes" and step["passed"]
+        assert step["waited_s"] >= 0.6  # the bake and its whole extension
+        assert "only 5 live requests to model-v2" in step["note"]
+        assert step["candidate"]["requests"] == 5 and step["champion"]["requests"] == 450
+    assert _assert_metrics_queries(azure, settings) >= 2 * 3  # each bake read at least at 0, 0.3 and 0.6 s
 
 
 def test_rest_scoring_key_is_kept_in_a_prefect_secret_block(settings, azure, training_dir) -> None:
