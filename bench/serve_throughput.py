@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     from deployments.protocol import INSTANCE_TOKEN_HEADER
     from deployments.service import start_server, stop_server
     from tasks import registry
-    from tasks.backends.local_jobs import stop_process_group
     from tasks.config import Settings
+    from tasks.process_groups import stop_process_group
     from tasks.state import read_json
 
     model_dir = args.model_dir or build_model(args.size, work / "job" / "model")

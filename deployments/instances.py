@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -34,6 +33,7 @@ import psutil
 from deployments.engines import MODEL_SERVER_MODULE, EngineLaunch, engine_command
 from deployments.memory import oom_score_adj, set_oom_score_adj, tree_rss
 from deployments.protocol import ENV_INSTANCE_TOKEN
+from tasks import process_groups
 from tasks.config import AzureProbeConfig
 from tasks.state import read_json
 
@@ -71,40 +71,7 @@ def is_model_server(pid: int, create_time: float | None = None) -> bool:
 
 def stop_group(pid: int, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM the process group led by ``pid``, SIGKILL what is left after ``grace_s``; reaps our own child."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(pid):
-        _reap(pid)
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    while _group_alive(pid) and time.monotonic() < deadline + 5:
-        _reap(pid)
-        time.sleep(0.05)
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie leader still counts for killpg: look at the members' states
-    for process in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            continue
-    return False
+    process_groups.stop_group(pid, grace_s, reap=lambda: os.waitpid(pid, os.WNOHANG))
 
 
 def read_records(endpoint_dir: Path) -> dict[str, list[dict[str, Any]]]:

@@ -19,7 +19,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
-import math
 import os
 import shlex
 import signal
@@ -42,6 +41,7 @@ from tasks.backends.base import (
 from tasks.backends.training_job import TRAINING_DIR, job_identity, training_args
 from tasks.logs import LogFollower, read_lines_since, run_logger
 from tasks.polling import PollTimeout, every, poll_until
+from tasks.process_groups import pid_alive, stop_group
 from tasks.state import atomic_write_json, read_json
 
 LOG_NAME = "train.log"
@@ -93,20 +93,6 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return steps[max(steps)] if steps else None
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone: it has exited and only waits to be reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    return True
-
-
 def _is_launcher(pid: int, folder: Path) -> bool:
     """False when ``pid`` now belongs to another program: pids are reused after a reboot or a container restart, and
     a stale record must neither keep a flow waiting nor let cancel kill a stranger. The job's launcher names the
@@ -116,35 +102,6 @@ def _is_launcher(pid: int, folder: Path) -> bool:
     except OSError:
         return True  # no /proc to ask (or the process just ended): trust the pid, the next poll settles it
     return str((folder / EXIT_CODE_NAME).resolve()).encode() in cmdline
-
-
-def stop_process_group(process: subprocess.Popen, grace_s: float) -> None:
-    """Stop the process group that ``process`` leads (started with ``start_new_session=True``): SIGTERM, then
-    SIGKILL if it is still there after ``grace_s``. For servers and tools run beside a job (tests, benchmarks)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=grace_s)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies still count for killpg; look for a live member of the group.
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-    return False
 
 
 def exit_reason(exit_code: int | None) -> str:
@@ -309,7 +266,7 @@ class LocalJobRunner:
         proc = self._procs.get(job_id)
         if proc is not None:
             proc.poll()  # reap our own child
-        if _pid_alive(int(record["pid"])) and _is_launcher(int(record["pid"]), self.job_dir(job_id)):
+        if pid_alive(int(record["pid"])) and _is_launcher(int(record["pid"]), self.job_dir(job_id)):
             return self._info(record)
         code_text = read_text_or_none(self.job_dir(job_id) / EXIT_CODE_NAME)
         exit_code = int(code_text) if code_text and code_text.strip().lstrip("-").isdigit() else None
@@ -361,19 +318,7 @@ class LocalJobRunner:
         record["cancel_requested"] = True
         self._save(record)
         pgid = int(record["pid"])  # start_new_session: the launcher leads its own group
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
-
-        def group_alive() -> bool:
-            self._reap(job_id)
-            return _group_alive(pgid)
-
-        try:
-            poll_until(group_alive, lambda alive: not alive, timeout_s=self.grace_s, schedule=every(0.1))
-        except PollTimeout:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            poll_until(group_alive, lambda alive: not alive, timeout_s=math.inf, schedule=every(0.05))
+        stop_group(pgid, self.grace_s, reap=lambda: self._reap(job_id))
         self._reap(job_id)
         with open(self.job_dir(job_id) / LOG_NAME, "a", encoding="utf-8") as log:
             log.write(f"[finetune-phi] canceled at {_now()}\n")
@@ -519,7 +464,6 @@ __all__ = [
     "LocalJobRunner",
     "exit_reason",
     "last_checkpoint",
-    "stop_process_group",
     "submit_or_resume",
     "training_argv",
     "training_job_id",

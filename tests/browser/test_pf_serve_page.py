@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backends.local_jobs import stop_process_group
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
+from tasks.process_groups import stop_process_group
 from tests.browser.conftest import BrowserPage, save_screenshot
 from tests.flow_chat.helpers import (
     REPO_ROOT,

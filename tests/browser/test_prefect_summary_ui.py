@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backends.local_jobs import stop_process_group
+from tasks.process_groups import stop_process_group
 from tasks.summary import SUMMARY_KEY, how_to_chat, render_summary
 from tests.browser.conftest import BrowserPage, save_screenshot
 from tests.flow_chat.helpers import REPO_ROOT, free_port, wait_until_healthy

@@ -18,7 +18,7 @@ import pytest
 from deployments.device import Placement
 from deployments.engines import EngineLaunch, chat_request_for, engine_command
 from deployments.external import ExternalEngineError, score_response, score_via_chat, stream_chat
-from tasks.backends.local_jobs import stop_process_group
+from tasks.process_groups import stop_process_group
 from tests.deployments.conftest import free_port, wait_for
 
 QUESTIONS = ["Hello! Who are you?", "What is a Prefect flow?", "How are the endpoint's keys stored?"]

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.backends.local_jobs import stop_process_group
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
+from tasks.process_groups import stop_process_group
 from tests.flow_chat.helpers import (
     FLOW_DIR,
     PF_BIN,

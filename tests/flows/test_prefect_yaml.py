@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tasks.backends.local_jobs import stop_process_group
+from tasks.process_groups import stop_process_group
 from tests.flows.conftest import free_port
 
 pytestmark = pytest.mark.slow
