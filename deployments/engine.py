@@ -438,8 +438,10 @@ class ModelRunner:
         positions = torch.empty((len(rows), width), dtype=torch.long)
         for i, (row, start, end) in enumerate(zip(rows, starts, ends, strict=True)):
             ids[i, : end - start] = torch.tensor(row.seq.prompt_ids[start:end])
-            # right padding: a padded query repeats the row's last position, so it writes nothing past its own end
-            positions[i] = (torch.arange(width) + start).clamp(max=end - 1)
+            # Right padding at the positions after the row's end: a pad's keys and values land where this row's own
+            # decoding writes next (before attending to them) and no query of the row can see them meanwhile.
+            # Repeating the last real position instead let the pads overwrite that token's keys and values.
+            positions[i] = torch.arange(width) + start
         ids, positions = ids.to(self.device), positions.to(self.device)
         last = torch.tensor([[e - s - 1] for s, e in zip(starts, ends, strict=True)], device=self.device)
         logits = self._forward(cache, first_slot, ids, positions, max(ends), logits_to_keep=last).logits[:, -1, :]

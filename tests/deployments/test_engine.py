@@ -174,3 +174,20 @@ def test_engine_reply_text_is_the_full_decode(runner: ModelRunner) -> None:
     (seq,) = run(runner, [Sequence(ids, greedy(30), on_token=lambda s: streamed.append(s.text))])
     assert seq.text == runner.decode(seq.generated)
     assert all(seq.text.startswith(t) for t in streamed)  # the text only ever grows
+
+
+def test_prompts_of_different_lengths_prefilled_in_one_forward_each_equal_generate(
+    context_sensitive_model: Path,
+) -> None:
+    """Requests arriving together are prefilled in one padded forward (production's 512-token chunks hold them
+    all): the padding of a shorter prompt must not overwrite its own keys and values."""
+    engine = ModelRunner(context_sensitive_model, max_batch_size=4, batch_wait_ms=500, torch_threads=1, device="cpu")
+    try:
+        texts = ["Hi", "What is a rollback " * 6, "Who are you?", "Tell me about Prefect flows and tasks."]
+        seqs = [Sequence(prompt(engine, t), greedy(20)) for t in texts]
+        assert len({len(s.prompt_ids) for s in seqs}) == len(seqs)  # four lengths: three rows are padded
+        run(engine, seqs)
+        for seq in seqs:
+            assert seq.generated == reference(engine, seq.prompt_ids, 20)
+    finally:
+        engine.close()
