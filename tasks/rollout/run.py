@@ -11,7 +11,7 @@ from tasks.backends.base import Backend, BackendError, ModelVersion
 from tasks.config import Settings
 from tasks.guardrails.picture import publish_rollout_picture
 from tasks.guardrails.plan import traffic_plan
-from tasks.guardrails.step import Watch, disarm_rescue, metrics_source_of
+from tasks.guardrails.step import Watch, arm_rescue, disarm_rescue, metrics_source_of
 from tasks.rollout.approval import await_approval, check_approval_possible
 from tasks.rollout.reconcile import retire_old
 from tasks.rollout.result import CHAMPION, RolloutFailed, RolloutResult, read_rollback, rollback_state
@@ -147,8 +147,10 @@ def _transaction_steps(
     steps = traffic_plan(settings.rollout) if before else [100]
     result.strategy = f"{settings.rollout.strategy} {steps}"
     for percent in steps:
+        # Armed before the shift: a user's request may reach the new deployment as soon as traffic moves.
+        rescued = arm_rescue(backend, watch, settings, percent)
         weights = shift_traffic_task(backend, name, percent, settings)
-        check_step_task(backend, name, percent, weights, settings, check, watch)
+        check_step_task(backend, name, percent, weights, settings, check, watch, rescued)
         result.steps = watch.steps
     promote_task(backend, version, settings)
 

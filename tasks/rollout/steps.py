@@ -19,7 +19,7 @@ from prefect.transactions import Transaction, get_transaction
 
 from tasks.backends.base import Backend, MirroringBackend, ModelVersion
 from tasks.config import Settings, SmokeConfig
-from tasks.guardrails.step import Watch, arm_rescue, judge_step
+from tasks.guardrails.step import Watch, judge_step
 from tasks.rollout.reconcile import reconcile
 from tasks.rollout.result import CHAMPION, RolloutFailed
 from tasks.rollout.traffic import full_traffic, live_traffic, split_traffic
@@ -184,10 +184,11 @@ def check_step_task(
     settings: Settings,
     check: StepCheck,
     watch: Watch,
+    rescued: bool = False,
 ) -> dict[str, Any]:
     """Bake the step with live alarms (:mod:`tasks.guardrails`); the probes decide without a bake or traffic.
-    With ``rollout.rescue`` the champion answers what the new deployment fails meanwhile (local backend)."""
-    rescued = arm_rescue(backend, watch, settings, percent)
+    ``rescued``: the rollout armed the rescue for this step before moving traffic (``rollout.rescue``, local
+    backend), so the champion answers what the new deployment fails meanwhile."""
     step = judge_step(
         settings, percent, weights, watch, lambda: probe_step(backend, name, percent, settings, check),
         log=get_run_logger(),

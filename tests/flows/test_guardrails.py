@@ -219,7 +219,11 @@ def test_with_rescue_on_users_see_no_failure_from_a_failing_canary_and_the_alarm
     assert first["rescue"] and first["decided_by"] == "live" and first["verdict"]["alarm"] == "error_rate", first
     assert first["candidate"]["errors"] >= 1 and first["candidate"]["rescued"] == first["candidate"]["errors"]
     assert users.answers and not users.failures(), users.failures()
-    assert _router_errors(faulty_backend)["model-v911"] == first["candidate"]["errors"]  # counted, not hidden
+    # Counted, not hidden: every failure of the canary is in the router's numbers, and the champion answered each
+    # one. The router may count more than the step's window: a request between the traffic shift and the bake's
+    # first reading, or after the alarm while the rollback restores traffic (rescue stays armed through both).
+    router = faulty_backend.live_metrics().mark()["model-v911"]
+    assert router.errors >= first["candidate"]["errors"] and router.rescued == router.errors, router
 
 
 def test_too_little_traffic_extends_the_bake_then_the_probes_decide_and_the_summary_says_so(
