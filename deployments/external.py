@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +161,7 @@ async def chat_completion(http: Any, url: str, body: dict[str, Any], model_name:
     return payload
 
 
-async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str) -> AsyncIterator[bytes]:
+async def stream_chat(http: Any, url: str, body: dict[str, Any], model_name: str) -> AsyncGenerator[bytes, None]:
     """The engine's server-sent events for a streaming chat completion, ``model`` renamed to the deployment's."""
     async with http.stream("POST", url, json={**body, "stream": True}) as response:
         if response.status_code != 200:

@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -873,8 +873,8 @@ async def _relay_until(
     source: AsyncIterator[bytes],
     deadline: float,
     config: EndpointConfig,
-    failed: Callable[[Exception], Any],
-    mark: Callable[[int], None] = lambda status: None,
+    failed: Callable[[Exception], Awaitable[ApiError]],
+    mark: Callable[[int], None],
 ) -> AsyncIterator[bytes]:
     """``source``'s chunks until it ends; past ``deadline`` a timeout event, on a broken connection (or an engine's
     error) the event of ``await failed(exc)``, each followed by ``[DONE]``. ``mark(status)`` records the error's
@@ -894,6 +894,30 @@ async def _relay_until(
             yield _sse_error(error) + b"data: [DONE]\n\n"
             return
         yield piece
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """What differs between the two streams the router relays (a builtin deployment process's events, an external
+    engine's OpenAI stream): where the events come from and how they are read, counted and timed."""
+
+    source: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]  # closes the upstream response, however the relay ends
+    deadline: float  # time.monotonic() past which the client gets the timeout event
+    since: float  # time.monotonic() the metrics' latency counts from
+    failed: Callable[[Exception], Awaitable[ApiError]]  # the error event for a broken connection (or engine error)
+    count: Callable[[bytes], int]  # the content chunks in a piece: the tokens, give or take
+    mark: Callable[[int], None] = lambda status: None  # records the error status sent after the 200
+
+
+def _builtin_chunks(piece: bytes) -> int:
+    # one content chunk per decoding step that added text: the tokens, give or take a held-back byte
+    return piece.count(b'"delta": {"content": ')
+
+
+def _engine_chunks(event: bytes) -> int:
+    # an engine's role and final chunks carry an empty content: they are no tokens
+    return event.count(b'"content": "') - event.count(b'"content": ""')
 
 
 def _stream_finish(chunk: bytes) -> str | None:
@@ -1031,6 +1055,26 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         metrics.generated(deployment.name, tokens, time.monotonic() - started, finishes)
         return JSONResponse(content, headers=headers)
 
+    def relayed(deployment: Deployment, slot: Slot, stream: _Stream) -> StreamingResponse:
+        """``stream``'s events relayed as they come, within its deadline; the slot is freed and the tokens and
+        finish reason counted when it ends, however (the client gone included)."""
+
+        async def relay() -> AsyncIterator[bytes]:
+            chunks, finish = 0, None
+            try:
+                async for piece in _relay_until(stream.source, stream.deadline, config, stream.failed, stream.mark):
+                    chunks += stream.count(piece)
+                    finish = _stream_finish(piece) or finish
+                    yield piece
+            finally:
+                await stream.close()
+                slot.release()
+                finishes = [finish] if finish else []
+                metrics.generated(deployment.name, chunks, time.monotonic() - stream.since, finishes)
+
+        headers = {PIN_HEADER: deployment.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
     async def stream_external(deployment: Deployment, slot: Slot, body: bytes, started: float) -> Response:
         data = json.loads(body)
         chat = external.engine_chat_body(
@@ -1039,29 +1083,22 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
             default_max_new_tokens=config.default_max_new_tokens,
             max_new_tokens_cap=config.max_new_tokens_cap,
         )
-        deadline = started + config.request_timeout_ms / 1000.0
         assert endpoint.client is not None
         url = f"{slot.instance.url}/v1/chat/completions"
+        events = external.stream_chat(endpoint.client, url, chat, data.get("model") or deployment.name)
 
-        async def relay() -> AsyncIterator[bytes]:
-            chunks, finish = 0, None
-            events = external.stream_chat(endpoint.client, url, chat, data.get("model") or deployment.name)
+        async def engine_failed(exc: Exception) -> ApiError:
+            return ApiError(500, "GenerationFailed", f"generation failed: {exc}")
 
-            async def engine_failed(exc: Exception) -> ApiError:
-                return ApiError(500, "GenerationFailed", f"generation failed: {exc}")
-
-            try:
-                async for event in _relay_until(events, deadline, config, engine_failed):
-                    chunks += event.count(b'"content": "') - event.count(b'"content": ""')
-                    finish = _stream_finish(event) or finish
-                    yield event
-            finally:
-                await events.aclose()
-                slot.release()
-                metrics.generated(deployment.name, chunks, time.monotonic() - started, [finish] if finish else [])
-
-        headers = {PIN_HEADER: deployment.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+        stream = _Stream(
+            source=events,
+            close=events.aclose,
+            deadline=started + config.request_timeout_ms / 1000.0,
+            since=started,
+            failed=engine_failed,
+            count=_engine_chunks,
+        )
+        return relayed(deployment, slot, stream)
 
     async def forward(
         request: Request, path: str, model: str | None, started: float, to: str | None = None
@@ -1099,7 +1136,6 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         deployment, slot = await admitted(request, model, started, to)
         if deployment.engine != "builtin":
             return await stream_external(deployment, slot, body, started)
-        admitted_at = request.state.admitted_at
         instance = slot.instance
         assert endpoint.client is not None
         deadline = started + config.request_timeout_ms / 1000.0 + BACKSTOP_S
@@ -1128,27 +1164,16 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 slot.release()
             return answer(deployment, upstream, content)
 
-        async def relay() -> AsyncIterator[bytes]:
-            chunks, finish = 0, None
-            try:
-                async for piece in _relay_until(
-                    upstream.aiter_raw(),
-                    deadline,
-                    config,
-                    lambda exc: _crashed(deployment, instance),
-                    mark=lambda status: setattr(request.state, "stream_status", status),
-                ):
-                    chunks += piece.count(b'"delta": {"content": ')
-                    finish = _stream_finish(piece) or finish
-                    yield piece
-            finally:
-                await upstream.aclose()
-                slot.release()
-                # one content chunk per decoding step that added text: the tokens, give or take a held-back byte
-                metrics.generated(deployment.name, chunks, time.monotonic() - admitted_at, [finish] if finish else [])
-
-        headers = {PIN_HEADER: deployment.name, "cache-control": "no-cache", "x-accel-buffering": "no"}
-        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+        stream = _Stream(
+            source=upstream.aiter_raw(),
+            close=upstream.aclose,
+            deadline=deadline,
+            since=request.state.admitted_at,
+            failed=lambda exc: _crashed(deployment, instance),
+            count=_builtin_chunks,
+            mark=lambda status: setattr(request.state, "stream_status", status),
+        )
+        return relayed(deployment, slot, stream)
 
     async def with_rescue(request: Request, model: str | None, attempt: Any) -> Response:
         """``attempt(None)`` as routed; during a rollout, once more on the champion (``attempt(champion)``) when the

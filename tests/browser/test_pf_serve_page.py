@@ -7,23 +7,14 @@ received: the second request carries the first turn, question and answer.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
-from tasks.process_groups import stop_process_group
 from tests.browser.conftest import BrowserPage, save_screenshot
-from tests.flow_chat.helpers import (
-    REPO_ROOT,
-    documented_serve_command,
-    free_port,
-    pf_env,
-    settings_for,
-    wait_until_healthy,
-)
+from tests.flow_chat.helpers import free_port, pf_flow_serve, settings_for
 from tests.flow_chat.recording_server import RecordingServer
 
 pytestmark = pytest.mark.slow
@@ -43,21 +34,8 @@ def pf_serve(recorder: RecordingServer, tmp_path_factory: pytest.TempPathFactory
     settings = settings_for(tmp_path_factory.mktemp("pf-serve-page"), port=free_port())
     configure_promptflow(settings.state_dir)
     create_or_update_connection(settings, target=EndpointTarget(recorder.base_url, KEY, "local"))
-    port = free_port()
-    log = tmp_path_factory.mktemp("pf-serve-log") / "serve.log"
-    server = subprocess.Popen(
-        documented_serve_command(port),
-        cwd=REPO_ROOT,
-        env=pf_env(),
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_until_healthy(server, port, log)
+    with pf_flow_serve(tmp_path_factory.mktemp("pf-serve-log") / "serve.log") as port:
         yield f"http://127.0.0.1:{port}/"
-    finally:
-        stop_process_group(server, grace_s=15)
 
 
 def test_the_documented_command_serves_a_chat_that_keeps_the_history(

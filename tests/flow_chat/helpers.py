@@ -7,6 +7,7 @@ every later test follows ``os.environ`` like the ``pf`` subprocesses do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shlex
@@ -16,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import yaml
 
 from tasks.config import Settings, load_config
+from tasks.process_groups import stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FLOW_DIR = REPO_ROOT / "flow_chat"
@@ -89,3 +92,24 @@ def wait_until_healthy(
         except (urllib.error.URLError, ConnectionError):
             assert time.monotonic() < deadline, f"{server.args[:4]} did not answer {path} within {timeout_s:g} s"
             time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def pf_flow_serve(log: Path) -> Iterator[int]:
+    """flow_chat/README.md's `pf flow serve` on a free port, its output in ``log``, until it answers /health. Yields
+    the port; stops the server and all it started when the block ends."""
+    port = free_port()
+    with log.open("wb") as out:  # a file, not a pipe: a full pipe would block the server
+        server = subprocess.Popen(
+            documented_serve_command(port),
+            cwd=REPO_ROOT,
+            env=pf_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped with everything it started
+        )
+        try:
+            wait_until_healthy(server, port, log)
+            yield port
+        finally:
+            stop_process_group(server, grace_s=15)

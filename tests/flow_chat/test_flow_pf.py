@@ -28,16 +28,14 @@ import yaml
 
 from tasks.chat_connection import EndpointTarget, configure_promptflow, create_or_update_connection
 from tasks.config import Settings
-from tasks.process_groups import stop_process_group
 from tests.flow_chat.helpers import (
     FLOW_DIR,
     PF_BIN,
     REPO_ROOT,
-    documented_serve_command,
     free_port,
     pf_env,
+    pf_flow_serve,
     settings_for,
-    wait_until_healthy,
 )
 from tests.flow_chat.recording_server import RecordingServer
 
@@ -171,21 +169,8 @@ def flow_server(chat_endpoint: ChatEndpoint, tmp_path_factory: pytest.TempPathFa
 
     It reads the connection once, at start: tests that change the connection later do not reach it.
     """
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    server = subprocess.Popen(
-        documented_serve_command(port),
-        cwd=REPO_ROOT,
-        env=pf_env(),
-        stdout=log.open("wb"),  # a file, not a pipe: a full pipe would block the server
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopped with everything it started
-    )
-    try:
-        wait_until_healthy(server, port, log)
+    with pf_flow_serve(tmp_path_factory.mktemp("serve") / "serve.log") as port:
         yield f"http://127.0.0.1:{port}/score"
-    finally:
-        stop_process_group(server, grace_s=15)
 
 
 def test_pf_flow_test_answers(chat_endpoint: ChatEndpoint) -> None:

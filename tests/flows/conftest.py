@@ -7,7 +7,11 @@ it back (that is what they test). The endpoint server is stopped by PID at the e
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,9 @@ from uuid import UUID
 import pytest
 import yaml
 
+from tasks.backends.base import Backend
 from tasks.config import Settings, load_config
+from tasks.rollout import live_traffic
 
 # Few steps keep CI fast; the smoke test's prompts are training questions, so the tiny model answers and stops.
 TRAINING_OVERRIDES: dict[str, Any] = {"max_steps": 120}
@@ -93,3 +99,49 @@ def wait_for_paused_run(flow_name: str, timeout_s: float = 60) -> UUID:
             return runs[0].id
         time.sleep(0.2)
     raise AssertionError(f"no flow run of {flow_name!r} paused within {timeout_s} s")
+
+
+# A forced rollout of the champion in a flow process of its own, to be killed mid-way (argv: config path, flow name).
+KILL_SCRIPT = """
+import sys
+from prefect import flow
+from tasks.backends import get_backend
+from tasks.config import load_config
+from tasks.rollout import CHAMPION, run_rollout
+
+@flow(name=sys.argv[2])
+def go(config_path):
+    settings = load_config(config_path)
+    backend = get_backend(settings)
+    run_rollout(backend, backend.get_model_by_alias(CHAMPION), settings, force=True)
+
+go(sys.argv[1])
+"""
+
+
+def kill_rollout_once_split(
+    backend: Backend, config: str | Path, flow_name: str, prefect_api_url: str, repo_root: Path, linger_s: float = 0.0
+) -> dict[str, int]:
+    """Starts :data:`KILL_SCRIPT` as flow ``flow_name`` and kills its process group (SIGKILL) ``linger_s`` after the
+    endpoint's traffic is split between two deployments (the old and the new). Returns the split it saw."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, "PYTHONPATH": str(repo_root)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(config), flow_name], cwd=repo_root, env=env, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        split: dict[str, int] = {}
+        while time.monotonic() < deadline and process.poll() is None:
+            split = live_traffic(backend.get_endpoint())
+            if len(split) == 2:  # the first step (or canary bake) has moved traffic to the new deployment
+                break
+            time.sleep(0.05)
+        assert len(split) == 2, f"the rollout never split traffic (exit {process.poll()})"
+        time.sleep(linger_s)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+    return split

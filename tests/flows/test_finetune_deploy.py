@@ -9,8 +9,6 @@ import base64
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -29,7 +27,7 @@ from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.rollout import CHAMPION, RolloutFailed, default_step_check, live_traffic, run_rollout
 from tasks.smoke import SmokeReport
-from tests.flows.conftest import free_port, wait_for_paused_run
+from tests.flows.conftest import free_port, kill_rollout_once_split, wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 16, "do_sample": False}}
@@ -319,47 +317,12 @@ def test_a_rollout_failing_in_the_flow_is_rolled_back_and_its_summary_says_so(fi
     assert ": deleted" in section
 
 
-KILL_SCRIPT = """
-import sys
-from prefect import flow
-from tasks.backends import get_backend
-from tasks.config import load_config
-from tasks.rollout import CHAMPION, run_rollout
-
-@flow(name="rollout-to-be-killed")
-def go(config_path):
-    settings = load_config(config_path)
-    backend = get_backend(settings)
-    run_rollout(backend, backend.get_model_by_alias(CHAMPION), settings, force=True)
-
-go(sys.argv[1])
-"""
-
-
 def test_a_rollout_killed_mid_way_converges_on_the_next_run(
     first_run, prefect_harness, flow_config, backend, repo_root, tmp_path
 ) -> None:
     before = _consistent(backend)
     names_before = _names(backend)
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PYTHONPATH": str(repo_root)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(flow_config)], cwd=repo_root, env=env, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        split: dict[str, int] = {}
-        while time.monotonic() < deadline and process.poll() is None:
-            split = live_traffic(backend.get_endpoint())
-            if len(split) == 2:  # traffic has moved to 10% of the new deployment
-                break
-            time.sleep(0.05)
-        assert len(split) == 2, f"the rollout never split traffic (exit {process.poll()})"
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    split = kill_rollout_once_split(backend, flow_config, "rollout-to-be-killed", prefect_harness, repo_root)
     orphans = set(split) - set(before)
     assert orphans <= _names(backend)  # the crash left a deployment nobody owns, with traffic on it
 

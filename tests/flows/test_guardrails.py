@@ -12,11 +12,7 @@ folder; the server of the flow tests is restarted with the switch for this modul
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +30,7 @@ from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings
 from tasks.rollout import CHAMPION, RolloutFailed, live_traffic, run_rollout
 from tests.faults import faulty_copy, faulty_engines
+from tests.flows.conftest import kill_rollout_once_split
 
 pytestmark = pytest.mark.slow
 FAULTY_VERSIONS = ("910", "911", "912", "913")  # the versions given a faulty engine (deployments model-v910, ...)
@@ -270,47 +267,13 @@ def test_a_healthy_canary_passes_every_bake_and_the_final_bake_then_the_old_depl
     assert picture is not None and picture.type == "image"
 
 
-KILL_SCRIPT = """
-import sys
-from prefect import flow
-from tasks.backends import get_backend
-from tasks.config import load_config
-from tasks.rollout import CHAMPION, run_rollout
-
-@flow(name="guarded-rollout-to-be-killed")
-def go(config_path):
-    settings = load_config(config_path)
-    backend = get_backend(settings)
-    run_rollout(backend, backend.get_model_by_alias(CHAMPION), settings, force=True)
-
-go(sys.argv[1])
-"""
-
-
 def test_a_flow_killed_mid_bake_converges_on_the_next_run(
     faulty_backend: Backend, prefect_harness: str, guarded: Any, repo_root: Path
 ) -> None:
     before = _serving(faulty_backend)
     config = guarded(bake_s=60)
-    env = {**os.environ, "PREFECT_API_URL": prefect_harness, "PYTHONPATH": str(repo_root)}
-    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, config], cwd=repo_root, env=env,
-                               start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        split: dict[str, int] = {}
-        while time.monotonic() < deadline and process.poll() is None:
-            split = live_traffic(faulty_backend.get_endpoint())
-            if len(split) == 2:  # the canary bake has begun
-                break
-            time.sleep(0.05)
-        assert len(split) == 2, f"the rollout never split traffic (exit {process.poll()})"
-        time.sleep(1.0)  # mid-bake
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
+    flow_name = "guarded-rollout-to-be-killed"
+    kill_rollout_once_split(faulty_backend, config, flow_name, prefect_harness, repo_root, linger_s=1.0)  # mid-bake
     champion = faulty_backend.get_model_by_alias(CHAMPION)
     again = _guarded_flow(config, champion)
     assert any("deleted" in action for action in again["reconcile"]), again
