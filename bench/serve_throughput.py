@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,9 +146,7 @@ def read_stream(response: Any, started: float) -> tuple[str, float | None]:
     return "".join(parts), first
 
 
-def run_level(
-    target: Target, prompts: list[str], clients: int, total: int, tokenizer: Any, budget: int
-) -> dict[str, Any]:
+def run_level(target: Target, prompts: list[str], clients: int, total: int, tokenizer: Any, budget: int) -> LevelRun:
     import httpx
 
     latencies: list[float] = []
@@ -199,11 +198,34 @@ def run_level(
     # can re-tokenise into more tokens than were generated (random weights pick byte pieces that merge differently):
     # never count more than the budget.
     tokens = [min(len(tokenizer(reply, add_special_tokens=False)["input_ids"]), budget) for reply in replies]
+    return LevelRun(latencies, first_tokens, tokens, errors, wall, rss.peak)
+
+
+@dataclass
+class LevelRun:
+    """What one target did in one round of a level: per-request numbers, kept raw so rounds can be pooled."""
+
+    latencies: list[float]
+    first_tokens: list[float]
+    tokens: list[int]
+    errors: int
+    wall_s: float
+    peak_rss: int
+
+
+def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
+    """One table row from a target's rounds: requests and tokens over the rounds' summed wall time, percentiles of
+    the pooled latencies."""
+    latencies = [x for r in runs for x in r.latencies]
+    first_tokens = [x for r in runs for x in r.first_tokens]
+    tokens = [x for r in runs for x in r.tokens]
+    wall = sum(r.wall_s for r in runs)
     return {
-        "server": target.name,
+        "server": name,
         "clients": clients,
+        "rounds": len(runs),
         "requests": len(latencies),
-        "errors": errors,
+        "errors": sum(r.errors for r in runs),
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(latencies) / wall, 2),
         "generated_tokens": sum(tokens),
@@ -213,7 +235,7 @@ def run_level(
         "p99_ms": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
         "ttft_p50_ms": round(percentile(first_tokens, 50) * 1000, 1) if first_tokens else None,
         "ttft_p99_ms": round(percentile(first_tokens, 99) * 1000, 1) if first_tokens else None,
-        "peak_rss_mb": round(rss.peak / 2**20, 1),
+        "peak_rss_mb": round(max(r.peak_rss for r in runs) / 2**20, 1),
     }
 
 
@@ -341,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=8, help="requests per client")
     parser.add_argument("--min-requests", type=int, default=32, help="at least this many requests a level")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="split each level into this many rounds, the servers taking turns"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each server (OMP_NUM_THREADS)")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="the random-weight model to build")
     parser.add_argument("--model-dir", type=Path, help="serve this Hugging Face folder instead of building one")
@@ -532,8 +557,17 @@ def main(argv: list[str] | None = None) -> int:
             run_level(target, PROMPTS, 2, 4, tokenizer, args.max_new_tokens)
         for clients in args.concurrency:
             total = max(args.min_requests, clients * args.requests_per_client)
+            per_round = max(clients, -(-total // args.rounds))
+            runs: dict[str, list[LevelRun]] = {t.name: [] for t in targets}
+            # Rounds interleave the targets (A B C A B C ...), so a drift in the machine's speed over the run
+            # (a shared VM's neighbours) falls on every target alike instead of on whichever ran last.
+            for _ in range(args.rounds):
+                for target in targets:
+                    runs[target.name].append(
+                        run_level(target, PROMPTS, clients, per_round, tokenizer, args.max_new_tokens)
+                    )
             for target in targets:
-                result = run_level(target, PROMPTS, clients, total, tokenizer, args.max_new_tokens)
+                result = summarise(target.name, clients, runs[target.name])
                 results.append(result)
                 print(json.dumps(result), flush=True)
         state = admin.get_state()

@@ -959,7 +959,9 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     bearer = HTTPBearer(auto_error=False, description="The endpoint's primary or secondary key (or the admin key)")
 
-    def require_key(request: Request, _: Any = Security(bearer)) -> None:
+    # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hand-off on every request; the
+    # key check is an in-memory compare after one stat() of the keys file, fine on the event loop.
+    async def require_key(request: Request, _: Any = Security(bearer)) -> None:
         if not keys.is_scoring_key(_bearer(request)):
             raise ApiError(
                 401,
@@ -968,7 +970,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 "(`finetune-phi endpoint keys` shows the keys)",
             )
 
-    def require_admin(request: Request, _: Any = Security(bearer)) -> None:
+    async def require_admin(request: Request, _: Any = Security(bearer)) -> None:
         if not keys.is_admin_key(_bearer(request)):
             raise ApiError(401, "Unauthorized", "missing or wrong admin key: send 'Authorization: Bearer <admin key>'")
 
