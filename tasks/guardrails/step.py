@@ -17,10 +17,12 @@ from typing import Any
 from tasks.backends.base import LiveMetricsBackend, RescuingBackend
 from tasks.config import Settings
 from tasks.guardrails.bake import BakeStep, MetricsSource, Sample, bake
-from tasks.guardrails.metrics import WindowStats
+from tasks.guardrails.metrics import Counters, WindowStats
 from tasks.guardrails.plan import bake_seconds
 
 _LOG = logging.getLogger("finetune_phi.guardrails")
+
+_NO_BASELINE = "could not read %s metrics (%s): no full-load baseline of the champion"
 
 # The probes of a step: (pinned smoke test passed and unpinned error rate within rollout.max_error_rate, summary).
 StepProbe = Callable[[], tuple[bool, str, float]]
@@ -38,6 +40,33 @@ class Watch:
     samples: list[Sample] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)  # every judged step, the failed one too
     alarm: dict[str, Any] | None = None  # {"t", "percent", "alarm", "reason"} once one fired
+    # The champion at full load: its numbers from the rollout's start to the first traffic step, while it still took
+    # every request. At 100% the new deployment carries that load, so it is judged against these, not against the
+    # champion's numbers at a canary's lighter share (queueing behind max_concurrent_requests counts in latency).
+    baseline: WindowStats | None = None
+    baseline_mark: Any = None
+
+    def begin_baseline(self) -> None:
+        """Start the champion's full-load window (call before the new deployment takes any traffic)."""
+        if self.source is None or self.champion is None:
+            return
+        try:
+            self.baseline_mark = self.source.mark()
+        except Exception as exc:  # no baseline: the final bake compares with the last step's numbers
+            _LOG.warning(_NO_BASELINE, self.source.name, exc)
+
+    def end_baseline(self, min_requests: int) -> None:
+        """Close the full-load window (just before the first traffic shift); kept only with ``min_requests``."""
+        mark, self.baseline_mark = self.baseline_mark, None
+        if mark is None or self.source is None or self.champion is None:
+            return
+        try:
+            stats = self.source.since(mark).get(self.champion, Counters()).stats()
+        except Exception as exc:
+            _LOG.warning(_NO_BASELINE, self.source.name, exc)
+            return
+        if stats.requests >= min_requests:
+            self.baseline = stats
 
 
 def metrics_source_of(backend: Any) -> MetricsSource | None:
@@ -109,8 +138,9 @@ def judge_step(
         def on_check(sample: Sample, verdict: Any) -> None:
             log.debug("bake %d%% at %.1f s: %s %s", percent, sample.t, verdict.status, sample.stats)
 
+        reference = watch.baseline if percent == 100 and watch.baseline is not None else watch.reference
         result = bake(
-            watch.source, step, alarms, run_probe, reference=watch.reference, origin=watch.origin, clock=clock,
+            watch.source, step, alarms, run_probe, reference=reference, origin=watch.origin, clock=clock,
             sleep=sleep, on_check=on_check,
         )  # fmt: skip
         watch.samples.extend(result.samples)
@@ -118,7 +148,7 @@ def judge_step(
             watch.reference = result.champion
         record = {
             **result.to_dict(), "traffic": weights, "reason": None if result.passed else result.reason,
-            "note": result.reason,
+            "note": result.reason, "champion_window": _champion_window(result, reference is watch.baseline),
         }  # fmt: skip
         if not result.passed and result.samples:
             watch.alarm = {
@@ -132,6 +162,15 @@ def judge_step(
         percent, "passed" if record["passed"] else "FAILED", record["decided_by"], _numbers(record, watch),
     )  # fmt: skip
     return record
+
+
+def _champion_window(result: Any, baseline: bool) -> str | None:
+    """Which of the champion's windows the step was judged against, in words for the record."""
+    if result.champion is None:
+        return None
+    if not result.champion_earlier:
+        return "this step"
+    return "before the rollout, with all traffic" if baseline else "an earlier step"
 
 
 def _error_rate(record: dict[str, Any], probe_rate: list[float]) -> float | None:

@@ -117,7 +117,9 @@ def _watch(backend: Backend, settings: Settings, result: RolloutResult) -> Watch
     before = result.traffic_before
     baking = bool(before) and (settings.rollout.bake_s > 0 or settings.rollout.final_bake_s > 0)
     champion = max(before, key=before.__getitem__) if before else None
-    return Watch(metrics_source_of(backend) if baking else None, result.deployment, champion)
+    watch = Watch(metrics_source_of(backend) if baking else None, result.deployment, champion)
+    watch.begin_baseline()  # the champion takes all traffic until the first step
+    return watch
 
 
 def _transaction_steps(
@@ -146,6 +148,7 @@ def _transaction_steps(
     # Steps below the 100% mark only make sense when there is a live deployment to share traffic with.
     steps = traffic_plan(settings.rollout) if before else [100]
     result.strategy = f"{settings.rollout.strategy} {steps}"
+    watch.end_baseline(settings.rollout.alarms.min_requests)
     for percent in steps:
         # Armed before the shift: a user's request may reach the new deployment as soon as traffic moves.
         rescued = arm_rescue(backend, watch, settings, percent)

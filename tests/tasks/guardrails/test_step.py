@@ -71,3 +71,33 @@ def test_a_bake_without_live_requests_still_draws_a_legend_and_warns_nothing(tmp
         warnings.simplefilter("error")  # matplotlib's "No artists with labels found to put in legend" reached the log
         path = draw(watch.samples, watch.alarm, tmp_path / "rollout.png", "rollout of model-v2")
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_at_100_percent_the_new_deployment_is_judged_against_the_champion_at_full_load() -> None:
+    """At a canary's share the champion answers faster (less queueing); at 100% the new deployment carries the
+    whole load, so its latency is compared with the champion's before the rollout, when it carried it."""
+    from tasks.guardrails.metrics import Counters, bucket_of
+
+    clock = Clock()
+    source = ScriptedSource(clock, {"model-v1": (20.0, 0.0, 0.02, 0.95)})  # all traffic: 20 ms per token
+    watch = Watch(source, "model-v2", "model-v1", origin=0.0)
+    watch.begin_baseline()
+    clock.sleep(10)  # the new deployment is created and smoke-tested meanwhile
+    watch.end_baseline(min_requests=20)
+    assert watch.baseline is not None and watch.baseline.requests == 200
+    counts = [0] * 30
+    counts[bucket_of(0.008)] = 600
+    watch.reference = Counters({200: 600}, {"stop": 570, "length": 30}, counts).stats()  # the canary step's champion
+    source.rates = {"model-v2": (20.0, 0.0, 0.02, 0.95)}  # at 100%: as fast as the champion was under that load
+    settings = _settings(strategy="canary", bake_s=30, final_bake_s=10)
+    final = judge_step(settings, 100, {"model-v2": 100}, watch, _probe, clock=clock, sleep=clock.sleep)
+    assert final["passed"] and final["decided_by"] == "live", final
+    assert final["champion"]["requests"] == 200 and final["champion_window"] == "before the rollout, with all traffic"
+    # Against the canary step's numbers the same deployment would have tripped the latency alarm.
+    watch.baseline = None
+    again = judge_step(settings, 100, {"model-v2": 100}, watch, _probe, clock=clock, sleep=clock.sleep)
+    assert (
+        not again["passed"]
+        and again["verdict"]["alarm"] == "latency"
+        and again["champion_window"] == "an earlier step"
+    )
