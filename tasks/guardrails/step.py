@@ -138,7 +138,8 @@ def judge_step(
         def on_check(sample: Sample, verdict: Any) -> None:
             log.debug("bake %d%% at %.1f s: %s %s", percent, sample.t, verdict.status, sample.stats)
 
-        reference = watch.baseline if percent == 100 and watch.baseline is not None else watch.reference
+        use_baseline = percent == 100 and watch.baseline is not None
+        reference = watch.baseline if use_baseline else watch.reference
         result = bake(
             watch.source, step, alarms, run_probe, reference=reference, origin=watch.origin, clock=clock,
             sleep=sleep, on_check=on_check,
@@ -148,7 +149,7 @@ def judge_step(
             watch.reference = result.champion
         record = {
             **result.to_dict(), "traffic": weights, "reason": None if result.passed else result.reason,
-            "note": result.reason, "champion_window": _champion_window(result, reference is watch.baseline),
+            "note": result.reason, "champion_window": _champion_window(result, use_baseline),
         }  # fmt: skip
         if not result.passed and result.samples:
             watch.alarm = {
