@@ -26,6 +26,7 @@ from deployments.names import name_problem
 from deployments.service import start_server, stop_server
 from flows.cli import main as cli
 from tasks.backends.base import BackendError, DeploymentFailedError, ModelVersion
+from tests.client_threads import ClientThreads
 from tests.deployments.conftest import REPO_ROOT, LiveEndpoint, wait_for, write_config
 
 SHORT = {"input_data": ["hi"], "params": {"max_new_tokens": 2}}
@@ -51,30 +52,20 @@ def instances(live: LiveEndpoint, name: str) -> list[dict]:
     return live.admin.get_state()["deployments"][name]["instances"]
 
 
-class Load:
+class Load(ClientThreads):
     """``clients`` threads sending short requests pinned to blue in a loop, recording every status."""
 
     def __init__(self, live: LiveEndpoint, clients: int = 16) -> None:
-        self.live, self.statuses, self.stop = live, Counter(), threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        super().__init__(clients, join_timeout_s=60)
+        self.live, self.statuses = live, Counter()
 
-    def _run(self) -> None:
+    def run(self, index: int) -> None:
         with httpx.Client(headers=self.live.headers(**PIN_BLUE), timeout=60) as client:
-            while not self.stop.is_set():
+            while not self.stopping.is_set():
                 try:
                     self.statuses[client.post(f"{self.live.url}/score", json=SHORT).status_code] += 1
                 except httpx.HTTPError as exc:
                     self.statuses[type(exc).__name__] += 1
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
 
 
 def test_the_router_loads_no_model_and_imports_no_torch(live: LiveEndpoint) -> None:

@@ -27,13 +27,14 @@ from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings, SmokeConfig
 from tasks.rollout import CHAMPION, RolloutFailed, default_step_check, live_traffic, run_rollout
 from tasks.smoke import SmokeReport
+from tests.client_threads import ClientThreads
 from tests.flows.conftest import free_port, kill_rollout_once_split, wait_for_paused_run
 
 pytestmark = pytest.mark.slow
 SAMPLE_BODY = {"input_data": ["What is a Prefect flow?"], "params": {"max_new_tokens": 16, "do_sample": False}}
 
 
-class Traffic:
+class Traffic(ClientThreads):
     """Sends the sample's /score request in a loop from a thread, as users would during a rollout."""
 
     def __init__(self, backend: Backend, pin: str | None = None, clients: int = 1) -> None:
@@ -44,12 +45,11 @@ class Traffic:
         if pin is not None:  # users of one deployment (the live one), whatever the traffic split
             self.headers["azureml-model-deployment"] = pin
         self.statuses: list[int | str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        super().__init__(clients)
 
-    def _run(self) -> None:
+    def run(self, index: int) -> None:
         with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 try:
                     response = client.post(self.url, json=SAMPLE_BODY, headers=self.headers)
                     ok = response.status_code == 200 and isinstance(response.json(), list) and response.json()[0]
@@ -57,16 +57,6 @@ class Traffic:
                 except httpx.HTTPError as exc:
                     self.statuses.append(type(exc).__name__)
                 time.sleep(0.05)
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
 
 
 def _consistent(backend: Backend) -> dict[str, int]:

@@ -13,7 +13,6 @@ folder; the server of the flow tests is restarted with the switch for this modul
 from __future__ import annotations
 
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from tasks.backends import get_backend
 from tasks.backends.base import Backend, ModelVersion
 from tasks.config import Settings
 from tasks.rollout import CHAMPION, RolloutFailed, live_traffic, run_rollout
+from tests.client_threads import ClientThreads
 from tests.faults import faulty_copy, faulty_engines
 from tests.flows.conftest import kill_rollout_once_split
 
@@ -45,7 +45,7 @@ GUARDED = {
 }
 
 
-class Load:
+class Load(ClientThreads):
     """``clients`` threads sending chat requests in a loop through the endpoint (by traffic, never pinned)."""
 
     def __init__(self, backend: Backend, prompts: list[str], clients: int = 8, pause_s: float = 0.0) -> None:
@@ -55,13 +55,12 @@ class Load:
         self.headers = {"Authorization": f"Bearer {backend.scoring_key()}"}
         self.prompts, self.pause_s = prompts, pause_s
         self.answers: list[tuple[int | str, str | None]] = []  # (status or exception name, deployment that answered)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+        super().__init__(clients)
 
-    def _run(self, index: int) -> None:
+    def run(self, index: int) -> None:
         with httpx.Client(timeout=60) as client:
             n = index
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 body = {
                     "messages": [{"role": "user", "content": self.prompts[n % len(self.prompts)]}],
                     "max_tokens": 48,
@@ -77,16 +76,6 @@ class Load:
 
     def failures(self) -> list[tuple[int | str, str | None]]:
         return [a for a in self.answers if a[0] != 200]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
 
 
 @pytest.fixture(scope="module")
