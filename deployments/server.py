@@ -105,6 +105,7 @@ from deployments.protocol import (
 )
 from deployments.rescue import Rescue
 from tasks.config import EndpointConfig
+from tasks.guardrails.metrics import SECONDS_PER_TOKEN_BOUNDS
 from tasks.state import atomic_write_json, read_json
 
 log = logging.getLogger("deployments.server")
@@ -112,7 +113,6 @@ log = logging.getLogger("deployments.server")
 STATE_FILE = "state.json"
 INSTANCE_CONFIG_FILE = "instance-config.json"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
-PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 SCORING_ROUTES = ("/score", "/v1/chat/completions", "/v1/models")
 PROBE_ROUTES = ("/health", "/ready", "/metrics")  # still answered while the server stops, so it can be watched
 SHUTDOWN_TAIL_S = 2  # after the drain: time for uvicorn to flush the last answers and close connections
@@ -166,7 +166,7 @@ class Metrics:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str], int] = defaultdict(int)
         self.latency: dict[tuple[str, str], Histogram] = defaultdict(lambda: Histogram(LATENCY_BUCKETS))
-        self.per_token: dict[str, Histogram] = defaultdict(lambda: Histogram(PER_TOKEN_BUCKETS))
+        self.per_token: dict[str, Histogram] = defaultdict(lambda: Histogram(SECONDS_PER_TOKEN_BOUNDS))
         self.tokens: dict[str, int] = defaultdict(int)
         self.finish: dict[str, Counter[str]] = defaultdict(Counter)
         self.rescued: dict[str, int] = defaultdict(int)

@@ -94,3 +94,19 @@ def test_a_prometheus_style_cumulative_histogram_reads_back_per_bucket() -> None
     assert counters.latency_bounds == (0.01, 0.1, 1.0)
     p95 = counters.stats().p95_s_per_token
     assert p95 is not None and 0.1 <= p95 <= 1.0
+
+
+def test_two_deployments_10pct_apart_read_under_1_25x_apart_through_the_routers_histogram() -> None:
+    """The router's own buckets decide how far apart two p95s can read: with 2.5x-wide buckets 9.5 and 10.5 ms per
+    token (the two sides of a bound) read as about 2.4x apart, a false latency alarm at max_latency_ratio 2."""
+    from deployments.server import Metrics
+
+    metrics = Metrics()
+    for i in range(40):
+        jitter = 1 + 0.001 * i  # 9.5 to 9.9 ms against 10.5 to 10.9 ms
+        metrics.generated("champion", 10, 0.0095 * 10 * jitter, ["stop"])
+        metrics.generated("candidate", 10, 0.0105 * 10 * jitter, ["stop"])
+    snapshot = metrics.snapshot({})
+    champion = counters_from_json(snapshot["champion"]).stats().p95_s_per_token
+    candidate = counters_from_json(snapshot["candidate"]).stats().p95_s_per_token
+    assert champion and candidate and 1.0 <= candidate / champion <= 1.25, (champion, candidate)
