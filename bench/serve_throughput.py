@@ -29,7 +29,9 @@ MLflow gets the prompt already rendered with the chat template (its text-generat
 the others render it themselves. Generated tokens are counted the same way for all: the reply text re-tokenised
 with the model's tokenizer. Streaming runs also give the time to the first content chunk (TTFT). Every server runs
 with the same torch thread count (``--threads``). Peak memory is the server process's peak RSS, sampled every
-50 ms.
+50 ms. "server CPU ms/request" is the CPU time (user + system, from ``/proc``) the server spent per answered request:
+for our endpoint the router's own process alone (its children are the deployment processes), for the direct
+target the deployment process, for the others the server with its workers.
 
 After the servers stop, the same process measures the ceilings in-process with the same thread count: the model's
 own ``generate`` at batch 1 and batch 16, our engine alone (:class:`deployments.engine.ModelRunner`, 16 rows), and
@@ -124,10 +126,19 @@ class Target:
     """One server under test: how to call it and how to read the reply (``stream``: server-sent events)."""
 
     def __init__(
-        self, name: str, url: str, pid: int, headers: dict[str, str], make_body: Any, read: Any, stream: bool = False
+        self,
+        name: str,
+        url: str,
+        pid: int,
+        headers: dict[str, str],
+        make_body: Any,
+        read: Any,
+        stream: bool = False,
+        router: bool = False,
     ) -> None:
         self.name, self.url, self.pid, self.headers = name, url, pid, headers
         self.make_body, self.read, self.stream = make_body, read, stream
+        self.router = router  # its CPU is its own; its children (the deployment processes) are counted apart
 
 
 def read_stream(response: Any, started: float) -> tuple[str, float | None]:
@@ -188,17 +199,33 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
                     if first is not None:
                         first_tokens.append(first)
 
+    cpu_before = process_cpu_s(target.pid, not target.router)
     with RssSampler(target.pid) as rss:
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=clients) as pool:
             for future in [pool.submit(client) for _ in range(clients)]:
                 future.result()
         wall = time.perf_counter() - started
+    cpu_s = process_cpu_s(target.pid, not target.router) - cpu_before
     # Counted after the clock stops, so the client's own tokenising does not slow the servers down. A reply's text
     # can re-tokenise into more tokens than were generated (random weights pick byte pieces that merge differently):
     # never count more than the budget.
     tokens = [min(len(tokenizer(reply, add_special_tokens=False)["input_ids"]), budget) for reply in replies]
-    return LevelRun(latencies, first_tokens, tokens, errors, wall, rss.peak)
+    return LevelRun(latencies, first_tokens, tokens, errors, wall, rss.peak, cpu_s)
+
+
+def process_cpu_s(pid: int, children: bool) -> float:
+    """CPU seconds (user + system) of the process, with its live children's (a server's workers) or without them
+    (the router: its children are the deployment processes, counted apart)."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0.0
+    for proc in [process, *(process.children(recursive=True) if children else [])]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 @dataclass
@@ -211,6 +238,7 @@ class LevelRun:
     errors: int
     wall_s: float
     peak_rss: int
+    cpu_s: float  # the server process's own CPU seconds over the round
 
 
 def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
@@ -236,6 +264,7 @@ def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
         "ttft_p50_ms": round(percentile(first_tokens, 50) * 1000, 1) if first_tokens else None,
         "ttft_p99_ms": round(percentile(first_tokens, 99) * 1000, 1) if first_tokens else None,
         "peak_rss_mb": round(max(r.peak_rss for r in runs) / 2**20, 1),
+        "cpu_ms_per_request": round(1000 * sum(r.cpu_s for r in runs) / len(latencies), 2) if latencies else None,
     }
 
 
@@ -534,12 +563,13 @@ def main(argv: list[str] | None = None) -> int:
                     auth,
                     lambda p: {"input_data": [p], "params": greedy},
                     lambda r: r.json()[0],
+                    router=True,
                 )
             )
         if "ours" in args.servers:
             targets.append(
                 Target(
-                    "finetune-phi endpoint (stream)", f"{base}/v1/chat/completions", pid, auth, chat_body, None, True
+                    OURS_STREAM, f"{base}/v1/chat/completions", pid, auth, chat_body, None, stream=True, router=True
                 )
             )
             instance = read_json(work / "state" / "endpoint" / "instances.json", default={})["bench"][0]
@@ -647,14 +677,14 @@ def render_table(
 ) -> str:
     lines = [
         "| clients | server | req/s | generated tok/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | peak RSS MB "
-        "| tokens/reply | errors |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens/reply | errors | server CPU ms/request |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['clients']} | {r['server']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_ms']} | "
             f"{r['p99_ms']} | {r['ttft_p50_ms'] or '-'} | {r['ttft_p99_ms'] or '-'} | {r['peak_rss_mb']} | "
-            f"{r['mean_tokens_per_reply']} | {r['errors']} |"
+            f"{r['mean_tokens_per_reply']} | {r['errors']} | {r['cpu_ms_per_request']} |"
         )
     if inprocess:
         lines += ["", "| in-process, same threads | rows | generated tok/s |", "| --- | ---: | ---: |"]
