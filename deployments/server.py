@@ -391,8 +391,8 @@ class Endpoint:
         self.max_pending = config.max_pending_requests or 2 * config.max_concurrent_requests
         self.instance_config = endpoint_dir / INSTANCE_CONFIG_FILE
         # To the builtin deployment processes, on every scoring request: aiohttp's client with its C parser costs
-        # about a sixteenth of httpx's CPU per forwarded request (0.09 against 1.43 ms at 16 connections, measured
-        # here), CPU that on a small machine comes out of the model's. External engines (whose OpenAI helpers
+        # a fifth to a fifteenth of httpx's CPU per forwarded request (bench/router_client.py), CPU that on a small
+        # machine comes out of the model's. External engines (whose OpenAI helpers
         # take an httpx client) and the probes keep httpx.
         self.session: aiohttp.ClientSession | None = None
         self.client: httpx.AsyncClient | None = None  # to external engines' OpenAI APIs
