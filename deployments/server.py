@@ -392,8 +392,8 @@ class Endpoint:
         self.instance_config = endpoint_dir / INSTANCE_CONFIG_FILE
         # To the builtin deployment processes, on every scoring request: aiohttp's client with its C parser costs
         # a fifth to a fifteenth of httpx's CPU per forwarded request (bench/router_client.py), CPU that on a small
-        # machine comes out of the model's. External engines (whose OpenAI helpers
-        # take an httpx client) and the probes keep httpx.
+        # machine comes out of the model's. External engines (whose OpenAI helpers take an httpx client) and the
+        # probes keep httpx.
         self.session: aiohttp.ClientSession | None = None
         self.client: httpx.AsyncClient | None = None  # to external engines' OpenAI APIs
         self.probe_client: httpx.AsyncClient | None = None
