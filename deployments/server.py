@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -106,7 +107,7 @@ from deployments.protocol import (
 )
 from deployments.rescue import Rescue
 from tasks.config import EndpointConfig
-from tasks.guardrails.metrics import SECONDS_PER_TOKEN_BOUNDS
+from tasks.guardrails.metrics import SECONDS_PER_TOKEN_BOUNDS, bucket_of
 from tasks.state import atomic_write_json, read_json
 
 log = logging.getLogger("deployments.server")
@@ -147,18 +148,23 @@ class RescueSpec(RequestBody):
 
 # ---------------------------------------------------------------------------------------------------------- metrics
 class Histogram:
+    """Counts per bucket, handed out cumulative (Prometheus' ``le``): an observation is one bisection on the scoring
+    path, however many bounds (the per-token histogram has 55)."""
+
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds, self.counts, self.sum, self.count = bounds, [0] * len(bounds), 0.0, 0
+        self.bounds, self.per_bucket, self.sum, self.count = bounds, [0] * (len(bounds) + 1), 0.0, 0
 
     def observe(self, value: float) -> None:
         self.sum += value
         self.count += 1
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
+        self.per_bucket[bucket_of(value, self.bounds)] += 1
+
+    def cumulative(self) -> list[int]:
+        """Observations at or under each bound."""
+        return list(itertools.accumulate(self.per_bucket[:-1]))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"le": list(self.bounds), "counts": list(self.counts), "sum": round(self.sum, 6), "count": self.count}
+        return {"le": list(self.bounds), "counts": self.cumulative(), "sum": round(self.sum, 6), "count": self.count}
 
 
 class Metrics:
@@ -219,7 +225,7 @@ class Metrics:
         def histogram(name: str, series: list[tuple[dict[str, str], Histogram]]) -> list[str]:
             lines = []
             for pairs, h in series:
-                for bound, n in zip(h.bounds, h.counts, strict=True):
+                for bound, n in zip(h.bounds, h.cumulative(), strict=True):
                     lines.append(f"{name}_bucket{labels(**pairs, le=str(bound))} {n}")
                 lines.append(f"{name}_bucket{labels(**pairs, le='+Inf')} {h.count}")
                 lines.append(f"{name}_sum{labels(**pairs)} {h.sum:.6f}")

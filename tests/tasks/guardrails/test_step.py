@@ -76,7 +76,7 @@ def test_a_bake_without_live_requests_still_draws_a_legend_and_warns_nothing(tmp
 def test_at_100_percent_the_new_deployment_is_judged_against_the_champion_at_full_load() -> None:
     """At a canary's share the champion answers faster (less queueing); at 100% the new deployment carries the
     whole load, so its latency is compared with the champion's before the rollout, when it carried it."""
-    from tasks.guardrails.metrics import Counters, bucket_of
+    from tasks.guardrails.metrics import SECONDS_PER_TOKEN_BOUNDS, Counters, bucket_of
 
     clock = Clock()
     source = ScriptedSource(clock, {"model-v1": (20.0, 0.0, 0.02, 0.95)})  # all traffic: 20 ms per token
@@ -85,7 +85,7 @@ def test_at_100_percent_the_new_deployment_is_judged_against_the_champion_at_ful
     clock.sleep(10)  # the new deployment is created and smoke-tested meanwhile
     watch.end_baseline(min_requests=20)
     assert watch.baseline is not None and watch.baseline.requests == 200
-    counts = [0] * 30
+    counts = [0] * (len(SECONDS_PER_TOKEN_BOUNDS) + 1)
     counts[bucket_of(0.008)] = 600
     watch.reference = Counters({200: 600}, {"stop": 570, "length": 30}, counts).stats()  # the canary step's champion
     source.rates = {"model-v2": (20.0, 0.0, 0.02, 0.95)}  # at 100%: as fast as the champion was under that load
