@@ -21,6 +21,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from serve_throughput import free_port  # this folder is on sys.path when a script here runs
+
 SERVER = r"""
 import asyncio, sys
 BODY = b'["' + b"x" * 150 + b'"]'
@@ -103,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--requests", type=int, default=4000, help="requests per client")
     args = parser.parse_args(argv)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port)])
     try:
         deadline = time.monotonic() + 10

@@ -87,6 +87,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def process_tree(process: Any, children: bool) -> list[Any]:
+    """A psutil process and, with ``children``, its live descendants (a server's workers)."""
+    return [process, *(process.children(recursive=True) if children else [])]
+
+
 class RssSampler:
     """Peak resident memory of a process and its children, sampled in a thread."""
 
@@ -102,7 +107,7 @@ class RssSampler:
         import psutil
 
         total = 0
-        for proc in [self.process, *self.process.children(recursive=True)]:
+        for proc in process_tree(self.process, children=True):
             with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
         return total
@@ -219,9 +224,8 @@ def process_cpu_s(pid: int, children: bool) -> float:
     (the router: its children are the deployment processes, counted apart)."""
     import psutil
 
-    process = psutil.Process(pid)
     total = 0.0
-    for proc in [process, *(process.children(recursive=True) if children else [])]:
+    for proc in process_tree(psutil.Process(pid), children):
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
             total += times.user + times.system
@@ -238,7 +242,7 @@ class LevelRun:
     errors: int
     wall_s: float
     peak_rss: int
-    cpu_s: float  # the server process's own CPU seconds over the round
+    cpu_s: float  # the server's CPU seconds over the round (process_cpu_s: the router without its children)
 
 
 def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
