@@ -121,6 +121,21 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def invalid_body(errors: list[Any]) -> ApiError:
+    """A body that failed its model's validation, as one error naming the first problem: 400 ``InvalidJson`` for
+    bytes that are not JSON, else 422 ``InvalidField`` naming the field. ``errors``: pydantic's, from FastAPI's
+    ``RequestValidationError`` (locations under ``body``) or from ``Model.model_validate_json`` (no ``body``)."""
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+    name = field_name(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        reason = str(first.get("msg", "")).removeprefix("Invalid JSON: ")
+        return ApiError(400, "InvalidJson", f"the body is not valid JSON: {reason}", param="body")
+    message = f"field '{name}': {first.get('msg', 'invalid value')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return ApiError(422, "InvalidField", message, param=name)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Answer :class:`ApiError` and validation errors in the shared ``{"error": {...}}`` shape (422 naming the
     field, 400 for malformed JSON)."""
@@ -131,14 +146,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
-        name = field_name(tuple(first.get("loc", ())))
-        if first.get("type") == "json_invalid":
-            return error_response(
-                ApiError(400, "InvalidJson", f"the body is not valid JSON: {first['msg']}", param="body")
-            )
-        message = f"field '{name}': {first.get('msg', 'invalid value')}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem(s))"
-        return error_response(ApiError(422, "InvalidField", message, param=name))
+        return error_response(invalid_body(list(exc.errors())))

@@ -73,7 +73,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from deployments import chat_page, external
 from deployments import instances as procs
@@ -104,6 +104,7 @@ from deployments.protocol import (
     error_body,
     error_response,
     install_error_handlers,
+    invalid_body,
 )
 from deployments.rescue import Rescue
 from tasks.config import EndpointConfig
@@ -850,6 +851,51 @@ class _Observe:
                 self.metrics.observe(state.get("deployment", "none"), route, status, time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class ScoringRoute:
+    """A scoring POST route: the pydantic model of its body and the handler its FastAPI route calls too."""
+
+    body: type[RequestBody]
+    handler: Callable[[Request, Any], Awaitable[Response]]
+
+
+class _ScoringDispatch:
+    """Pure ASGI middleware, innermost: answers the scoring POST routes itself, with the handlers their declared
+    FastAPI routes call, skipping FastAPI's per-request routing, dependency solving and body parsing (a fifth of
+    the router's CPU per ``/score`` request: 3.1 -> 2.5 ms on a 2-vCPU VM, bench/serve_throughput.py, one client).
+    The same key check first, then the same validation (the route's model, from the bytes), the same error
+    bodies. The declared routes stay for the OpenAPI schema (clients and the fuzz test read it)."""
+
+    def __init__(
+        self, app: Any, routes: dict[str, ScoringRoute], check_key: Callable[[Request], Awaitable[None]]
+    ) -> None:
+        self.app, self.routes, self.check_key = app, routes, check_key
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        try:
+            await self.check_key(request)
+            try:
+                body = route.body.model_validate_json(await request.body())
+            except ValidationError as exc:
+                raise invalid_body(exc.errors(include_url=False)) from None
+            response = await route.handler(request, body)
+        except ApiError as exc:
+            response = error_response(exc)
+        except Exception as exc:  # as FastAPI's handler of last resort below: one JSON 500, the trace in the log
+            response = unexpected_error(request, exc)
+        await response(scope, receive, send)
+
+
+def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path, exc_info=exc)
+    return error_response(ApiError(500, "InternalError", f"internal error ({type(exc).__name__}); see the log"))
+
+
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
@@ -980,7 +1026,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     # async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hand-off on every request; the
     # key check is an in-memory compare after one stat() of the keys file, fine on the event loop.
-    async def require_key(request: Request, _: Any = Security(bearer)) -> None:
+    async def check_scoring_key(request: Request) -> None:
         if not keys.is_scoring_key(_bearer(request)):
             raise ApiError(
                 401,
@@ -988,6 +1034,9 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
                 "missing or wrong key: send 'Authorization: Bearer <endpoint key>' "
                 "(`finetune-phi endpoint keys` shows the keys)",
             )
+
+    async def require_key(request: Request, _: Any = Security(bearer)) -> None:
+        await check_scoring_key(request)
 
     async def require_admin(request: Request, _: Any = Security(bearer)) -> None:
         if not keys.is_admin_key(_bearer(request)):
@@ -1226,6 +1275,17 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
         log.warning("rescued: deployment %s answered %d; the request goes to %s", name, status, champion)
         return await attempt(champion)
 
+    async def scored(request: Request, body: ScoreRequest) -> Response:
+        started = time.monotonic()
+        return await with_rescue(request, None, lambda to: forward(request, "/score", None, started, to))
+
+    async def chatted(request: Request, body: ChatCompletionRequest) -> Response:
+        started = time.monotonic()
+        if body.stream:
+            return await with_rescue(request, body.model, lambda to: forward_stream(request, body.model, started, to))
+        path = "/v1/chat/completions"
+        return await with_rescue(request, body.model, lambda to: forward(request, path, body.model, started, to))
+
     # ----------------------------------------------------------------------------------------------- routes
     @app.get("/health", tags=["probes"])
     async def health() -> dict[str, str]:
@@ -1258,8 +1318,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     )
     async def score(request: Request, body: ScoreRequest) -> Response:
         """The sample's scoring route: one generated text per item of ``input_data``."""
-        started = time.monotonic()
-        return await with_rescue(request, None, lambda to: forward(request, "/score", None, started, to))
+        return await scored(request, body)
 
     @app.get("/v1/models", tags=["openai"], dependencies=[scoring_auth])
     async def list_models(request: Request) -> dict[str, Any]:
@@ -1274,11 +1333,7 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
     @app.post("/v1/chat/completions", tags=["openai"], dependencies=[scoring_auth])
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         """OpenAI-compatible chat completions; ``stream: true`` answers server-sent events."""
-        started = time.monotonic()
-        if body.stream:
-            return await with_rescue(request, body.model, lambda to: forward_stream(request, body.model, started, to))
-        path = "/v1/chat/completions"
-        return await with_rescue(request, body.model, lambda to: forward(request, path, body.model, started, to))
+        return await chatted(request, body)
 
     # ----------------------------------------------------------------------------------------------- admin
     @app.get("/admin/state", tags=["admin"], dependencies=[admin_auth])
@@ -1340,9 +1395,13 @@ def create_app(config: EndpointConfig, state_dir: str | Path) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(ApiError(500, "InternalError", f"internal error ({type(exc).__name__}); see the log"))
+        return unexpected_error(request, exc)
 
+    scoring_routes = {
+        "/score": ScoringRoute(ScoreRequest, scored),
+        "/v1/chat/completions": ScoringRoute(ChatCompletionRequest, chatted),
+    }
+    app.add_middleware(_ScoringDispatch, routes=scoring_routes, check_key=check_scoring_key)  # behind the limit
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(_Drain, endpoint=endpoint)  # outside the body limit: a stopping server reads no body
     app.add_middleware(_Observe, metrics=metrics)  # outermost: counts the 503s of a stop and the 413s too
@@ -1400,6 +1459,7 @@ def run(config: EndpointConfig, state_dir: Path) -> None:
         port=config.port,
         log_level="info",
         access_log=True,  # method, path and status only: uvicorn never logs headers, so keys stay out
+        proxy_headers=False,  # nothing proxies to the router: a loopback client's X-Forwarded-For is no address
         timeout_graceful_shutdown=SHUTDOWN_TAIL_S,  # the drain above already waited for the requests in flight
         timeout_keep_alive=5,
     )

@@ -133,6 +133,20 @@ def test_wrong_or_missing_key_is_401(live: LiveEndpoint) -> None:
     assert chat.status_code == 401 and chat.json()["error"]["type"] == "authentication_error"
 
 
+def test_the_key_is_checked_before_the_body_and_the_schema_keeps_both_scoring_bodies(live: LiveEndpoint) -> None:
+    # The router answers the scoring routes ahead of FastAPI's routing (deployments.server._ScoringDispatch): the
+    # order of its checks and the OpenAPI schema (what the fuzzer and clients read) stay those of the routes.
+    headers = {"content-type": "application/json"}
+    no_key = httpx.post(f"{live.url}/score", content=b"{nope", headers=headers)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "Unauthorized"
+    wrong_type = post(live, "/score", ["not", "an", "object"])
+    assert wrong_type.status_code == 422 and wrong_type.json()["error"]["code"] == "InvalidField"
+    paths = httpx.get(f"{live.url}/openapi.json").json()["paths"]
+    for path, model in (("/score", "ScoreRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith(f"/{model}")
+
+
 @pytest.mark.parametrize(
     ("body", "field"),
     [
