@@ -274,10 +274,22 @@ def create_app(
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + seconds_left
-        updates: asyncio.Queue[bool] = asyncio.Queue()
-        seq.on_token = lambda s: loop.call_soon_threadsafe(updates.put_nowait, False)
-        seq.on_done = lambda s: loop.call_soon_threadsafe(updates.put_nowait, True)
+        updates: asyncio.Queue[str] = asyncio.Queue()  # "token", "done" or "timeout"
+        # One wake-up of this loop per batch of new tokens, not one per token: the worker thread skips it while
+        # one is pending (each is a write to the loop's wake-up fd, and a queue item this loop must go through).
+        # The worker appends a token before it looks at the flag, and the flag is cleared before the text is
+        # read, so no token is left unseen.
+        token_pending = threading.Event()
+
+        def on_token(_: Any) -> None:
+            if not token_pending.is_set():
+                token_pending.set()
+                loop.call_soon_threadsafe(updates.put_nowait, "token")
+
+        seq.on_token = on_token
+        seq.on_done = lambda s: loop.call_soon_threadsafe(updates.put_nowait, "done")
+        # one timer for the whole stream instead of a wait_for (a task) around every token
+        timer = loop.call_later(max(seconds_left, 0.001), updates.put_nowait, "timeout")
         created = int(time.time())
 
         def chunk(delta: dict[str, Any], finish: str | None, usage: dict[str, int] | None = None) -> bytes:
@@ -297,9 +309,10 @@ def create_app(
             runner.submit(seq)
             yield chunk({"role": "assistant", "content": ""}, None)
             while finish is None:
-                try:
-                    is_done = await asyncio.wait_for(updates.get(), timeout=max(deadline - time.monotonic(), 0.001))
-                except TimeoutError:
+                update = await updates.get()
+                token_pending.clear()
+                is_done = update == "done"
+                if update == "timeout":
                     seq.cancel()
                     error = error_body(408, "RequestTimeout", "the request took longer than request_timeout_ms")
                     yield f"data: {json.dumps(error)}\n\n".encode()
@@ -331,6 +344,7 @@ def create_app(
                     yield chunk({}, None, usage)
             yield b"data: [DONE]\n\n"
         finally:
+            timer.cancel()
             if seq.finish_reason is None:
                 seq.cancel()
 
