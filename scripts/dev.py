@@ -134,6 +134,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _workers(pytest_args: list[str]) -> list[str]:
+    """Two pytest-xdist workers, each taking a whole test file (or the flow files' group: tests/conftest.py's
+    group_for_xdist) at a time, unless the command line chooses its own (``-n``, ``--dist``, ``-p no:xdist``).
+    Much of the suite's time is spent waiting on servers, probes and timeouts, so two workers help on 2 cores."""
+    chosen = any(arg.startswith(("-n", "--numprocesses", "--dist")) or arg == "no:xdist" for arg in pytest_args)
+    return [] if chosen else ["-n", "2", "--dist", "loadgroup"]
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "test"
     rest = argv[1:]
@@ -144,7 +152,7 @@ def main(argv: list[str]) -> int:
         ensure_chromium()
         # Tests never touch the hub: everything they load is made or shipped by the project.
         env = _env() | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        return subprocess.run([str(PYTHON), "-m", "pytest", *rest], cwd=ROOT, env=env).returncode
+        return subprocess.run([str(PYTHON), "-m", "pytest", *_workers(rest), *rest], cwd=ROOT, env=env).returncode
     if command == "run":
         return subprocess.run([str(BIN / "finetune-phi"), "run", *rest], cwd=ROOT, env=_env()).returncode
     if command == "lint":

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 # Set before any library import: tests never reach the hub or a telemetry collector.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,18 +23,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Prompt flow fixes its home (connections, keyring) once, at its first import, and several test modules import it.
 # One home per pytest process, named before anything imports Prompt flow, so that first import and every later
-# tasks.chat_connection.configure_promptflow (which keeps a PF_HOME_DIRECTORY already set) agree.
-if "PF_HOME_DIRECTORY" not in os.environ:
+# tasks.chat_connection.configure_promptflow (which keeps a PF_HOME_DIRECTORY already set) agree. pytest-xdist workers
+# inherit the controller's environment, so a home this file made for another process is replaced, not shared.
+_PF_OWNER = os.environ.get("PYTEST_XDIST_WORKER", "controller")
+if "PF_HOME_DIRECTORY" not in os.environ or os.environ.get("FINETUNE_PHI_TESTS_PF_OWNER", _PF_OWNER) != _PF_OWNER:
     _PF_ROOT = Path(tempfile.mkdtemp(prefix="finetune-phi-tests-pf-"))
     atexit.register(shutil.rmtree, _PF_ROOT, ignore_errors=True)
+    os.environ["FINETUNE_PHI_TESTS_PF_OWNER"] = _PF_OWNER
     os.environ["PF_HOME_DIRECTORY"] = str(_PF_ROOT / "promptflow")
-    os.environ.setdefault("XDG_DATA_HOME", str(_PF_ROOT / "xdg"))
+    os.environ["XDG_DATA_HOME"] = str(_PF_ROOT / "xdg")
     os.environ.setdefault("PYTHON_KEYRING_BACKEND", "keyrings.alt.file.PlaintextKeyring")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    group_for_xdist(items)
     try:
         import torch
 
@@ -45,6 +51,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+
+
+def group_for_xdist(items: list[pytest.Item]) -> None:
+    """pytest-xdist groups (``scripts/dev.py test`` runs two workers with ``--dist loadgroup``): a test file's tests
+    stay on one worker, since its module-scoped servers and models are shared by them; every file that uses the
+    ``first_run`` session fixture (the whole flow, training included) joins one group, so that flow runs once."""
+    modules_with_first_run = {item.path for item in items if "first_run" in getattr(item, "fixturenames", ())}
+    for item in items:
+        group = "first_run" if item.path in modules_with_first_run else str(item.path.relative_to(REPO_ROOT))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
@@ -86,12 +102,32 @@ def trained_tiny_model(tmp_path_factory: pytest.TempPathFactory, sample_split) -
     """The tiny recipe trained once per session as a local job (the Azure ML command line, from training/) on
     ``sample_split``, logging to an MLflow SQLite store beside it. Returns the job's output folder: ``model/``,
     ``metrics.json`` (with ``mlflow_run_id``/``mlflow_model_uri``), ``loss_curve.png``, ``checkpoint-*``."""
+    # Under pytest-xdist every worker is its own session: the first worker to get here trains, in the run's shared
+    # temporary folder, and the others wait on the lock and take its output (one training per run, as without xdist).
+    shared = shared_temp_root(tmp_path_factory)
+    with FileLock(shared / "trained-tiny.lock"):
+        output = shared / "trained-tiny" / "output.txt"
+        if output.exists():
+            return Path(output.read_text(encoding="utf-8"))
+        model_dir = _train_tiny_model(shared / "trained-tiny", sample_split)
+        output.write_text(str(model_dir), encoding="utf-8")
+        return model_dir
+
+
+def shared_temp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run's temporary folder that every pytest-xdist worker shares (each worker's base folder is inside it);
+    without xdist, the session's own base folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _train_tiny_model(root: Path, sample_split) -> Path:
     from tasks.backends.base import TrainingJobSpec
     from tasks.backends.local import LocalBackend
     from tasks.config import load_config
     from tasks.jobs import wait_for_job
 
-    root = tmp_path_factory.mktemp("trained-tiny")
+    root.mkdir(parents=True, exist_ok=True)
     spec = TrainingJobSpec(
         recipe=REPO_ROOT / "training" / "recipes" / "tiny_full_cpu.yaml",
         train_file=sample_split.train_path,

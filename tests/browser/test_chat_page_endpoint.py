@@ -18,6 +18,7 @@ from deployments.chat_page import SECURITY_HEADERS
 from deployments.service import stop_server
 from tests.browser.conftest import BrowserPage, save_screenshot
 from tests.browser.pages import WATCH_GROWTH, ask, open_chat, replies, sent_messages, status, wait_idle
+from tests.conftest import shared_temp_root
 from tests.deployments.conftest import LiveEndpoint, wait_for
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def endpoint(
     """``blue``: the session's trained tiny model (trained once for the suite) at 100%, its replies read like the
     README's; ``untrained`` at 0% (reached by pinning it in the page), whose replies run to the token budget."""
     # Both models live in pytest's temporary folders, which the endpoint must be told it may load from.
-    live = launch(max_new_tokens_cap=LONG_BUDGET, model_roots=[str(tmp_path_factory.getbasetemp())])
+    live = launch(max_new_tokens_cap=LONG_BUDGET, model_roots=[str(shared_temp_root(tmp_path_factory))])
     live.deploy(trained_tiny_model, {"blue": 100})
     live.admin.create_deployment("untrained", str(tiny_model_dir), "0")
     live.admin.wait_ready("untrained", 120)

@@ -23,6 +23,7 @@ from deployments.keys import read_keys
 from deployments.service import start_server, stop_server
 from tasks.config import Settings
 from tasks.state import state_paths
+from tests.conftest import shared_temp_root
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = REPO_ROOT / "data" / "sample" / "chat_sample.jsonl"
@@ -128,12 +129,12 @@ class LiveEndpoint:
         return (self.endpoint_dir / "server.log").read_text(encoding="utf-8", errors="replace")
 
 
-_BASETEMP: list[Path] = []  # pytest's base temporary folder for this run, which holds every fixture's folders
+_BASETEMP: list[Path] = []  # pytest's temporary folder for this run (every worker's), which holds every fixture's
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _pytest_basetemp(tmp_path_factory: pytest.TempPathFactory) -> None:
-    _BASETEMP[:] = [tmp_path_factory.getbasetemp()]
+    _BASETEMP[:] = [shared_temp_root(tmp_path_factory)]
 
 
 def make_settings(state_dir: Path, **endpoint: Any) -> Settings:
