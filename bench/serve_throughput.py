@@ -21,8 +21,11 @@ folder), registers it in an MLflow SQLite store and serves it with each server o
 "deployment process (direct)" sends the same ``/score`` bodies to the deployment's model-server process on its
 loopback port, with the instance token the router uses (read from the state folder's ``instances.json``), so the
 difference to "finetune-phi endpoint" is the router alone: keys, routing, admission, metrics and one more HTTP
-hop. The router's own RSS and each deployment process's RSS are read from ``/admin/state`` after the run (our
-endpoint's peak RSS counts the router and its deployment processes).
+hop. Every non-streamed reply of the deployment process carries its own handling time (``Server-Timing:
+deployment;dur=<ms>``, relayed by the router), so the hop is also given net of generation: the p50 of latency minus
+the deployment's time, routed against direct (generation's run-to-run spread, tens of ms at 32 tokens on a shared
+VM, no longer hides a hop of a few ms). The router's own RSS and each deployment process's RSS are read from
+``/admin/state`` after the run (our endpoint's peak RSS counts the router and its deployment processes).
 
 All get the same fixed prompts, greedy, with the same ``max_new_tokens``, from 1, 4 and 16 concurrent clients.
 MLflow gets the prompt already rendered with the chat template (its text-generation pipeline does not apply one);
@@ -167,22 +170,26 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
 
     latencies: list[float] = []
     first_tokens: list[float] = []
+    deployment_times: list[float] = []  # the deployment process's own time per reply (its Server-Timing header)
+    outside_times: list[float] = []  # latency minus that: the client's, the router's and the HTTP hops' share
     replies: list[str] = []
     errors = 0
     lock = threading.Lock()
     counter = iter(range(total))
 
-    def one(http: httpx.Client, prompt: str) -> tuple[bool, str, float | None]:
+    def one(http: httpx.Client, prompt: str) -> tuple[bool, str, float | None, float | None]:
         started = time.perf_counter()
         if target.stream:
             with http.stream("POST", target.url, json=target.make_body(prompt)) as response:
                 if response.status_code != 200:
                     response.read()
-                    return False, "", None
+                    return False, "", None, None
                 text, first = read_stream(response, started)
-                return True, text, first
+                return True, text, first, None
         response = http.post(target.url, json=target.make_body(prompt))
-        return response.status_code == 200, target.read(response) if response.status_code == 200 else "", None
+        if response.status_code != 200:
+            return False, "", None, None
+        return True, target.read(response), None, deployment_seconds(response.headers.get("server-timing", ""))
 
     def client() -> None:
         nonlocal errors
@@ -193,7 +200,7 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
                 if index is None:
                     return
                 started = time.perf_counter()
-                ok, text, first = one(http, prompts[index % len(prompts)])
+                ok, text, first, deployment_s = one(http, prompts[index % len(prompts)])
                 elapsed = time.perf_counter() - started
                 with lock:
                     if not ok:
@@ -203,6 +210,9 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
                     replies.append(text)
                     if first is not None:
                         first_tokens.append(first)
+                    if deployment_s is not None:
+                        deployment_times.append(deployment_s)
+                        outside_times.append(elapsed - deployment_s)
 
     cpu_before = process_cpu_s(target.pid, not target.router)
     with RssSampler(target.pid) as rss:
@@ -216,7 +226,19 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
     # can re-tokenise into more tokens than were generated (random weights pick byte pieces that merge differently):
     # never count more than the budget.
     tokens = [min(len(tokenizer(reply, add_special_tokens=False)["input_ids"]), budget) for reply in replies]
-    return LevelRun(latencies, first_tokens, tokens, errors, wall, rss.peak, cpu_s)
+    return LevelRun(latencies, first_tokens, tokens, errors, wall, rss.peak, cpu_s, deployment_times, outside_times)
+
+
+def deployment_seconds(server_timing: str) -> float | None:
+    """The ``deployment;dur=<ms>`` entry of a Server-Timing header, in seconds (None without one)."""
+    for entry in server_timing.split(","):
+        name, _, params = entry.strip().partition(";")
+        if name == "deployment":
+            for param in params.split(";"):
+                key, _, value = param.strip().partition("=")
+                if key == "dur":
+                    return float(value) / 1000.0
+    return None
 
 
 def process_cpu_s(pid: int, children: bool) -> float:
@@ -243,6 +265,8 @@ class LevelRun:
     wall_s: float
     peak_rss: int
     cpu_s: float  # the server's CPU seconds over the round (process_cpu_s: the router without its children)
+    deployment_times: list[float]
+    outside_times: list[float]
 
 
 def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
@@ -251,6 +275,8 @@ def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
     latencies = [x for r in runs for x in r.latencies]
     first_tokens = [x for r in runs for x in r.first_tokens]
     tokens = [x for r in runs for x in r.tokens]
+    deployment_times = [x for r in runs for x in r.deployment_times]
+    outside_times = [x for r in runs for x in r.outside_times]
     wall = sum(r.wall_s for r in runs)
     return {
         "server": name,
@@ -267,6 +293,8 @@ def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
         "p99_ms": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
         "ttft_p50_ms": round(percentile(first_tokens, 50) * 1000, 1) if first_tokens else None,
         "ttft_p99_ms": round(percentile(first_tokens, 99) * 1000, 1) if first_tokens else None,
+        "deployment_p50_ms": round(percentile(deployment_times, 50) * 1000, 2) if deployment_times else None,
+        "outside_p50_ms": round(percentile(outside_times, 50) * 1000, 2) if outside_times else None,
         "peak_rss_mb": round(max(r.peak_rss for r in runs) / 2**20, 1),
         "cpu_ms_per_request": round(1000 * sum(r.cpu_s for r in runs) / len(latencies), 2) if latencies else None,
     }
@@ -711,6 +739,13 @@ def render_table(
                 f"{(ours['tokens_per_s'] / direct['tokens_per_s'] - 1) * 100:+.1f}%, "
                 f"p50 {ours['p50_ms'] - direct['p50_ms']:+.1f} ms"
             )
+            if ours["outside_p50_ms"] is not None and direct["outside_p50_ms"] is not None:
+                lines.append(
+                    f"{clients} client(s), the hop net of the deployment's own time (Server-Timing): p50 of latency "
+                    f"minus it {ours['outside_p50_ms']:.2f} vs {direct['outside_p50_ms']:.2f} ms direct, "
+                    f"{ours['outside_p50_ms'] - direct['outside_p50_ms']:+.2f} ms; the deployment's own p50 "
+                    f"{ours['deployment_p50_ms']:.1f} routed vs {direct['deployment_p50_ms']:.1f} ms direct"
+                )
         stream, hf = by.get((clients, OURS_STREAM)), by.get((clients, HF_CB))
         best = max((r for r in (ours, stream) if r), key=lambda r: r["tokens_per_s"], default=None)
         parts = []

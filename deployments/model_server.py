@@ -44,6 +44,7 @@ from deployments.protocol import (
     FINISH_HEADER,
     INSTANCE_TOKEN_HEADER,
     PIN_HEADER,
+    SERVER_TIMING_HEADER,
     TIME_LEFT_HEADER,
     TOKENS_HEADER,
     ApiError,
@@ -51,6 +52,7 @@ from deployments.protocol import (
     ScoreRequest,
     error_body,
     install_error_handlers,
+    server_timing,
 )
 
 log = logging.getLogger("deployments.model_server")
@@ -220,6 +222,7 @@ def create_app(
             PIN_HEADER: name,
             FINISH_HEADER: ",".join(s.finish_reason or "" for s in seqs),
             TOKENS_HEADER: str(sum(len(s.generated) for s in seqs)),
+            SERVER_TIMING_HEADER: server_timing(started),
         }
         return JSONResponse(replies, headers=headers)
 
@@ -261,7 +264,12 @@ def create_app(
                 "total_tokens": len(ids) + len(seq.generated),
             },
         }
-        headers = {PIN_HEADER: name, FINISH_HEADER: finish, TOKENS_HEADER: str(len(seq.generated))}
+        headers = {
+            PIN_HEADER: name,
+            FINISH_HEADER: finish,
+            TOKENS_HEADER: str(len(seq.generated)),
+            SERVER_TIMING_HEADER: server_timing(started),
+        }
         return JSONResponse(payload, headers=headers)
 
     async def stream_chat(

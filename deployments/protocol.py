@@ -7,6 +7,7 @@ body again to generate.
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
@@ -21,6 +22,16 @@ FINISH_HEADER = "x-finish-reason"
 INSTANCE_TOKEN_HEADER = "x-finetune-phi-instance-token"
 TIME_LEFT_HEADER = "x-finetune-phi-time-left-ms"
 TOKENS_HEADER = "x-finetune-phi-completion-tokens"
+# W3C Server Timing: a non-streamed reply says how long the deployment process spent on it ("deployment;dur=<ms>"),
+# relayed by the router, so a client (the serve benchmark) can tell the deployment's time from the hops around it.
+SERVER_TIMING_HEADER = "server-timing"
+
+
+def server_timing(started: float) -> str:
+    """The Server-Timing value for a reply whose handling began at ``started`` (``time.monotonic()``)."""
+    return f"deployment;dur={(time.monotonic() - started) * 1000:.2f}"
+
+
 ENV_INSTANCE_TOKEN = "FINETUNE_PHI_INSTANCE_TOKEN"
 
 

@@ -95,6 +95,7 @@ from deployments.protocol import (
     FINISH_HEADER,
     INSTANCE_TOKEN_HEADER,
     PIN_HEADER,
+    SERVER_TIMING_HEADER,
     TIME_LEFT_HEADER,
     TOKENS_HEADER,
     ApiError,
@@ -123,7 +124,7 @@ SHUTDOWN_TAIL_S = 2  # after the drain: time for uvicorn to flush the last answe
 # before answering 408 on its behalf (a process whose event loop is stuck).
 BACKSTOP_S = 1.0
 REGISTRY_TAG_MODEL_DIR = "model_dir"  # tasks.registry.TAG_MODEL_DIR: where a registered version's folder is
-PASSED_HEADERS = ("content-type", "retry-after", FINISH_HEADER)
+PASSED_HEADERS = ("content-type", "retry-after", FINISH_HEADER, SERVER_TIMING_HEADER)
 
 
 class DeploymentSpec(RequestBody):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,8 +41,13 @@ def post(live: LiveEndpoint, path: str, body: object, headers: dict[str, str] | 
 
 
 def test_sample_body_gets_a_list_of_one_text(live: LiveEndpoint) -> None:
+    started = time.perf_counter()
     response = post(live, "/score", SAMPLE_BODY)
+    latency_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 200
+    # the deployment process's own time, relayed by the router: within what the client waited
+    name, _, duration = response.headers["server-timing"].partition(";dur=")
+    assert name == "deployment" and 0 < float(duration) < latency_ms
     replies = response.json()
     assert isinstance(replies, list) and len(replies) == 1 and isinstance(replies[0], str)
     # return_full_text: the question comes back in front of the reply, as from the sample's pipeline
