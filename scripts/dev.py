@@ -135,11 +135,11 @@ def _env() -> dict[str, str]:
 
 
 def _workers(pytest_args: list[str]) -> list[str]:
-    """Two pytest-xdist workers, each taking a whole test file (or the flow files' group: tests/conftest.py's
-    group_for_xdist) at a time, unless the command line chooses its own (``-n``, ``--dist``, ``-p no:xdist``).
+    """Two pytest-xdist workers, each taking a whole test file at a time (the flow files together: tests/conftest.py's
+    pytest_xdist_make_scheduler), unless the command line chooses its own (``-n``, ``--dist``, ``-p no:xdist``).
     Much of the suite's time is spent waiting on servers, probes and timeouts, so two workers help on 2 cores."""
     chosen = any(arg.startswith(("-n", "--numprocesses", "--dist")) or arg == "no:xdist" for arg in pytest_args)
-    return [] if chosen else ["-n", "2", "--dist", "loadgroup"]
+    return [] if chosen else ["-n", "2", "--dist", "loadfile"]
 
 
 def main(argv: list[str]) -> int:

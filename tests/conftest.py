@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from filelock import FileLock
@@ -37,9 +38,8 @@ if "PF_HOME_DIRECTORY" not in os.environ or os.environ.get("FINETUNE_PHI_TESTS_P
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    group_for_xdist(items)
+    check_first_run_users(items)
     try:
         import torch
 
@@ -53,14 +53,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(skip_gpu)
 
 
-def group_for_xdist(items: list[pytest.Item]) -> None:
-    """pytest-xdist groups (``scripts/dev.py test`` runs two workers with ``--dist loadgroup``): a test file's tests
-    stay on one worker, since its module-scoped servers and models are shared by them; every file that uses the
-    ``first_run`` session fixture (the whole flow, training included) joins one group, so that flow runs once."""
-    modules_with_first_run = {item.path for item in items if "first_run" in getattr(item, "fixturenames", ())}
+FLOW_TESTS = "tests/flows/"  # every test file that uses the first_run session fixture (the whole flow) is here
+
+
+def check_first_run_users(items: list[pytest.Item]) -> None:
+    """pytest-xdist runs the files under FLOW_TESTS on one worker (pytest_xdist_make_scheduler), so that
+    ``first_run`` runs once a session; a file elsewhere that used it would run the flow a second time."""
     for item in items:
-        group = "first_run" if item.path in modules_with_first_run else str(item.path.relative_to(REPO_ROOT))
-        item.add_marker(pytest.mark.xdist_group(group))
+        where = item.path.relative_to(REPO_ROOT).as_posix()
+        if "first_run" in getattr(item, "fixturenames", ()) and not where.startswith(FLOW_TESTS):
+            raise pytest.UsageError(f"{item.nodeid} uses first_run: move it under {FLOW_TESTS}")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` (what ``scripts/dev.py test`` passes), with the files under FLOW_TESTS as one unit: each
+    worker takes a whole test file at a time (its module-scoped servers and models are shared by its tests), and
+    the flow files, which share the ``first_run`` session fixture, go to one worker together."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FlowFilesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return FLOW_TESTS if path.startswith(FLOW_TESTS) else path
+
+    return FlowFilesTogether(config, log)
 
 
 @pytest.fixture(autouse=True)
