@@ -445,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-wait-ms", type=float, default=None, help="the endpoint's batch_wait_ms (default: the config's)"
     )
+    parser.add_argument(
+        "--fuse-joins",
+        choices=["auto", "always", "never"],
+        default=None,
+        help="the endpoint's fuse_joins (default: the config's)",
+    )
     parser.add_argument("--skip-ceilings", action="store_true", help="no in-process generate/engine numbers")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, store, logs)")
@@ -526,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_batch_size": max_clients,
                 "torch_threads": args.threads,
                 **({} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}),
+                **({} if args.fuse_joins is None else {"fuse_joins": args.fuse_joins}),
                 "device": "cpu",
                 "max_new_tokens_cap": max(512, args.max_new_tokens),
                 "model_roots": [str(work)],  # the benchmark's registry is beside the state folder, not in it

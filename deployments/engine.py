@@ -3,8 +3,10 @@
 Continuous batching: the worker keeps a running batch of rows and, between two decoding steps, lets waiting
 requests join it: their prompts are prefilled (several short ones in one forward; a long one in chunks of
 ``prefill_chunk_tokens``, one chunk per step, so running rows never stall behind a whole long prompt), and they
-decode with everyone else from the next step on. A row that ends (an end token, its budget, a cancel) leaves the
-batch at once and its slot is reused.
+decode with everyone else from the next step on. Where a forward's fixed cost dominates (a small model, a CPU),
+short joining prompts are instead prefilled inside the running rows' decoding step, one forward for both
+(:class:`ForwardCost` decides from the worker's own timings). A row that ends (an end token, its budget, a cancel)
+leaves the batch at once and its slot is reused.
 
 The KV cache is a :class:`SlotCache`: per layer one preallocated ``[slots, kv_heads, capacity, head_dim]`` tensor,
 where row ``i`` of the running batch lives in slot ``i`` and writes its token ``t`` at position ``t``. A join
@@ -226,6 +228,43 @@ class _Row:
     next_token: int | None = None  # sampled, not yet fed to the model
 
 
+class ForwardCost:
+    """The worker's own estimate of what a forward costs: ``seconds = fixed + per_token * tokens``, fitted by least
+    squares over its recent forwards (exponentially weighted, so a change of load or machine is followed).
+
+    It decides whether joining prompts ride along with the running rows' decoding step (one forward, the running
+    rows padded to the prompts' width) or get a prefill forward of their own: fusing adds
+    ``running * (width - 1)`` padding tokens and saves one forward's fixed cost, so it pays when that padding is worth
+    less than ``fixed / per_token`` tokens. On a small model on a CPU (Python and kernel launches dominate) that is
+    hundreds of tokens; on a model whose compute dominates it is a few, and joins keep their own prefill.
+    """
+
+    DECAY = 0.98  # weight of the past per observation: about the last 50 forwards count
+
+    def __init__(self) -> None:
+        self._weight = self._tokens = self._tokens_sq = self._seconds = self._tokens_seconds = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.DECAY
+        self._weight = d * self._weight + 1.0
+        self._tokens = d * self._tokens + tokens
+        self._tokens_sq = d * self._tokens_sq + tokens * tokens
+        self._seconds = d * self._seconds + seconds
+        self._tokens_seconds = d * self._tokens_seconds + tokens * seconds
+
+    def overhead_tokens(self) -> float:
+        """``fixed / per_token``: how many tokens one forward's fixed cost is worth (0 until forwards of different
+        sizes were seen; unbounded when a bigger forward measured no slower)."""
+        spread = self._weight * self._tokens_sq - self._tokens**2
+        if self._weight < 2 or spread <= 1e-9 * max(self._tokens_sq * self._weight, 1.0):
+            return 0.0
+        per_token = (self._weight * self._tokens_seconds - self._tokens * self._seconds) / spread
+        fixed = (self._seconds - per_token * self._tokens) / self._weight
+        if fixed <= 0:
+            return 0.0
+        return float("inf") if per_token <= 0 else fixed / per_token
+
+
 class ModelRunner:
     """A causal LM and its tokenizer, plus the continuous-batching worker. Thread-safe ``submit``.
 
@@ -243,6 +282,7 @@ class ModelRunner:
         device: str = "auto",
         dtype: str = "auto",
         prefill_chunk_tokens: int = 512,
+        fuse_joins: str = "auto",
     ) -> None:
         self.placement: Placement = resolve_placement(device, dtype)
         with _LOAD_LOCK:
@@ -260,6 +300,9 @@ class ModelRunner:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self.forward_cost = ForwardCost()
+        self.fuse_joins = fuse_joins  # "auto" (the cost model decides), "always" or "never"
+        self.fused_joins = 0  # rows whose prompt was prefilled inside a decoding step
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
         self.end_ids = self._end_ids()
         pad = self.tokenizer.pad_token_id
@@ -322,6 +365,7 @@ class ModelRunner:
         prefilling: _Row | None = None  # a long prompt being prefilled in chunks, in slot len(running)
         cache = self._new_cache()
         stopping = False
+        joining: list[_Row] = []
         while True:
             if not (running or prefilling or waiting):
                 if stopping:
@@ -332,11 +376,11 @@ class ModelRunner:
             stopping = self._drain_queue(waiting) or stopping
             try:
                 with torch.inference_mode():
-                    prefilling = self._admit(cache, waiting, running, prefilling)
-                    self._decode_step(cache, running, prefilling)
+                    prefilling, joining = self._admit(cache, waiting, running, prefilling)
+                    self._decode_step(cache, running, prefilling, joining)
             except Exception as exc:  # a failing forward must not kill the worker: fail its rows, go on
                 log.exception("generation failed for a batch of %d", len(running) + (prefilling is not None))
-                for row in [*running, *([prefilling] if prefilling else [])]:
+                for row in [*running, *([prefilling] if prefilling else []), *joining]:
                     if row.seq.finish_reason is None:
                         row.seq.finish_reason, row.seq.error = "error", f"{type(exc).__name__}: {exc}"
                         self._finish(row)
@@ -381,8 +425,10 @@ class ModelRunner:
     # ------------------------------------------------------------------ joining
     def _admit(
         self, cache: SlotCache, waiting: deque[Sequence], running: list[_Row], prefilling: _Row | None
-    ) -> _Row | None:
-        """One prefill forward: the next chunk of a long prompt, or as many short waiting prompts as fit."""
+    ) -> tuple[_Row | None, list[_Row]]:
+        """One prefill forward: the next chunk of a long prompt, or as many short waiting prompts as fit. Returns
+        the row still prefilling, and the short prompts left to ride along with the next decoding step instead
+        (when :meth:`_fuse_pays` says one forward for both costs less than two)."""
         for seq in [s for s in waiting if s.cancelled]:
             waiting.remove(seq)
             seq.finish_reason = "cancelled"
@@ -391,14 +437,14 @@ class ModelRunner:
             if prefilling.seq.cancelled:
                 prefilling.seq.finish_reason = "cancelled"
                 self._finish(prefilling)
-                return None
-            return self._prefill_chunk(cache, running, prefilling)
+                return None, []
+            return self._prefill_chunk(cache, running, prefilling), []
         free = self.max_batch_size - len(running)
         if not waiting or free == 0:
-            return None
+            return None, []
         if len(waiting[0].prompt_ids) > self.prefill_chunk_tokens:
             row = self._take(cache, waiting)
-            return self._prefill_chunk(cache, running, row)
+            return self._prefill_chunk(cache, running, row), []
         joining: list[_Row] = []
         tokens = 0
         while waiting and len(joining) < free:
@@ -407,9 +453,21 @@ class ModelRunner:
                 break
             tokens += size
             joining.append(self._take(cache, waiting))
+        if self._fuse_pays(running, joining):
+            return None, joining
         self._prefill(cache, len(running), joining, [0] * len(joining), [len(r.seq.prompt_ids) for r in joining])
         self._join(cache, running, joining)
-        return None
+        return None, []
+
+    def _fuse_pays(self, running: list[_Row], joining: list[_Row]) -> bool:
+        """Whether ``joining`` prefilled inside the running rows' next step costs less than a forward of its own."""
+        live = [r for r in running if not r.seq.cancelled]
+        if not live or not joining:
+            return False
+        width = max(len(r.seq.prompt_ids) for r in joining)
+        if self.fuse_joins == "never" or max(r.filled for r in live) + width > self.context_length:
+            return False  # (or a running row's padding would run past the context)
+        return self.fuse_joins == "always" or len(live) * (width - 1) < self.forward_cost.overhead_tokens()
 
     def _take(self, cache: SlotCache, waiting: deque[Sequence]) -> _Row:
         seq = waiting.popleft()
@@ -444,6 +502,7 @@ class ModelRunner:
             positions[i] = torch.arange(width) + start
         ids, positions = ids.to(self.device), positions.to(self.device)
         last = torch.tensor([[e - s - 1] for s, e in zip(starts, ends, strict=True)], device=self.device)
+        started = time.perf_counter()
         logits = self._forward(cache, first_slot, ids, positions, max(ends), logits_to_keep=last).logits[:, -1, :]
         for row, end in zip(rows, ends, strict=True):
             row.filled = end
@@ -452,6 +511,9 @@ class ModelRunner:
             tokens = self._sample(logits[complete], [rows[i].seq for i in complete]).tolist()
             for i, token in zip(complete, tokens, strict=True):
                 rows[i].next_token = int(token)
+        else:
+            logits[:1, :1].tolist()  # the forward is done (a GPU runs it asynchronously) before it is timed
+        self.forward_cost.observe(ids.numel(), time.perf_counter() - started)
 
     def _join(self, cache: SlotCache, running: list[_Row], rows: list[_Row]) -> None:
         """Rows whose prompts are in (already in the slots after ``running``): record each one's first token and
@@ -479,24 +541,54 @@ class ModelRunner:
             logits_to_keep=logits_to_keep,
         )
 
-    def _decode_step(self, cache: SlotCache, running: list[_Row], prefilling: _Row | None) -> None:
-        """Feed every running row its last token, sample the next one, and let finished rows leave."""
+    def _decode_step(
+        self, cache: SlotCache, running: list[_Row], prefilling: _Row | None, joining: list[_Row]
+    ) -> None:
+        """Feed every running row its last token, sample the next one, and let finished rows leave. ``joining``
+        rows (short prompts, nothing in the cache yet) are prefilled in the same forward, in the slots after the
+        running rows: each running row's one token is padded to their width (the pads sit at the positions the
+        row writes next, as a prefill's do, and no real query sees them), and a joining row's first token comes
+        from its prompt's last position."""
         torch = self._torch
         for index in [i for i, r in enumerate(running) if r.seq.cancelled]:
             running[index].seq.finish_reason = "cancelled"
             self._finish(running[index])
         self._leave(cache, running, prefilling, [r for r in running if r.seq.finish_reason is None])
+        if not running and joining:  # every running row left: the joining rows' prefill is a forward of its own
+            self._prefill(cache, 0, joining, [0] * len(joining), [len(r.seq.prompt_ids) for r in joining])
+            self._join(cache, running, joining)
+            joining = []
         if not running:
             return
-        ids = torch.tensor([[r.next_token] for r in running], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[r.filled] for r in running], dtype=torch.long, device=self.device)
-        out = self._forward(cache, 0, ids, positions, max(r.filled for r in running) + 1, logits_to_keep=1)
-        tokens = self._sample(out.logits[:, -1, :], [r.seq for r in running]).tolist()
+        rows = [*running, *joining]
+        self.fused_joins += len(joining)
+        width = max([1, *(len(r.seq.prompt_ids) for r in joining)])
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        starts = [r.filled for r in running] + [0] * len(joining)
+        for i, row in enumerate(running):
+            ids[i, 0] = int(row.next_token or 0)
+        for i, row in enumerate(joining, start=len(running)):
+            ids[i, : len(row.seq.prompt_ids)] = torch.tensor(row.seq.prompt_ids)
+        positions = torch.tensor(starts).unsqueeze(-1) + torch.arange(width)
+        kv_length = max(starts) + width
+        cache.ensure_capacity(kv_length)
+        last = [[0]] * len(running) + [[len(r.seq.prompt_ids) - 1] for r in joining]
+        keep_index = torch.tensor(last, device=self.device) if joining else 1
+        started = time.perf_counter()
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        out = self._forward(cache, 0, ids, positions, kv_length, logits_to_keep=keep_index)
+        tokens = self._sample(out.logits[:, -1, :], [r.seq for r in rows]).tolist()
+        self.forward_cost.observe(ids.numel(), time.perf_counter() - started)
         keep = []
-        for row, token in zip(running, tokens, strict=True):
+        for row, token in zip(running, tokens[: len(running)], strict=True):
             row.filled += 1
             if self._advance(row, int(token)):
                 keep.append(row)
+        for row, token in zip(joining, tokens[len(running) :], strict=True):
+            row.filled = len(row.seq.prompt_ids)
+            if self._advance(row, int(token)):
+                keep.append(row)
+        running.extend(joining)
         self._leave(cache, running, prefilling, keep)
 
     def _leave(self, cache: SlotCache, running: list[_Row], prefilling: _Row | None, keep: list[_Row]) -> None:

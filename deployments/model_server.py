@@ -104,6 +104,7 @@ def create_app(
                 model_path,
                 max_batch_size=config.max_batch_size,
                 batch_wait_ms=config.batch_wait_ms,
+                fuse_joins=config.fuse_joins,
                 torch_threads=config.torch_threads,
                 device=device or config.device,
                 dtype=dtype or config.dtype,

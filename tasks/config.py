@@ -120,6 +120,9 @@ class EndpointConfig(_Section):
     # Azure answers 429 once more than 2 x max_concurrent_requests are in flight per instance; None: that rule.
     max_pending_requests: int | None = Field(None, gt=0)
     batch_wait_ms: float = Field(3.0, ge=0)  # how long the batching worker waits for more requests to join
+    # Short prompts joining a running batch: prefilled inside the running rows' next decoding step when the worker's
+    # own forward timings say one forward costs less than two ("auto"), always, or in a forward of their own.
+    fuse_joins: Literal["auto", "always", "never"] = "auto"
     default_max_new_tokens: int = Field(128, gt=0)  # when a request names none
     stop_grace_s: float = Field(30.0, gt=0)  # stop: SIGTERM, in-flight requests finish, then SIGKILL after this
     # torch intra-op threads in the server. 1 suits small models and shared CPUs (2 threads stalled the batching

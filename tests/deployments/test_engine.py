@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.engine import IncrementalDetokenizer, ModelRunner, SamplingParams, Sequence
+from deployments.engine import ForwardCost, IncrementalDetokenizer, ModelRunner, SamplingParams, Sequence
 
 CHUNK = 16
 
@@ -191,3 +191,47 @@ def test_prompts_of_different_lengths_prefilled_in_one_forward_each_equal_genera
             assert seq.generated == reference(engine, seq.prompt_ids, 20)
     finally:
         engine.close()
+
+
+def test_joins_prefilled_inside_the_decoding_step_keep_every_row_equal_to_generate(
+    context_sensitive_model: Path,
+) -> None:
+    """``fuse_joins="always"``: a short prompt joining a running batch is prefilled in the running rows' decoding
+    step (their one token padded to the prompt's width). Ten requests through four slots: every reply is still the
+    model's own greedy reply, and rows that joined late got their first token before the first row's last."""
+    engine = ModelRunner(
+        context_sensitive_model, max_batch_size=4, batch_wait_ms=0, torch_threads=1, device="cpu", fuse_joins="always"
+    )
+    try:
+        texts = [f"Question {i}: {'what is a rollback ' * (i % 4)}?" for i in range(10)]
+        budgets = [30, 3, 7, 12, 30, 5, 18, 9, 25, 4]
+        seqs = [Sequence(prompt(engine, t), greedy(b)) for t, b in zip(texts, budgets, strict=True)]
+        run(engine, seqs)
+        assert engine.fused_joins >= 3  # at least the rows that took a slot while others ran
+        for seq, budget in zip(seqs, budgets, strict=True):
+            expected = reference(engine, seq.prompt_ids, budget)
+            assert seq.generated == expected
+            assert seq.finish_reason == ("length" if len(expected) == budget else "stop")
+        assert min(s.token_times[0] for s in seqs[1:] if s.token_times) < seqs[0].token_times[-1]
+    finally:
+        engine.close()
+
+
+def test_the_forward_cost_model_fits_a_fixed_and_a_per_token_cost() -> None:
+    cost = ForwardCost()
+    assert cost.overhead_tokens() == 0  # nothing measured yet: never fuse
+    for tokens in [16, 16, 640, 16, 40, 16] * 10:
+        cost.observe(tokens, 0.004 + 0.00001 * tokens)  # 4 ms a forward plus 10 us a token
+    assert cost.overhead_tokens() == pytest.approx(400, rel=1e-6)
+    same_size = ForwardCost()
+    for _ in range(10):
+        same_size.observe(16, 0.004)
+    assert same_size.overhead_tokens() == 0  # one size only: no way to tell the fixed cost, so no fusing
+    compute_bound = ForwardCost()
+    for tokens in [16, 640, 40] * 10:
+        compute_bound.observe(tokens, 0.0001 * tokens)
+    assert compute_bound.overhead_tokens() < 1  # the time is all per token: a join keeps its own prefill
+    overhead_bound = ForwardCost()
+    for tokens in [16, 640, 40] * 10:
+        overhead_bound.observe(tokens, 0.004)
+    assert overhead_bound.overhead_tokens() == float("inf")  # a bigger forward costs no more: always fuse
