@@ -385,7 +385,7 @@ class ModelRunner:
                         row.seq.finish_reason, row.seq.error = "error", f"{type(exc).__name__}: {exc}"
                         self._finish(row)
                 running.clear()
-                prefilling = None
+                prefilling, joining = None, []
                 cache = self._new_cache()
 
     def _new_cache(self) -> SlotCache:
@@ -491,16 +491,8 @@ class ModelRunner:
         if not rows:
             return
         torch = self._torch
-        width = max(e - s for s, e in zip(starts, ends, strict=True))
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        positions = torch.empty((len(rows), width), dtype=torch.long)
-        for i, (row, start, end) in enumerate(zip(rows, starts, ends, strict=True)):
-            ids[i, : end - start] = torch.tensor(row.seq.prompt_ids[start:end])
-            # Right padding at the positions after the row's end: a pad's keys and values land where this row's own
-            # decoding writes next (before attending to them) and no query of the row can see them meanwhile.
-            # Repeating the last real position instead let the pads overwrite that token's keys and values.
-            positions[i] = torch.arange(width) + start
-        ids, positions = ids.to(self.device), positions.to(self.device)
+        pieces = [row.seq.prompt_ids[start:end] for row, start, end in zip(rows, starts, ends, strict=True)]
+        ids, positions = self._padded_batch(pieces, starts)
         last = torch.tensor([[e - s - 1] for s, e in zip(starts, ends, strict=True)], device=self.device)
         started = time.perf_counter()
         logits = self._forward(cache, first_slot, ids, positions, max(ends), logits_to_keep=last).logits[:, -1, :]
@@ -514,6 +506,22 @@ class ModelRunner:
         else:
             logits[:1, :1].tolist()  # the forward is done (a GPU runs it asynchronously) before it is timed
         self.forward_cost.observe(ids.numel(), time.perf_counter() - started)
+
+    def _padded_batch(self, pieces: list[list[int]], starts: list[int]) -> tuple[Any, Any]:
+        """``ids`` and ``positions``, ``[rows, width]`` on the model's device: row ``i`` feeds ``pieces[i]`` from
+        position ``starts[i]``, right-padded to the longest piece.
+
+        The pads take the positions after the row's end: a pad's keys and values land where this row's own decoding
+        writes next (before attending to them) and no query of the row can see them meanwhile. Repeating the last
+        real position instead let the pads overwrite that token's keys and values."""
+        width = max(len(piece) for piece in pieces)
+        ids = [piece + [self.pad_id] * (width - len(piece)) for piece in pieces]
+        positions = [list(range(start, start + width)) for start in starts]
+        torch = self._torch
+        return (
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+        )
 
     def _join(self, cache: SlotCache, running: list[_Row], rows: list[_Row]) -> None:
         """Rows whose prompts are in (already in the slots after ``running``): record each one's first token and
@@ -562,20 +570,14 @@ class ModelRunner:
             return
         rows = [*running, *joining]
         self.fused_joins += len(joining)
-        width = max([1, *(len(r.seq.prompt_ids) for r in joining)])
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        pieces = [[int(r.next_token or 0)] for r in running] + [list(r.seq.prompt_ids) for r in joining]
         starts = [r.filled for r in running] + [0] * len(joining)
-        for i, row in enumerate(running):
-            ids[i, 0] = int(row.next_token or 0)
-        for i, row in enumerate(joining, start=len(running)):
-            ids[i, : len(row.seq.prompt_ids)] = torch.tensor(row.seq.prompt_ids)
-        positions = torch.tensor(starts).unsqueeze(-1) + torch.arange(width)
-        kv_length = max(starts) + width
+        ids, positions = self._padded_batch(pieces, starts)
+        kv_length = max(starts) + ids.shape[1]
         cache.ensure_capacity(kv_length)
         last = [[0]] * len(running) + [[len(r.seq.prompt_ids) - 1] for r in joining]
         keep_index = torch.tensor(last, device=self.device) if joining else 1
         started = time.perf_counter()
-        ids, positions = ids.to(self.device), positions.to(self.device)
         out = self._forward(cache, 0, ids, positions, kv_length, logits_to_keep=keep_index)
         tokens = self._sample(out.logits[:, -1, :], [r.seq for r in rows]).tolist()
         self.forward_cost.observe(ids.numel(), time.perf_counter() - started)

@@ -25,14 +25,12 @@ TOKENS_HEADER = "x-finetune-phi-completion-tokens"
 # W3C Server Timing: a non-streamed reply says how long the deployment process spent on it ("deployment;dur=<ms>"),
 # relayed by the router, so a client (the serve benchmark) can tell the deployment's time from the hops around it.
 SERVER_TIMING_HEADER = "server-timing"
+ENV_INSTANCE_TOKEN = "FINETUNE_PHI_INSTANCE_TOKEN"
 
 
 def server_timing(started: float) -> str:
     """The Server-Timing value for a reply whose handling began at ``started`` (``time.monotonic()``)."""
     return f"deployment;dur={(time.monotonic() - started) * 1000:.2f}"
-
-
-ENV_INSTANCE_TOKEN = "FINETUNE_PHI_INSTANCE_TOKEN"
 
 
 class ApiError(Exception):
