@@ -451,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the endpoint's fuse_joins (default: the config's)",
     )
+    parser.add_argument(
+        "--engine-process",
+        choices=["on", "off"],
+        default=None,
+        help="the endpoint's engine_process: the decoding loop in a child process or a thread (default: the config's)",
+    )
     parser.add_argument("--skip-ceilings", action="store_true", help="no in-process generate/engine numbers")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "bench" / "results")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, store, logs)")
@@ -533,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 "torch_threads": args.threads,
                 **({} if args.batch_wait_ms is None else {"batch_wait_ms": args.batch_wait_ms}),
                 **({} if args.fuse_joins is None else {"fuse_joins": args.fuse_joins}),
+                **({} if args.engine_process is None else {"engine_process": args.engine_process == "on"}),
                 "device": "cpu",
                 "max_new_tokens_cap": max(512, args.max_new_tokens),
                 "model_roots": [str(work)],  # the benchmark's registry is beside the state folder, not in it

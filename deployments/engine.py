@@ -72,9 +72,36 @@ class Sequence:
     enqueued_at: float = field(default_factory=time.monotonic)
     text: str = ""  # decoded reply without the end token, updated as tokens come
     token_times: list[float] = field(default_factory=list)  # time.monotonic() when each generated token was made
+    on_cancel: Callable[[Sequence], None] | None = None  # tells the engine holding it (another process, say)
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(self)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation, rendered by the model's chat template with the assistant prompt added."""
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def room_after_prompt(context_length: int, prompt_ids: list[int]) -> int:
+    """How many new tokens fit after the prompt; raises :class:`InputTooLongError` when none does."""
+    room = context_length - len(prompt_ids)
+    if room < 1:
+        raise InputTooLongError(
+            f"the input is {len(prompt_ids)} tokens but the model's context holds {context_length} "
+            f"(at most {context_length - 1} input tokens); shorten the input"
+        )
+    return room
+
+
+def context_length_of(config: Any) -> int:
+    """The model's context in tokens (``max_position_embeddings``; 4096 where the config names none)."""
+    return int(getattr(config, "max_position_embeddings", 0) or 4096)
 
 
 def _first_folder_with(root: Path, marker: str, candidates: list[Path], what: str) -> Path:
@@ -283,6 +310,7 @@ class ModelRunner:
         dtype: str = "auto",
         prefill_chunk_tokens: int = 512,
         fuse_joins: str = "auto",
+        after_step: Callable[[], None] | None = None,
     ) -> None:
         self.placement: Placement = resolve_placement(device, dtype)
         with _LOAD_LOCK:
@@ -303,7 +331,10 @@ class ModelRunner:
         self.forward_cost = ForwardCost()
         self.fuse_joins = fuse_joins  # "auto" (the cost model decides), "always" or "never"
         self.fused_joins = 0  # rows whose prompt was prefilled inside a decoding step
-        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        # runs on the worker thread after each step, once that step's tokens and finishes are recorded: an engine
+        # process sends one message a step instead of one per token
+        self._after_step = after_step
+        self.context_length = context_length_of(self.model.config)
         self.end_ids = self._end_ids()
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (sorted(self.end_ids) or [0])[0])
@@ -327,23 +358,10 @@ class ModelRunner:
         return ids
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a conversation, rendered by the model's chat template with the assistant prompt added."""
-        ids = self.tokenizer.apply_chat_template(
-            messages, tokenize=True, add_generation_prompt=True, return_dict=False
-        )
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return render_chat(self.tokenizer, messages)
 
     def check_fits(self, prompt_ids: list[int]) -> int:
-        """How many new tokens fit after the prompt; raises :class:`InputTooLongError` when none does."""
-        room = self.context_length - len(prompt_ids)
-        if room < 1:
-            raise InputTooLongError(
-                f"the input is {len(prompt_ids)} tokens but the model's context holds {self.context_length} "
-                f"(at most {self.context_length - 1} input tokens); shorten the input"
-            )
-        return room
+        return room_after_prompt(self.context_length, prompt_ids)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -377,6 +395,8 @@ class ModelRunner:
             try:
                 with torch.inference_mode():
                     prefilling, joining = self._admit(cache, waiting, running, prefilling)
+                    if self._after_step is not None:  # the joined rows' first tokens go out before the next step
+                        self._after_step()
                     self._decode_step(cache, running, prefilling, joining)
             except Exception as exc:  # a failing forward must not kill the worker: fail its rows, go on
                 log.exception("generation failed for a batch of %d", len(running) + (prefilling is not None))
@@ -387,6 +407,8 @@ class ModelRunner:
                 running.clear()
                 prefilling, joining = None, []
                 cache = self._new_cache()
+            if self._after_step is not None:
+                self._after_step()
 
     def _new_cache(self) -> SlotCache:
         return SlotCache(self.max_batch_size, min(INITIAL_CAPACITY, self.context_length), self.context_length)

@@ -6,7 +6,8 @@
 The router (:mod:`deployments.server`) starts one per instance in its own process group, with a secret in
 ``FINETUNE_PHI_INSTANCE_TOKEN`` that every request but the probes must carry; it listens on loopback only. The
 router has already checked keys, limits and the body; this process renders the prompt, generates with
-:class:`deployments.engine.ModelRunner` and answers the endpoint's own shapes (``/score``,
+:class:`deployments.engine.ModelRunner` (in a thread, or with ``endpoint.engine_process`` in a child process:
+:mod:`deployments.engine_process`) and answers the endpoint's own shapes (``/score``,
 ``/v1/chat/completions`` with server-sent events), so the router passes answers through unchanged.
 
 Probes: ``GET /health`` (liveness: the event loop answers) and ``GET /ready`` (readiness: 200 once the model is
@@ -25,7 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import hmac
-import importlib
 import json
 import logging
 import os
@@ -78,15 +78,33 @@ def may_use_gpu(device: str | None) -> bool:
     return device != "cpu" and (device.startswith("cuda") or Path("/dev/nvidiactl").exists())
 
 
-def _runner_class(name: str) -> Any:
-    from deployments.engine import ModelRunner
+def runner_spec(name: str) -> str:
+    """``module:Class`` of the runner that generates for deployment ``name``: the real one unless a test engine is
+    named for it."""
+    from deployments.engine_process import DEFAULT_RUNNER
 
     for item in (os.environ.get(ENV_TEST_ENGINE) or "").split(","):
         deployment, _, target = item.partition("=")
         if deployment.strip() == name and target.startswith("tests."):
-            module, _, attribute = target.partition(":")
-            return getattr(importlib.import_module(module), attribute)
-    return ModelRunner
+            return target
+    return DEFAULT_RUNNER
+
+
+def start_engine(name: str, model_path: str, config: Any, device: str | None, dtype: str | None) -> Any:
+    """The deployment's engine: the runner in a child process (``config.engine_process``) or in this one."""
+    from deployments.engine_process import EngineProcess, runner_class
+
+    options = {
+        "max_batch_size": config.max_batch_size,
+        "batch_wait_ms": config.batch_wait_ms,
+        "fuse_joins": config.fuse_joins,
+        "torch_threads": config.torch_threads,
+        "device": device or config.device,
+        "dtype": dtype or config.dtype,
+    }
+    if config.engine_process:
+        return EngineProcess(model_path, runner=runner_spec(name), **options)
+    return runner_class(runner_spec(name))(model_path, **options)
 
 
 def create_app(
@@ -100,15 +118,7 @@ def create_app(
     def load() -> None:
         started = time.monotonic()
         try:
-            runner = _runner_class(name)(
-                model_path,
-                max_batch_size=config.max_batch_size,
-                batch_wait_ms=config.batch_wait_ms,
-                fuse_joins=config.fuse_joins,
-                torch_threads=config.torch_threads,
-                device=device or config.device,
-                dtype=dtype or config.dtype,
-            )
+            runner = start_engine(name, model_path, config, device, dtype)
         except BaseException as exc:  # MemoryError past the limit too: report it, the router stops this process
             log.warning("deployment %s failed to load %s: %s", name, model_path, exc)
             state.update(state="failed", error=f"{type(exc).__name__}: {exc}")

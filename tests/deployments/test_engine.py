@@ -235,3 +235,36 @@ def test_the_forward_cost_model_fits_a_fixed_and_a_per_token_cost() -> None:
     for tokens in [16, 640, 40] * 10:
         overhead_bound.observe(tokens, 0.004)
     assert overhead_bound.overhead_tokens() == float("inf")  # a bigger forward costs no more: always fuse
+
+
+def test_the_engine_process_generates_what_the_runner_does_and_ends_with_its_socket(
+    runner: ModelRunner, context_sensitive_model: Path
+) -> None:
+    from deployments.engine_process import EngineProcess
+
+    engine = EngineProcess(context_sensitive_model, max_batch_size=4, batch_wait_ms=0, torch_threads=1, device="cpu")
+    try:
+        texts = ["Hello! Who are you?", "What is a Prefect flow?", "Register the model.", "Roll back."]
+        ids = [engine.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        assert ids == [prompt(runner, t) for t in texts]  # the prompt rendered on the HTTP side is the runner's
+        streamed: list[int] = []
+        seqs = [Sequence(i, greedy(12)) for i in ids]
+        seqs[0].on_token = lambda s: streamed.append(len(s.generated))
+        run(engine, seqs)
+        for seq, prompt_ids in zip(seqs, ids, strict=True):
+            assert seq.generated == reference(runner, prompt_ids, 12)
+            assert seq.text == runner.decode(seq.generated)
+            assert len(seq.token_times) == len(seq.generated)
+        assert streamed and streamed[-1] == len(seqs[0].generated)  # tokens came as they were made
+        cancelled = Sequence(ids[0], greedy(400))
+        first = threading.Event()
+        cancelled.on_token = lambda s: first.set()
+        done = threading.Event()
+        cancelled.on_done = lambda s: done.set()
+        engine.submit(cancelled)
+        assert first.wait(30)
+        cancelled.cancel()  # crosses to the engine process
+        assert done.wait(30) and cancelled.finish_reason == "cancelled" and len(cancelled.generated) < 400
+    finally:
+        engine.close()
+    assert engine.process.returncode == 0
