@@ -10,7 +10,7 @@ with a GIL of its own.
 The two talk over a socket pair with pickled messages (:class:`multiprocessing.connection.Connection`):
 
 - to the engine: ``("submit", id, prompt_ids, SamplingParams)``, ``("cancel", id)``, ``("close",)``;
-- from the engine: ``("ready", facts)`` or ``("failed", error)`` once, then after each decoding step one
+- from the engine: ``("ready", None)`` or ``("failed", error)`` once, then after each decoding step one
   ``("step", [Update, ...])`` with what every changed request gained: tokens, their times, text, finish.
 
 The child ends when its socket closes (its parent is gone, killed -9 too: the kernel closes the parent's end) and
@@ -25,13 +25,13 @@ import argparse
 import contextlib
 import functools
 import importlib
+import json
 import logging
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -91,9 +91,7 @@ class EngineProcess:
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         argv = [sys.executable, "-m", "deployments.engine_process", "--fd", str(theirs.fileno())]
-        argv += ["--model-path", str(model_path), "--runner", runner]
-        for key, value in options.items():
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        argv += ["--model-path", str(model_path), "--runner", runner, "--options", json.dumps(options)]
         self.process = subprocess.Popen(argv, pass_fds=[theirs.fileno()])
         theirs.close()
         self._send_lock = threading.Lock()
@@ -107,9 +105,7 @@ class EngineProcess:
         if first[0] != "ready":
             self.process.wait()
             raise EngineProcessError(first[1])
-        self.facts: dict[str, Any] = first[1]
-        self._reader = threading.Thread(target=self._read, name="engine-updates", daemon=True)
-        self._reader.start()
+        threading.Thread(target=self._read, name="engine-updates", daemon=True).start()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return render_chat(self.tokenizer, messages)
@@ -246,31 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--model-path", required=True)
     parser.add_argument("--runner", default=DEFAULT_RUNNER)
-    parser.add_argument("--max-batch-size", type=int, required=True)
-    parser.add_argument("--batch-wait-ms", type=float, required=True)
-    parser.add_argument("--fuse-joins", default="auto")
-    parser.add_argument("--torch-threads", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--options", default="{}", help="JSON of the runner's keyword arguments")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conn = Connection(args.fd)
-    options = {
-        "max_batch_size": args.max_batch_size,
-        "batch_wait_ms": args.batch_wait_ms,
-        "fuse_joins": args.fuse_joins,
-        "torch_threads": args.torch_threads,
-        "device": args.device,
-        "dtype": args.dtype,
-    }
-    started = time.monotonic()
     try:
-        host = EngineHost(conn, runner_class(args.runner), args.model_path, options)
+        host = EngineHost(conn, runner_class(args.runner), args.model_path, json.loads(args.options))
     except BaseException as exc:  # MemoryError past the limit too: the deployment process reports it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    placement = getattr(host.runner, "placement", None)
-    conn.send(("ready", {"load_s": round(time.monotonic() - started, 2), "placement": str(placement)}))
+    conn.send(("ready", None))
     if not host.serve():
         os._exit(0)  # nobody is left to answer: do not wait for a forward in flight
 
