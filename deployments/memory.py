@@ -84,9 +84,12 @@ def model_size(model_dir: Path) -> ModelSize:
     return ModelSize(len(files), parameters, on_disk, float_parameters, float_bytes)
 
 
-def check_fits(model_dir: Path, dtype: str, limit_mb: int | None, instances: int, deployment: str) -> ModelSize:
+def check_fits(
+    model_dir: Path, dtype: str, limit_mb: int | None, instances: int, deployment: str, processes: int = 1
+) -> ModelSize:
     """Raise :class:`MemoryCheckError` when ``instances`` copies of the model in ``dtype`` exceed the deployment's
-    memory limit (per instance) or the machine's available memory (all instances together)."""
+    memory limit (per process: the one that holds the model) or the machine's available memory (all instances
+    together, each of ``processes`` runtimes: 2 with an engine process beside the HTTP side)."""
     size = model_size(model_dir)
     if size.files == 0:
         return size  # no safetensors file: nothing to measure here; the load itself says what is missing
@@ -100,24 +103,34 @@ def check_fits(model_dir: Path, dtype: str, limit_mb: int | None, instances: int
             "deploy a smaller model or dtype"
         )
     available_mb = psutil.virtual_memory().available // MB
-    resident_mb = instances * (weights_mb + RUNTIME_RESIDENT_MB)
+    runtime_mb = processes * RUNTIME_RESIDENT_MB
+    resident_mb = instances * (weights_mb + runtime_mb)
     if resident_mb > available_mb:
         raise MemoryCheckError(
             f"not enough memory for deployment {deployment!r}: {instances} instance(s) need about {resident_mb} MB "
-            f"({weights_mb} MB of weights in {dtype} + {RUNTIME_RESIDENT_MB} MB each) but only {available_mb} MB are "
+            f"({weights_mb} MB of weights in {dtype} + {runtime_mb} MB each) but only {available_mb} MB are "
             "available on this machine; delete an unused deployment, lower its instance_count or free memory"
         )
     return size
 
 
 def set_oom_score_adj(pid: int, value: int) -> bool:
-    """Set a process's ``oom_score_adj`` (lowering it needs CAP_SYS_RESOURCE: False when refused)."""
+    """Set the ``oom_score_adj`` of a process and its descendants (a deployment's engine process is its child, and
+    a child inherits the score only when it starts). Lowering a score needs CAP_SYS_RESOURCE: False when refused."""
     try:
-        Path(f"/proc/{pid}/oom_score_adj").write_text(str(value), encoding="ascii")
-        return True
-    except OSError as exc:
-        log.warning("could not set oom_score_adj of process %d to %d: %s", pid, value, exc)
-        return False
+        pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        pids = [pid]
+    done = True
+    for each in pids:
+        try:
+            Path(f"/proc/{each}/oom_score_adj").write_text(str(value), encoding="ascii")
+        except FileNotFoundError:
+            continue  # it ended meanwhile
+        except OSError as exc:
+            log.warning("could not set oom_score_adj of process %d to %d: %s", each, value, exc)
+            done = False
+    return done
 
 
 def oom_score_adj(pid: int) -> int | None:

@@ -38,12 +38,3 @@ class HangingRunner:
 
     def close(self) -> None:
         self._real.close()
-
-
-class FreezingRunner(HangingRunner):
-    """Freezes its whole process: rendering a prompt (on the server's event loop) sleeps forever, so not even the
-    liveness probe is answered any more."""
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        time.sleep(3600)
-        return []

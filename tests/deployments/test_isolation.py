@@ -113,12 +113,24 @@ def test_deleting_a_deployment_gives_its_memory_back(live: LiveEndpoint, tiny_mo
     blue = instances(live, "blue")[0]
     # green takes no traffic yet: under memory pressure the kernel's OOM killer picks it before blue
     assert green["oom_score_adj"] > blue["oom_score_adj"]
+    # the score covers the model's own process (the engine process, a child) and follows a traffic change
+    assert _tree_oom_scores(green["pid"]) == {green["oom_score_adj"]}
+    live.admin.set_traffic({"blue": 90, "green": 10})
+    assert _tree_oom_scores(green["pid"]) == {_tree_oom_scores(blue["pid"]).pop()}
+    live.admin.set_traffic({"blue": 100})
     with_green = tree_rss(live.pid)
     assert with_green - before > 50 * 1024 * 1024, (before, with_green)  # a process with torch and a model
     live.admin.delete_deployment("green")  # answered once the process is gone
     after = tree_rss(live.pid)
     assert not _running(green["pid"])
     assert after - before < 0.2 * (with_green - before), (before, with_green, after)
+
+
+def _tree_oom_scores(pid: int) -> set[int]:
+    root = psutil.Process(pid)
+    children = root.children(recursive=True)
+    assert children, "the deployment process has no engine process"
+    return {int(Path(f"/proc/{p.pid}/oom_score_adj").read_text()) for p in [root, *children]}
 
 
 def test_a_killed_deployment_answers_502_in_flight_and_restarts(live: LiveEndpoint, tmp_path: Path, capsys) -> None:
@@ -218,7 +230,7 @@ def test_a_hung_deployment_times_out_without_delaying_the_other(
     launch, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engines = "tests.deployments.hanging_engine"
-    monkeypatch.setenv(ENV_TEST_ENGINE, f"stuck={engines}:HangingRunner,frozen={engines}:FreezingRunner")
+    monkeypatch.setenv(ENV_TEST_ENGINE, f"stuck={engines}:HangingRunner")
     endpoint = launch(request_timeout_ms=1500, **PROBES)
     endpoint.deploy(tiny_model_dir, {"blue": 100, "stuck": 0, "frozen": 0})
     url = f"{endpoint.url}/score"
@@ -244,9 +256,10 @@ def test_a_hung_deployment_times_out_without_delaying_the_other(
         assert status == 408 and code == "RequestTimeout"
         assert 1.4 <= elapsed < 4.0, elapsed  # at request_timeout_ms, not later
 
-    # a process that stops answering altogether: the router answers 408 for it, then its liveness probe fails
-    # failure_threshold times and it is restarted
+    # a process that stops answering altogether (stopped by SIGSTOP: not even its event loop runs): the router
+    # answers 408 for it, then its liveness probe fails failure_threshold times and it is restarted
     frozen_pid = instances(endpoint, "frozen")[0]["pid"]
+    os.kill(frozen_pid, signal.SIGSTOP)
     pin = endpoint.headers(**{"azureml-model-deployment": "frozen"})
     started = time.monotonic()
     response = httpx.post(url, json=SHORT, headers=pin, timeout=30)
