@@ -1,7 +1,9 @@
 """Each deployment in processes of its own behind the router: a deployment that cannot fit, crashes, hangs or is
 deleted does not touch the others; names follow Azure's rule; a stopped endpoint leaves no process behind.
 
-Real routers and real deployment processes on loopback, the tiny model.
+Real routers and real deployment processes on loopback, the tiny model; the module's endpoints run each deployment's
+decoding loop in an engine process of its own (``endpoint.engine_process``), so the limits, scores, crashes and
+freezes below are those of the two-process deployment too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ PIN_BLUE = {"azureml-model-deployment": "blue"}
 PROBES = {
     "liveness_probe": {"initial_delay": 0, "period": 1, "timeout": 2, "failure_threshold": 3},
     "readiness_probe": {"initial_delay": 0, "period": 1, "timeout": 2, "failure_threshold": 30},
+    "engine_process": True,
 }
 
 
