@@ -117,18 +117,14 @@ def check_fits(
 def set_oom_score_adj(pid: int, value: int) -> bool:
     """Set the ``oom_score_adj`` of a process and its descendants (a deployment's engine process is its child, and
     a child inherits the score only when it starts). Lowering a score needs CAP_SYS_RESOURCE: False when refused."""
-    try:
-        pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
-    except psutil.NoSuchProcess:
-        pids = [pid]
     done = True
-    for each in pids:
+    for each in process_tree(pid):
         try:
-            Path(f"/proc/{each}/oom_score_adj").write_text(str(value), encoding="ascii")
+            Path(f"/proc/{each.pid}/oom_score_adj").write_text(str(value), encoding="ascii")
         except FileNotFoundError:
             continue  # it ended meanwhile
         except OSError as exc:
-            log.warning("could not set oom_score_adj of process %d to %d: %s", each, value, exc)
+            log.warning("could not set oom_score_adj of process %d to %d: %s", each.pid, value, exc)
             done = False
     return done
 
@@ -140,15 +136,19 @@ def oom_score_adj(pid: int) -> int | None:
         return None
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (0 when it is gone)."""
+def process_tree(pid: int) -> list[psutil.Process]:
+    """A process and all its descendants (empty when it is gone)."""
     try:
         root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return []
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (0 when it is gone)."""
     total = 0
-    for process in processes:
+    for process in process_tree(pid):
         try:
             total += process.memory_info().rss
         except psutil.NoSuchProcess:

@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from deployments.memory import tree_rss
+from deployments.memory import oom_score_adj, process_tree, tree_rss
 from deployments.model_server import ENV_TEST_ENGINE
 from deployments.names import name_problem
 from deployments.service import start_server, stop_server
@@ -129,11 +129,10 @@ def test_deleting_a_deployment_gives_its_memory_back(live: LiveEndpoint, tiny_mo
     assert after - before < 0.2 * (with_green - before), (before, with_green, after)
 
 
-def _tree_oom_scores(pid: int) -> set[int]:
-    root = psutil.Process(pid)
-    children = root.children(recursive=True)
-    assert children, "the deployment process has no engine process"
-    return {int(Path(f"/proc/{p.pid}/oom_score_adj").read_text()) for p in [root, *children]}
+def _tree_oom_scores(pid: int) -> set[int | None]:
+    tree = process_tree(pid)
+    assert len(tree) >= 2, "the deployment process has no engine process"
+    return {oom_score_adj(process.pid) for process in tree}
 
 
 def test_a_killed_deployment_answers_502_in_flight_and_restarts(live: LiveEndpoint, tmp_path: Path, capsys) -> None:
