@@ -10,8 +10,9 @@ with a GIL of its own.
 The two talk over a socket pair with pickled messages (:class:`multiprocessing.connection.Connection`):
 
 - to the engine: ``("submit", id, prompt_ids, SamplingParams)``, ``("cancel", id)``, ``("close",)``;
-- from the engine: ``("ready", None)`` or ``("failed", error)`` once, then after each decoding step one
-  ``("step", [Update, ...])`` with what every changed request gained: tokens, their times, text, finish.
+- from the engine: ``("ready", {"context_length", "probe_ids"})`` or ``("failed", error)`` once, then after each
+  decoding step one ``("step", [Update, ...])`` with what every changed request gained: tokens, their times, text,
+  finish.
 
 The child ends when its socket closes (its parent is gone, killed -9 too: the kernel closes the parent's end) and
 sits in the parent's process group, so a stop of the deployment takes it as well. The parent exits when the child
@@ -32,18 +33,14 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from deployments.engine import (
-    Sequence,
-    context_length_of,
-    find_hf_folders,
-    render_chat,
-    room_after_prompt,
-)
+from deployments.chat_tokenizer import PROBE_CONVERSATIONS, ChatTokenizer
+from deployments.engine import Sequence, find_hf_folders, render_chat, room_after_prompt
 
 log = logging.getLogger(__name__)
 DEFAULT_RUNNER = "deployments.engine:ModelRunner"
@@ -67,6 +64,32 @@ class Update:
     error: str | None = None
 
 
+def probe_chat(encode_chat: Callable[[list[dict[str, str]]], list[int]]) -> list[list[int] | None]:
+    """The ids of each probe conversation (None where the template refuses it): what the two sides compare."""
+    probe_ids: list[list[int] | None] = []
+    for messages in PROBE_CONVERSATIONS:
+        try:
+            probe_ids.append(encode_chat(messages))
+        except Exception:  # a template that raises for this shape (strict role alternation, say)
+            probe_ids.append(None)
+    return probe_ids
+
+
+def tokenizer_agreeing_with(
+    engine_probe_ids: list[list[int] | None], chat_tokenizer: ChatTokenizer | None, tokenizer_dir: Path
+) -> Any:
+    """The HTTP side's tokenizer: the torch-free one where it renders the probes as the engine's transformers
+    tokenizer does; else transformers' own (which imports torch on this side too)."""
+    if chat_tokenizer is not None:
+        probe_ids = probe_chat(functools.partial(render_chat, chat_tokenizer))
+        if probe_ids == engine_probe_ids and any(ids is not None for ids in probe_ids):
+            return chat_tokenizer
+        log.warning("the chat template renders differently without transformers here; loading transformers'")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
 def runner_class(spec: str) -> Any:
     """``module:Class`` of the runner to host (the real one, or a test engine under ``tests.``)."""
     module, _, attribute = spec.partition(":")
@@ -83,11 +106,8 @@ class EngineProcess:
     """
 
     def __init__(self, model_path: str | Path, *, runner: str = DEFAULT_RUNNER, **options: Any) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        model_dir, tokenizer_dir = find_hf_folders(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.context_length = context_length_of(AutoConfig.from_pretrained(model_dir))
+        _, tokenizer_dir = find_hf_folders(model_path)
+        chat_tokenizer = ChatTokenizer.from_folder(tokenizer_dir)
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         argv = [sys.executable, "-m", "deployments.engine_process", "--fd", str(theirs.fileno())]
@@ -99,12 +119,14 @@ class EngineProcess:
         self._next_id = 0
         self._closing = False
         try:
-            first = self._conn.recv()
+            kind, facts = self._conn.recv()
         except EOFError:
-            first = ("failed", f"the engine process exited with status {self.process.wait()} while loading")
-        if first[0] != "ready":
+            kind, facts = "failed", f"the engine process exited with status {self.process.wait()} while loading"
+        if kind != "ready":
             self.process.wait()
-            raise EngineProcessError(first[1])
+            raise EngineProcessError(facts)
+        self.context_length: int = facts["context_length"]
+        self.tokenizer = tokenizer_agreeing_with(facts["probe_ids"], chat_tokenizer, tokenizer_dir)
         threading.Thread(target=self._read, name="engine-updates", daemon=True).start()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -251,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as exc:  # MemoryError past the limit too: the deployment process reports it
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    conn.send(("ready", None))
+    facts = {"context_length": host.runner.context_length, "probe_ids": probe_chat(host.runner.encode_chat)}
+    conn.send(("ready", facts))
     if not host.serve():
         os._exit(0)  # nobody is left to answer: do not wait for a forward in flight
 

@@ -597,7 +597,7 @@ class Endpoint:
                 deployment.memory_limit_mb,
                 deployment.instance_count,
                 deployment.name,
-                processes=2 if deployment.engine == "builtin" and self.config.engine_process else 1,
+                engine_process=deployment.engine == "builtin" and self.config.engine_process,
             )
         except (MemoryCheckError, OSError, ValueError) as exc:
             return str(exc)

@@ -71,6 +71,10 @@ class Load(ClientThreads):
                     self.statuses[type(exc).__name__] += 1
 
 
+def _maps_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
 def test_the_router_loads_no_model_and_imports_no_torch(live: LiveEndpoint) -> None:
     state = live.admin.get_state()
     router = state["router"]
@@ -81,6 +85,9 @@ def test_the_router_loads_no_model_and_imports_no_torch(live: LiveEndpoint) -> N
     assert Path(blue["log_file"]).is_file() and Path(blue["log_file"]).is_relative_to(live.endpoint_dir)
     # the model and torch live in the deployment's process: the router stays small
     assert router["own_rss_mb"] < blue["rss_mb"]
+    # and within it in the engine process: the HTTP side renders prompts without torch (deployments.chat_tokenizer)
+    (engine,) = psutil.Process(blue["pid"]).children()
+    assert not _maps_torch(blue["pid"]) and _maps_torch(engine.pid)
     # the deployment's memory limit holds on its process as an address-space limit
     limits = Path(f"/proc/{blue['pid']}/limits").read_text()
     assert next(line for line in limits.splitlines() if line.startswith("Max address space")).split()[3] == str(
