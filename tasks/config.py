@@ -124,10 +124,9 @@ class EndpointConfig(_Section):
     # own forward timings say one forward costs less than two ("auto"), always, or in a forward of their own.
     fuse_joins: Literal["auto", "always", "never"] = "auto"
     # The builtin engine's decoding loop in a child process of the deployment process, with its own GIL, the HTTP
-    # side (parsing, chat template, answers) in the parent (deployments/engine_process.py); false: a thread of the
-    # deployment process (the default: one process less, about 300 MB less resident, and a test suite that fits CI's
-    # time with it; see the README's A/B).
-    engine_process: bool = False
+    # side (parsing, chat template without torch, answers) in the parent (deployments/engine_process.py); false: a
+    # thread of the deployment process (one process less, about 50 MB less resident; see the README's A/B).
+    engine_process: bool = True
     default_max_new_tokens: int = Field(128, gt=0)  # when a request names none
     stop_grace_s: float = Field(30.0, gt=0)  # stop: SIGTERM, in-flight requests finish, then SIGKILL after this
     # torch intra-op threads in the server. 1 suits small models and shared CPUs (2 threads stalled the batching
