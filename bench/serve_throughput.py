@@ -32,9 +32,11 @@ MLflow gets the prompt already rendered with the chat template (its text-generat
 the others render it themselves. Generated tokens are counted the same way for all: the reply text re-tokenised
 with the model's tokenizer. Streaming runs also give the time to the first content chunk (TTFT). Every server runs
 with the same torch thread count (``--threads``). Peak memory is the server process's peak RSS, sampled every
-50 ms. "server CPU ms/request" is the CPU time (user + system, from ``/proc``) the server spent per answered request:
-for our endpoint the router's own process alone (its children are the deployment processes), for the direct
-target the deployment process, for the others the server with its workers.
+50 ms. The load generator is one asyncio event loop with aiohttp in the benchmark's process ("client CPU
+ms/request": its own CPU per answered request). "server CPU ms/request" is the CPU time (user + system, from
+``/proc``) the server spent per answered request: for our endpoint the router's own process alone (its children are
+the deployment processes), for the direct target the deployment process with its engine process, for the others
+the server with its workers.
 
 After the servers stop, the same process measures the ceilings in-process with the same thread count: the model's
 own ``generate`` at batch 1 and batch 16, our engine alone (:class:`deployments.engine.ModelRunner`, 16 rows), and
@@ -58,7 +60,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,12 @@ class Target:
         self.router = router  # its CPU is its own; its children (the deployment processes) are counted apart
 
 
-def read_stream(response: Any, started: float) -> tuple[str, float | None]:
+async def read_stream(response: Any, started: float) -> tuple[str, float | None]:
     """The text of an OpenAI chat completion stream, and when its first content arrived (seconds after start)."""
     parts: list[str] = []
     first: float | None = None
-    for line in response.iter_lines():
+    async for raw in response.content:
+        line = raw.decode("utf-8").strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         for choice in json.loads(line[6:]).get("choices") or []:
@@ -166,7 +168,12 @@ def read_stream(response: Any, started: float) -> tuple[str, float | None]:
 
 
 def run_level(target: Target, prompts: list[str], clients: int, total: int, tokenizer: Any, budget: int) -> LevelRun:
-    import httpx
+    """``clients`` closed-loop clients sending ``total`` requests in all, on one asyncio event loop (aiohttp): a
+    load generator that costs far less CPU per request than a thread per client (which on two cores took CPU and
+    GIL turns from the servers it measured); its own CPU per request is reported beside the server's."""
+    import asyncio
+
+    import aiohttp
 
     latencies: list[float] = []
     first_tokens: list[float] = []
@@ -174,59 +181,58 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
     outside_times: list[float] = []  # latency minus that: the client's, the router's and the HTTP hops' share
     replies: list[str] = []
     errors = 0
-    lock = threading.Lock()
     counter = iter(range(total))
 
-    def one(http: httpx.Client, prompt: str) -> tuple[bool, str, float | None, float | None]:
+    async def one(http: aiohttp.ClientSession, prompt: str) -> tuple[bool, str, float | None, float | None]:
         started = time.perf_counter()
-        if target.stream:
-            with http.stream("POST", target.url, json=target.make_body(prompt)) as response:
-                if response.status_code != 200:
-                    response.read()
-                    return False, "", None, None
-                text, first = read_stream(response, started)
+        async with http.post(target.url, json=target.make_body(prompt)) as response:
+            if response.status != 200:
+                await response.read()
+                return False, "", None, None
+            if target.stream:
+                text, first = await read_stream(response, started)
                 return True, text, first, None
-        response = http.post(target.url, json=target.make_body(prompt))
-        if response.status_code != 200:
-            return False, "", None, None
-        return True, target.read(response), None, deployment_seconds(response.headers.get("server-timing", ""))
+            body = json.loads(await response.read())
+            return True, target.read(body), None, deployment_seconds(response.headers.get("server-timing", ""))
 
-    def client() -> None:
+    async def client(http: aiohttp.ClientSession) -> None:
         nonlocal errors
-        with httpx.Client(headers=target.headers, timeout=600) as http:
-            while True:
-                with lock:
-                    index = next(counter, None)
-                if index is None:
-                    return
-                started = time.perf_counter()
-                ok, text, first, deployment_s = one(http, prompts[index % len(prompts)])
-                elapsed = time.perf_counter() - started
-                with lock:
-                    if not ok:
-                        errors += 1
-                        continue
-                    latencies.append(elapsed)
-                    replies.append(text)
-                    if first is not None:
-                        first_tokens.append(first)
-                    if deployment_s is not None:
-                        deployment_times.append(deployment_s)
-                        outside_times.append(elapsed - deployment_s)
+        while (index := next(counter, None)) is not None:
+            started = time.perf_counter()
+            ok, text, first, deployment_s = await one(http, prompts[index % len(prompts)])
+            elapsed = time.perf_counter() - started
+            if not ok:
+                errors += 1
+                continue
+            latencies.append(elapsed)
+            replies.append(text)
+            if first is not None:
+                first_tokens.append(first)
+            if deployment_s is not None:
+                deployment_times.append(deployment_s)
+                outside_times.append(elapsed - deployment_s)
+
+    async def level() -> None:
+        connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=600)
+        async with aiohttp.ClientSession(headers=target.headers, connector=connector, timeout=timeout) as http:
+            await asyncio.gather(*(client(http) for _ in range(clients)))
 
     cpu_before = process_cpu_s(target.pid, not target.router)
+    client_cpu_before = time.process_time()
     with RssSampler(target.pid) as rss:
         started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=clients) as pool:
-            for future in [pool.submit(client) for _ in range(clients)]:
-                future.result()
+        asyncio.run(level())
         wall = time.perf_counter() - started
+    client_cpu_s = time.process_time() - client_cpu_before
     cpu_s = process_cpu_s(target.pid, not target.router) - cpu_before
     # Counted after the clock stops, so the client's own tokenising does not slow the servers down. A reply's text
     # can re-tokenise into more tokens than were generated (random weights pick byte pieces that merge differently):
     # never count more than the budget.
     tokens = [min(len(tokenizer(reply, add_special_tokens=False)["input_ids"]), budget) for reply in replies]
-    return LevelRun(latencies, first_tokens, tokens, errors, wall, rss.peak, cpu_s, deployment_times, outside_times)
+    return LevelRun(
+        latencies, first_tokens, tokens, errors, wall, rss.peak, cpu_s, deployment_times, outside_times, client_cpu_s
+    )
 
 
 def deployment_seconds(server_timing: str) -> float | None:
@@ -267,6 +273,7 @@ class LevelRun:
     cpu_s: float  # the server's CPU seconds over the round (process_cpu_s: the router without its children)
     deployment_times: list[float]
     outside_times: list[float]
+    client_cpu_s: float  # the load generator's own CPU seconds (this process: the event loop and the RSS sampler)
 
 
 def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
@@ -297,6 +304,9 @@ def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
         "outside_p50_ms": round(percentile(outside_times, 50) * 1000, 2) if outside_times else None,
         "peak_rss_mb": round(max(r.peak_rss for r in runs) / 2**20, 1),
         "cpu_ms_per_request": round(1000 * sum(r.cpu_s for r in runs) / len(latencies), 2) if latencies else None,
+        "client_cpu_ms_per_request": (
+            round(1000 * sum(r.client_cpu_s for r in runs) / len(latencies), 2) if latencies else None
+        ),
     }
 
 
@@ -570,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                     mlflow_process.pid,
                     {"Content-Type": "application/json"},
                     lambda p: {"inputs": [rendered[p]], "params": greedy},
-                    lambda r: r.json()["predictions"][0],
+                    lambda body: body["predictions"][0],
                 )
             )
         if "transformers-serve" in args.servers:
@@ -608,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                     pid,
                     auth,
                     lambda p: {"input_data": [p], "params": greedy},
-                    lambda r: r.json()[0],
+                    lambda body: body[0],
                     router=True,
                 )
             )
@@ -626,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                     instance["pid"],
                     {INSTANCE_TOKEN_HEADER: instance["token"]},
                     lambda p: {"input_data": [p], "params": greedy},
-                    lambda r: r.json()[0],
+                    lambda body: body[0],
                 )
             )
         for target in targets:  # warm-up: first requests pay for lazy initialisation
@@ -723,14 +733,15 @@ def render_table(
 ) -> str:
     lines = [
         "| clients | server | req/s | generated tok/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms | peak RSS MB "
-        "| tokens/reply | errors | server CPU ms/request |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| tokens/reply | errors | server CPU ms/request | client CPU ms/request |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         lines.append(
             f"| {r['clients']} | {r['server']} | {r['requests_per_s']} | {r['tokens_per_s']} | {r['p50_ms']} | "
             f"{r['p99_ms']} | {r['ttft_p50_ms'] or '-'} | {r['ttft_p99_ms'] or '-'} | {r['peak_rss_mb']} | "
-            f"{r['mean_tokens_per_reply']} | {r['errors']} | {r['cpu_ms_per_request']} |"
+            f"{r['mean_tokens_per_reply']} | {r['errors']} | {r['cpu_ms_per_request']} | "
+            f"{r['client_cpu_ms_per_request']} |"
         )
     if inprocess:
         lines += ["", "| in-process, same threads | rows | generated tok/s |", "| --- | ---: | ---: |"]
