@@ -18,25 +18,26 @@ folder), registers it in an MLflow SQLite store and serves it with each server o
   its paged cache capped at ``--hf-cache-tokens`` (16,384 tokens, 16 rows of a 1,024-token context; the library's
   own default takes most of the machine's free RAM: 12-14 GB here).
 
-"deployment process (direct)" sends the same ``/score`` bodies to the deployment's model-server process on its
-loopback port, with the instance token the router uses (read from the state folder's ``instances.json``), so the
-difference to "finetune-phi endpoint" is the router alone: keys, routing, admission, metrics and one more HTTP
-hop. Every non-streamed reply of the deployment process carries its own handling time (``Server-Timing:
-deployment;dur=<ms>``, relayed by the router), so the hop is also given net of generation: the p50 of latency minus
-the deployment's time, routed against direct (generation's run-to-run spread, tens of ms at 32 tokens on a shared
-VM, no longer hides a hop of a few ms). The router's own RSS and each deployment process's RSS are read from
-``/admin/state`` after the run (our endpoint's peak RSS counts the router and its deployment processes).
+"deployment process (direct)" sends the same ``/score`` bodies (and "(direct, stream)" the same streaming chat
+bodies) to the deployment's model-server process on its loopback port, with the instance token the router uses
+(read from the state folder's ``instances.json``), so the difference to "finetune-phi endpoint" is the router
+alone: keys, routing, admission, metrics and one more HTTP hop. Every non-streamed reply of the deployment process
+carries its own handling time (``Server-Timing: deployment;dur=<ms>``, relayed by the router), so the hop is also
+given net of generation: the p50 of latency minus the deployment's time, routed against direct (generation's
+run-to-run spread, tens of ms at 32 tokens on a shared VM, no longer hides a hop of a few ms). The router's own RSS
+and each deployment process's RSS are read from ``/admin/state`` after the run (our endpoint's peak RSS counts the
+router and its deployment processes).
 
 All get the same fixed prompts, greedy, with the same ``max_new_tokens``, from 1, 4 and 16 concurrent clients.
 MLflow gets the prompt already rendered with the chat template (its text-generation pipeline does not apply one);
-the others render it themselves. Generated tokens are counted the same way for all: the reply text re-tokenised
-with the model's tokenizer. Streaming runs also give the time to the first content chunk (TTFT). Every server runs
-with the same torch thread count (``--threads``). Peak memory is the server process's peak RSS, sampled every
-50 ms. The load generator is one asyncio event loop with aiohttp in the benchmark's process ("client CPU
-ms/request": its own CPU per answered request). "server CPU ms/request" is the CPU time (user + system, from
-``/proc``) the server spent per answered request: for our endpoint the router's own process alone (its children are
-the deployment processes), for the direct target the deployment process with its engine process, for the others
-the server with its workers.
+the others render it themselves. Generated tokens are counted the same way for all: the reply text re-tokenised with
+the model's tokenizer. Streaming runs also give the time to the first content chunk (TTFT). Every server runs with
+the same torch thread count (``--threads``). Peak memory is the server process's peak RSS, sampled every 50 ms. The
+load generator is one asyncio event loop with aiohttp in the benchmark's process ("client CPU ms/request": this
+process's CPU per answered request, the 50 ms RSS sampler's included). "server CPU ms/request" is the CPU time (user
++ system, from ``/proc``) the server spent per answered request: for our endpoint the router's own process alone
+(its children are the deployment processes), for the direct target the deployment process with its engine process,
+for the others the server with its workers.
 
 After the servers stop, the same process measures the ceilings in-process with the same thread count: the model's
 own ``generate`` at batch 1 and batch 16, our engine alone (:class:`deployments.engine.ModelRunner`, 16 rows), and
@@ -639,6 +640,17 @@ def main(argv: list[str] | None = None) -> int:
                     lambda body: body[0],
                 )
             )
+            targets.append(
+                Target(
+                    DIRECT_STREAM,
+                    f"http://127.0.0.1:{instance['port']}/v1/chat/completions",
+                    instance["pid"],
+                    {INSTANCE_TOKEN_HEADER: instance["token"]},
+                    chat_body,
+                    None,
+                    stream=True,
+                )
+            )
         for target in targets:  # warm-up: first requests pay for lazy initialisation
             run_level(target, PROMPTS, 2, 4, tokenizer, args.max_new_tokens)
         for clients in args.concurrency:
@@ -724,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 OURS, OURS_STREAM = "finetune-phi endpoint", "finetune-phi endpoint (stream)"
-DIRECT = "deployment process (direct)"
+DIRECT, DIRECT_STREAM = "deployment process (direct)", "deployment process (direct, stream)"
 MLFLOW, HF_CB = "mlflow models serve", "transformers serve --continuous-batching (stream)"
 
 
