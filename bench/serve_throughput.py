@@ -341,6 +341,46 @@ def build_model(size: str, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- in-process ceilings
+def closed_loop(
+    runner: Any, encoded: list[list[int]], clients: int, total: int, max_new_tokens: int
+) -> tuple[int, float, list[float]]:
+    """``clients`` senders that each submit their next prompt the moment their last one ends, as the served levels'
+    clients do, with no HTTP at all: tokens generated, wall time, and each request's time to its first token (from
+    its submission). What the served TTFT adds to this is the HTTP path's."""
+    from deployments.engine import SamplingParams, Sequence
+
+    indexes = iter(range(total))
+    lock = threading.Lock()
+    finished = threading.Semaphore(0)
+    seqs: list[Any] = []
+    first_tokens: list[float] = []
+
+    def send() -> None:
+        with lock:
+            index = next(indexes, None)
+        if index is None:
+            finished.release()
+            return
+        submitted = time.monotonic()
+        seq = Sequence(encoded[index % len(encoded)], SamplingParams(max_new_tokens=max_new_tokens))
+
+        def on_done(done: Any, submitted: float = submitted) -> None:
+            if done.token_times:
+                first_tokens.append(done.token_times[0] - submitted)
+            send()  # on the engine's worker thread: the next prompt is queued before the next step
+
+        seq.on_done = on_done
+        seqs.append(seq)
+        runner.submit(seq)
+
+    started = time.perf_counter()
+    for _ in range(clients):
+        send()
+    for _ in range(clients):
+        finished.acquire()
+    return sum(len(s.generated) for s in seqs), time.perf_counter() - started, first_tokens
+
+
 def ceilings(model_dir: Path, prompts: list[str], threads: int, max_new_tokens: int, batch: int) -> list[dict]:
     """The model's own generate at batch 1 and ``batch``, our engine alone and transformers' CB manager alone."""
     import torch
@@ -360,10 +400,13 @@ def ceilings(model_dir: Path, prompts: list[str], threads: int, max_new_tokens: 
     rows = [encoded[i % len(encoded)] for i in range(batch)]
     results = []
 
-    def record(name: str, rows_done: int, tokens: int, wall: float) -> None:
+    def record(name: str, rows_done: int, tokens: int, wall: float, first_tokens: list[float] | None = None) -> None:
         results.append(
             {"server": name, "clients": rows_done, "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 1)}
         )
+        if first_tokens:
+            results[-1]["ttft_p50_ms"] = round(percentile(first_tokens, 50) * 1000, 1)
+            results[-1]["ttft_p99_ms"] = round(percentile(first_tokens, 99) * 1000, 1)
         print(json.dumps(results[-1]), flush=True)
 
     def generate(ids_batch: list[list[int]]) -> int:
@@ -409,6 +452,9 @@ def ceilings(model_dir: Path, prompts: list[str], threads: int, max_new_tokens: 
             sum(len(s.generated) for s in seqs),
             time.perf_counter() - started,
         )
+        for clients in (1, batch):
+            tokens, wall, first_tokens = closed_loop(runner, encoded, clients, 8 * clients, max_new_tokens)
+            record(f"our engine alone, {clients} closed-loop clients", clients, tokens, wall, first_tokens)
     finally:
         runner.close()
 
@@ -756,8 +802,13 @@ def render_table(
             f"{r['client_cpu_ms_per_request']} |"
         )
     if inprocess:
-        lines += ["", "| in-process, same threads | rows | generated tok/s |", "| --- | ---: | ---: |"]
-        lines += [f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} |" for r in inprocess]
+        lines += ["", "| in-process, same threads | rows | generated tok/s | TTFT p50 ms | TTFT p99 ms |"]
+        lines += ["| --- | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} | {r.get('ttft_p50_ms', '-')} | "
+            f"{r.get('ttft_p99_ms', '-')} |"
+            for r in inprocess
+        ]
     by = {(r["clients"], r["server"]): r for r in results}
     ceiling = {r["clients"]: r["tokens_per_s"] for r in inprocess if r["server"].startswith("model.generate")}
     lines.append("")
@@ -800,6 +851,10 @@ def render_table(
         lines.append(
             f"TTFT p99 at {batch} clients: {many['ttft_p99_ms'] / one['ttft_p99_ms']:.2f}x its 1-client value"
         )
+    alone = {r["clients"]: r for r in inprocess if "closed-loop" in r["server"]}
+    if 1 in alone and batch in alone and alone[1].get("ttft_p99_ms"):
+        ratio = alone[batch]["ttft_p99_ms"] / alone[1]["ttft_p99_ms"]
+        lines.append(f"TTFT p99 of the engine alone (closed loop, no HTTP), {batch} clients: {ratio:.2f}x 1 client's")
     if memory:
         deployments = ", ".join(f"{k} {v} MB" for k, v in memory["deployment_rss_mb"].items())
         lines.append(
