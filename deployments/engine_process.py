@@ -39,7 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from deployments.chat_tokenizer import PROBE_CONVERSATIONS, ChatTokenizer
+from deployments.chat_tokenizer import PROBE_CONVERSATIONS, load_chat_tokenizer
 from deployments.engine import Sequence, find_hf_folders, render_chat, room_after_prompt
 
 log = logging.getLogger(__name__)
@@ -75,16 +75,14 @@ def probe_chat(encode_chat: Callable[[list[dict[str, str]]], list[int]]) -> list
     return probe_ids
 
 
-def tokenizer_agreeing_with(
-    engine_probe_ids: list[list[int] | None], chat_tokenizer: ChatTokenizer | None, tokenizer_dir: Path
-) -> Any:
-    """The HTTP side's tokenizer: the torch-free one where it renders the probes as the engine's transformers
-    tokenizer does; else transformers' own (which imports torch on this side too)."""
+def tokenizer_agreeing_with(engine_probe_ids: list[list[int] | None], chat_tokenizer: Any, tokenizer_dir: Path) -> Any:
+    """The HTTP side's tokenizer: the one loaded without torch where it renders the probes as the engine's
+    ``AutoTokenizer`` does; else ``AutoTokenizer``'s (which imports torch on this side too)."""
     if chat_tokenizer is not None:
         probe_ids = probe_chat(functools.partial(render_chat, chat_tokenizer))
         if probe_ids == engine_probe_ids and any(ids is not None for ids in probe_ids):
             return chat_tokenizer
-        log.warning("the chat template renders differently without transformers here; loading transformers'")
+        log.warning("the tokenizer loaded without AutoTokenizer renders the probes differently; loading AutoTokenizer")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -107,7 +105,6 @@ class EngineProcess:
 
     def __init__(self, model_path: str | Path, *, runner: str = DEFAULT_RUNNER, **options: Any) -> None:
         _, tokenizer_dir = find_hf_folders(model_path)
-        chat_tokenizer = ChatTokenizer.from_folder(tokenizer_dir)
         ours, theirs = socket.socketpair()
         self._conn = Connection(ours.detach())
         argv = [sys.executable, "-m", "deployments.engine_process", "--fd", str(theirs.fileno())]
@@ -118,6 +115,7 @@ class EngineProcess:
         self._sequences: dict[int, Sequence] = {}
         self._next_id = 0
         self._closing = False
+        chat_tokenizer = load_chat_tokenizer(tokenizer_dir)  # while the engine process loads the model
         try:
             kind, facts = self._conn.recv()
         except EOFError:

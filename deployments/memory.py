@@ -26,8 +26,8 @@ MB = 1024 * 1024
 RUNTIME_ADDRESS_SPACE_MB = 1536
 # Resident memory of the same process without a model (measured about 0.25 GB RSS), for the machine check.
 RUNTIME_RESIDENT_MB = 300
-# Resident memory of a deployment's HTTP side when an engine process holds the model: FastAPI, uvicorn, the
-# tokenizer and the chat template without torch (measured 54 MB RSS with the tiny model's tokenizer, 2026-12-02).
+# Resident memory of a deployment's HTTP side when an engine process holds the model: FastAPI, uvicorn and the
+# tokenizer without torch (measured 70 MB RSS with the tiny model's tokenizer, 2026-12-02).
 HTTP_SIDE_RESIDENT_MB = 100
 _BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
