@@ -40,9 +40,10 @@ process's CPU per answered request, the 50 ms RSS sampler's included). "server C
 for the others the server with its workers.
 
 After the servers stop, the same process measures the ceilings in-process with the same thread count: the model's
-own ``generate`` at batch 1 and batch 16, our engine alone (:class:`deployments.engine.ModelRunner`, 16 rows), and
-transformers' continuous-batching manager alone (``model.generate_batch``, paged attention). Prints markdown
-tables and the target ratios, and writes JSON to ``bench/results/``.
+own ``generate`` at each client count's batch (1, 4, 16), our engine alone (:class:`deployments.engine.ModelRunner`:
+16 rows, and 1 and 16 closed-loop clients with their TTFT), and transformers' continuous-batching manager alone
+(``model.generate_batch``, paged attention). Prints markdown tables and the target ratios, and writes JSON to
+``bench/results/``.
 """
 
 from __future__ import annotations
@@ -381,8 +382,11 @@ def closed_loop(
     return sum(len(s.generated) for s in seqs), time.perf_counter() - started, first_tokens
 
 
-def ceilings(model_dir: Path, prompts: list[str], threads: int, max_new_tokens: int, batch: int) -> list[dict]:
-    """The model's own generate at batch 1 and ``batch``, our engine alone and transformers' CB manager alone."""
+def ceilings(
+    model_dir: Path, prompts: list[str], threads: int, max_new_tokens: int, batch: int, between: list[int]
+) -> list[dict]:
+    """The model's own generate at batch 1, at each of ``between`` and at ``batch``, our engine alone and
+    transformers' CB manager alone."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -430,10 +434,11 @@ def ceilings(model_dir: Path, prompts: list[str], threads: int, max_new_tokens: 
     for ids in encoded * 2:
         tokens += generate([ids])
     record("model.generate, batch 1", 1, tokens, time.perf_counter() - started)
-    started, tokens = time.perf_counter(), 0
-    for _ in range(3):
-        tokens += generate(rows)
-    record(f"model.generate, batch {batch}", batch, tokens, time.perf_counter() - started)
+    for size in sorted({size for size in between if 1 < size < batch} | {batch}):  # each served level's ceiling
+        started, tokens = time.perf_counter(), 0
+        for _ in range(3):
+            tokens += generate(rows[:size])
+        record(f"model.generate, batch {size}", size, tokens, time.perf_counter() - started)
 
     runner = ModelRunner(model_dir, max_batch_size=batch, batch_wait_ms=3, torch_threads=threads, device="cpu")
     try:
@@ -736,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     inprocess = (
         []
         if args.skip_ceilings
-        else ceilings(Path(model_dir), PROMPTS, args.threads, args.max_new_tokens, max_clients)
+        else ceilings(Path(model_dir), PROMPTS, args.threads, args.max_new_tokens, max_clients, args.concurrency)
     )
     machine = {
         "cpus": os.cpu_count(),
@@ -841,9 +846,8 @@ def render_table(
             parts.append(f"x{best['tokens_per_s'] / hf['tokens_per_s']:.2f} transformers-serve-CB tok/s")
         if stream and hf and hf["p50_ms"]:
             parts.append(f"p50 {stream['p50_ms'] / hf['p50_ms']:.2f}x of its")
-        generate_key = 1 if clients == 1 else batch if clients == batch else None
-        if best and generate_key in ceiling:
-            parts.append(f"{100 * best['tokens_per_s'] / ceiling[generate_key]:.0f}% of generate batch {generate_key}")
+        if best and clients in ceiling:
+            parts.append(f"{100 * best['tokens_per_s'] / ceiling[clients]:.0f}% of generate batch {clients}")
         if parts:
             lines.append(f"{clients} client(s), ours ({best['server'] if best else '-'}): " + ", ".join(parts))
     one, many = by.get((1, OURS_STREAM)), by.get((batch, OURS_STREAM))
