@@ -125,7 +125,7 @@ class EndpointConfig(_Section):
     fuse_joins: Literal["auto", "always", "never"] = "auto"
     # The builtin engine's decoding loop in a child process of the deployment process, with its own GIL, the HTTP
     # side (parsing, chat template without torch, answers) in the parent (deployments/engine_process.py); false: a
-    # thread of the deployment process (one process less, about 50 MB less resident; see the README's A/B).
+    # thread of the deployment process (one process less, about 70 MB less resident; see the README's A/B).
     engine_process: bool = True
     default_max_new_tokens: int = Field(128, gt=0)  # when a request names none
     stop_grace_s: float = Field(30.0, gt=0)  # stop: SIGTERM, in-flight requests finish, then SIGKILL after this

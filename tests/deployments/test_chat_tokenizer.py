@@ -10,6 +10,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from deployments.chat_tokenizer import PROBE_CONVERSATIONS, load_chat_tokenizer
@@ -17,20 +18,46 @@ from deployments.engine import render_chat
 from deployments.engine_process import probe_chat, tokenizer_agreeing_with
 
 
-def test_the_folder_s_tokenizer_class_loads_without_torch_and_renders_as_auto_tokenizer(tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def llama_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of transformers' LlamaTokenizer (Phi-3.5-mini's class, whose pre-tokenizer v5 builds itself instead
+    of reading it from tokenizer.json) with Phi-3's turn tokens and a Phi-3-style template: a small vocabulary of
+    characters, so it is made here."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for char in "▁abcdefghijklmnopqrstuvwxyzHW?!,.+-0123456789\n\téö你好🙂":
+        vocab.setdefault(char, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.chat_template = (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    )
+    folder = tmp_path_factory.mktemp("llama-tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("which", ["project", "llama"])
+def test_the_folder_s_tokenizer_class_loads_without_torch_and_renders_as_auto_tokenizer(
+    which: str, tiny_model_dir: Path, llama_tokenizer_dir: Path
+) -> None:
+    folder = tiny_model_dir if which == "project" else llama_tokenizer_dir
     code = (
         "import sys, json; from functools import partial\n"
         "from deployments.chat_tokenizer import load_chat_tokenizer\n"
         "from deployments.engine import render_chat\n"
         "from deployments.engine_process import probe_chat\n"
-        f"tokenizer = load_chat_tokenizer({str(tiny_model_dir)!r})\n"
+        f"tokenizer = load_chat_tokenizer({str(folder)!r})\n"
         "ids = probe_chat(partial(render_chat, tokenizer))\n"
         "print(json.dumps([type(tokenizer).__name__, 'torch' in sys.modules, ids]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     class_name, torch_imported, probe_ids = json.loads(out.stdout.strip().splitlines()[-1])
-    reference = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert class_name == type(reference).__name__ and torch_imported is False
+    reference = AutoTokenizer.from_pretrained(folder)
+    assert class_name == type(reference).__name__ == ("TokenizersBackend" if which == "project" else "LlamaTokenizer")
+    assert torch_imported is False
     assert all(probe_ids) and probe_ids == probe_chat(partial(render_chat, reference))
 
 
