@@ -9,15 +9,19 @@ loads the folder with it. Its ``apply_chat_template`` is transformers' own, so p
 ``AutoTokenizer`` renders them wherever it resolves the same class.
 
 The engine process holds ``AutoTokenizer``'s tokenizer; at start it sends the ids of :data:`PROBE_CONVERSATIONS`,
-and the HTTP side keeps this tokenizer only where its ids are the same (:mod:`deployments.engine_process`).
+and the HTTP side keeps this tokenizer only where its ids are the same (:func:`tokenizer_agreeing_with`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from deployments.engine import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +56,27 @@ def load_chat_tokenizer(tokenizer_dir: str | Path) -> Any | None:
     except Exception as exc:  # a class of another backend, remote code, a file it cannot read: the engine's way
         log.info("tokenizer class %s did not load %s without AutoTokenizer: %s", name, tokenizer_dir, exc)
         return None
+
+
+def probe_chat(encode_chat: Callable[[list[dict[str, str]]], list[int]]) -> list[list[int] | None]:
+    """The ids of each probe conversation (None where the template refuses it): what the two sides compare."""
+    probe_ids: list[list[int] | None] = []
+    for messages in PROBE_CONVERSATIONS:
+        try:
+            probe_ids.append(encode_chat(messages))
+        except Exception:  # a template that raises for this shape (strict role alternation, say)
+            probe_ids.append(None)
+    return probe_ids
+
+
+def tokenizer_agreeing_with(engine_probe_ids: list[list[int] | None], chat_tokenizer: Any, tokenizer_dir: Path) -> Any:
+    """The HTTP side's tokenizer: the one loaded without torch where it renders the probes as the engine's
+    ``AutoTokenizer`` does; else ``AutoTokenizer``'s (which imports torch on this side too)."""
+    if chat_tokenizer is not None:
+        probe_ids = probe_chat(functools.partial(render_chat, chat_tokenizer))
+        if probe_ids == engine_probe_ids and any(ids is not None for ids in probe_ids):
+            return chat_tokenizer
+        log.warning("the tokenizer loaded without AutoTokenizer renders the probes differently; loading AutoTokenizer")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)

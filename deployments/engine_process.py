@@ -33,13 +33,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from deployments.chat_tokenizer import PROBE_CONVERSATIONS, load_chat_tokenizer
+from deployments.chat_tokenizer import load_chat_tokenizer, probe_chat, tokenizer_agreeing_with
 from deployments.engine import Sequence, find_hf_folders, render_chat, room_after_prompt
 
 log = logging.getLogger(__name__)
@@ -62,30 +61,6 @@ class Update:
     text: str
     finish_reason: str | None = None
     error: str | None = None
-
-
-def probe_chat(encode_chat: Callable[[list[dict[str, str]]], list[int]]) -> list[list[int] | None]:
-    """The ids of each probe conversation (None where the template refuses it): what the two sides compare."""
-    probe_ids: list[list[int] | None] = []
-    for messages in PROBE_CONVERSATIONS:
-        try:
-            probe_ids.append(encode_chat(messages))
-        except Exception:  # a template that raises for this shape (strict role alternation, say)
-            probe_ids.append(None)
-    return probe_ids
-
-
-def tokenizer_agreeing_with(engine_probe_ids: list[list[int] | None], chat_tokenizer: Any, tokenizer_dir: Path) -> Any:
-    """The HTTP side's tokenizer: the one loaded without torch where it renders the probes as the engine's
-    ``AutoTokenizer`` does; else ``AutoTokenizer``'s (which imports torch on this side too)."""
-    if chat_tokenizer is not None:
-        probe_ids = probe_chat(functools.partial(render_chat, chat_tokenizer))
-        if probe_ids == engine_probe_ids and any(ids is not None for ids in probe_ids):
-            return chat_tokenizer
-        log.warning("the tokenizer loaded without AutoTokenizer renders the probes differently; loading AutoTokenizer")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def runner_class(spec: str) -> Any:

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from deployments.chat_tokenizer import PROBE_CONVERSATIONS, load_chat_tokenizer
+from deployments.chat_tokenizer import PROBE_CONVERSATIONS, load_chat_tokenizer, probe_chat, tokenizer_agreeing_with
 from deployments.engine import render_chat
-from deployments.engine_process import probe_chat, tokenizer_agreeing_with
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +45,8 @@ def test_the_folder_s_tokenizer_class_loads_without_torch_and_renders_as_auto_to
     folder = tiny_model_dir if which == "project" else llama_tokenizer_dir
     code = (
         "import sys, json; from functools import partial\n"
-        "from deployments.chat_tokenizer import load_chat_tokenizer\n"
+        "from deployments.chat_tokenizer import load_chat_tokenizer, probe_chat\n"
         "from deployments.engine import render_chat\n"
-        "from deployments.engine_process import probe_chat\n"
         f"tokenizer = load_chat_tokenizer({str(folder)!r})\n"
         "ids = probe_chat(partial(render_chat, tokenizer))\n"
         "print(json.dumps([type(tokenizer).__name__, 'torch' in sys.modules, ids]))"
