@@ -125,8 +125,9 @@ class EndpointConfig(_Section):
     fuse_joins: Literal["auto", "always", "never"] = "auto"
     # The builtin engine's decoding loop in a child process of the deployment process, with its own GIL, the HTTP
     # side (parsing, chat template without torch, answers) in the parent (deployments/engine_process.py); false: a
-    # thread of the deployment process (one process less, about 70 MB less resident; see the README's A/B).
-    engine_process: bool = True
+    # thread of the deployment process (the default: on a CPU shared with other work, a lightly loaded deployment
+    # in two processes measured 2x the per-token latency of a busy one and failed a healthy canary; see the README).
+    engine_process: bool = False
     default_max_new_tokens: int = Field(128, gt=0)  # when a request names none
     stop_grace_s: float = Field(30.0, gt=0)  # stop: SIGTERM, in-flight requests finish, then SIGKILL after this
     # torch intra-op threads in the server. 1 suits small models and shared CPUs (2 threads stalled the batching

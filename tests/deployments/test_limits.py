@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.deployments.conftest import LiveEndpoint, wait_for
@@ -34,10 +33,8 @@ def tight(launch, tiny_model_dir: Path) -> LiveEndpoint:
 @pytest.fixture(scope="module")
 def queued(launch, tiny_model_dir: Path) -> LiveEndpoint:
     # 1 request generates at a time but up to 8 may be in flight, so a second request is not refused at the door
-    # (TooManyPendingRequests): it waits for the slot, 50 ms at most; the timeout is far away. Its engine runs in a
-    # thread of the deployment process (engine_process off), so the one-process deployment stays tested too.
+    # (TooManyPendingRequests): it waits for the slot, 50 ms at most; the timeout is far away.
     endpoint = launch(
-        engine_process=False,
         max_concurrent_requests=1,
         max_pending_requests=8,
         max_queue_wait_ms=50,
@@ -45,8 +42,6 @@ def queued(launch, tiny_model_dir: Path) -> LiveEndpoint:
         max_new_tokens_cap=480,
     )
     endpoint.deploy(tiny_model_dir, {"blue": 100})
-    (blue,) = endpoint.admin.get_state()["deployments"]["blue"]["instances"]
-    assert psutil.Process(blue["pid"]).children() == []  # no engine process: the model is in this one
     return endpoint
 
 
