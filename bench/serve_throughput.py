@@ -41,9 +41,12 @@ for the others the server with its workers.
 
 After the servers stop, the same process measures the ceilings in-process with the same thread count: the model's
 own ``generate`` at each client count's batch (1, 4, 16), our engine alone (:class:`deployments.engine.ModelRunner`:
-16 rows, and 1 and 16 closed-loop clients with their TTFT), and transformers' continuous-batching manager alone
-(``model.generate_batch``, paged attention). Prints markdown tables and the target ratios, and writes JSON to
-``bench/results/``.
+16 rows, and 1 and 16 closed-loop clients with their TTFT), transformers' continuous-batching manager alone
+(``model.generate_batch``, paged attention), and the burst floor of TTFT: the model's own forward over 1 prompt and
+over the largest level's prompts at once (the last of that many requests sent together cannot get its first token
+sooner). TTFT p99 is also given over the requests after each client's first ("later"): a closed loop whose replies
+all run to ``max_new_tokens`` stays in step, so those arrive in bursts too. Prints markdown tables and the target
+ratios, and writes JSON to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -179,6 +182,8 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
 
     latencies: list[float] = []
     first_tokens: list[float] = []
+    # TTFT of the requests after each client's first: the first ones arrive all at once when the round starts
+    later_first_tokens: list[float] = []
     deployment_times: list[float] = []  # the deployment process's own time per reply (its Server-Timing header)
     outside_times: list[float] = []  # latency minus that: the client's, the router's and the HTTP hops' share
     replies: list[str] = []
@@ -199,6 +204,7 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
 
     async def client(http: aiohttp.ClientSession) -> None:
         nonlocal errors
+        opening = True
         while (index := next(counter, None)) is not None:
             started = time.perf_counter()
             ok, text, first, deployment_s = await one(http, prompts[index % len(prompts)])
@@ -210,6 +216,9 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
             replies.append(text)
             if first is not None:
                 first_tokens.append(first)
+                if not opening:
+                    later_first_tokens.append(first)
+            opening = False
             if deployment_s is not None:
                 deployment_times.append(deployment_s)
                 outside_times.append(elapsed - deployment_s)
@@ -233,7 +242,17 @@ def run_level(target: Target, prompts: list[str], clients: int, total: int, toke
     # never count more than the budget.
     tokens = [min(len(tokenizer(reply, add_special_tokens=False)["input_ids"]), budget) for reply in replies]
     return LevelRun(
-        latencies, first_tokens, tokens, errors, wall, rss.peak, cpu_s, deployment_times, outside_times, client_cpu_s
+        latencies,
+        first_tokens,
+        tokens,
+        errors,
+        wall,
+        rss.peak,
+        cpu_s,
+        deployment_times,
+        outside_times,
+        client_cpu_s,
+        later_first_tokens,
     )
 
 
@@ -276,6 +295,7 @@ class LevelRun:
     deployment_times: list[float]
     outside_times: list[float]
     client_cpu_s: float  # the load generator's own CPU seconds (this process: the event loop and the RSS sampler)
+    later_first_tokens: list[float]  # TTFT of the requests after each client's first of the round
 
 
 def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
@@ -283,6 +303,7 @@ def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
     the pooled latencies."""
     latencies = [x for r in runs for x in r.latencies]
     first_tokens = [x for r in runs for x in r.first_tokens]
+    later_first_tokens = [x for r in runs for x in r.later_first_tokens]
     tokens = [x for r in runs for x in r.tokens]
     deployment_times = [x for r in runs for x in r.deployment_times]
     outside_times = [x for r in runs for x in r.outside_times]
@@ -302,6 +323,7 @@ def summarise(name: str, clients: int, runs: list[LevelRun]) -> dict[str, Any]:
         "p99_ms": round(percentile(latencies, 99) * 1000, 1) if latencies else None,
         "ttft_p50_ms": round(percentile(first_tokens, 50) * 1000, 1) if first_tokens else None,
         "ttft_p99_ms": round(percentile(first_tokens, 99) * 1000, 1) if first_tokens else None,
+        "ttft_p99_later_ms": round(percentile(later_first_tokens, 99) * 1000, 1) if later_first_tokens else None,
         "deployment_p50_ms": round(percentile(deployment_times, 50) * 1000, 2) if deployment_times else None,
         "outside_p50_ms": round(percentile(outside_times, 50) * 1000, 2) if outside_times else None,
         "peak_rss_mb": round(max(r.peak_rss for r in runs) / 2**20, 1),
@@ -344,10 +366,11 @@ def build_model(size: str, folder: Path) -> Path:
 # ------------------------------------------------------------------------------------------- in-process ceilings
 def closed_loop(
     runner: Any, encoded: list[list[int]], clients: int, total: int, max_new_tokens: int
-) -> tuple[int, float, list[float]]:
+) -> tuple[int, float, list[float], list[float]]:
     """``clients`` senders that each submit their next prompt the moment their last one ends, as the served levels'
     clients do, with no HTTP at all: tokens generated, wall time, and each request's time to its first token (from
-    its submission). What the served TTFT adds to this is the HTTP path's."""
+    its submission), all of them and those after each sender's first. What the served TTFT adds to this is the HTTP
+    path's."""
     from deployments.engine import SamplingParams, Sequence
 
     indexes = iter(range(total))
@@ -355,8 +378,9 @@ def closed_loop(
     finished = threading.Semaphore(0)
     seqs: list[Any] = []
     first_tokens: list[float] = []
+    later_first_tokens: list[float] = []
 
-    def send() -> None:
+    def send(opening: bool) -> None:
         with lock:
             index = next(indexes, None)
         if index is None:
@@ -368,7 +392,9 @@ def closed_loop(
         def on_done(done: Any, submitted: float = submitted) -> None:
             if done.token_times:
                 first_tokens.append(done.token_times[0] - submitted)
-            send()  # on the engine's worker thread: the next prompt is queued before the next step
+                if not opening:
+                    later_first_tokens.append(done.token_times[0] - submitted)
+            send(False)  # on the engine's worker thread: the next prompt is queued before the next step
 
         seq.on_done = on_done
         seqs.append(seq)
@@ -376,10 +402,10 @@ def closed_loop(
 
     started = time.perf_counter()
     for _ in range(clients):
-        send()
+        send(True)
     for _ in range(clients):
         finished.acquire()
-    return sum(len(s.generated) for s in seqs), time.perf_counter() - started, first_tokens
+    return sum(len(s.generated) for s in seqs), time.perf_counter() - started, first_tokens, later_first_tokens
 
 
 def ceilings(
@@ -404,14 +430,36 @@ def ceilings(
     rows = [encoded[i % len(encoded)] for i in range(batch)]
     results = []
 
-    def record(name: str, rows_done: int, tokens: int, wall: float, first_tokens: list[float] | None = None) -> None:
+    def record(
+        name: str,
+        rows_done: int,
+        tokens: int,
+        wall: float,
+        first_tokens: list[float] | None = None,
+        later_first_tokens: list[float] | None = None,
+    ) -> None:
         results.append(
             {"server": name, "clients": rows_done, "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 1)}
         )
         if first_tokens:
             results[-1]["ttft_p50_ms"] = round(percentile(first_tokens, 50) * 1000, 1)
             results[-1]["ttft_p99_ms"] = round(percentile(first_tokens, 99) * 1000, 1)
+        if later_first_tokens:
+            results[-1]["ttft_p99_later_ms"] = round(percentile(later_first_tokens, 99) * 1000, 1)
         print(json.dumps(results[-1]), flush=True)
+
+    def prefill_s(ids_batch: list[list[int]]) -> float:
+        """The median of 7 timed forwards over these prompts at once (left-padded), after one untimed."""
+        width = max(len(i) for i in ids_batch)
+        ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids_batch])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids_batch])
+        times = []
+        with torch.inference_mode():
+            for _ in range(8):
+                started = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                times.append(time.perf_counter() - started)
+        return statistics.median(times[1:])
 
     def generate(ids_batch: list[list[int]]) -> int:
         width = max(len(i) for i in ids_batch)
@@ -440,6 +488,13 @@ def ceilings(
             tokens += generate(rows[:size])
         record(f"model.generate, batch {size}", size, tokens, time.perf_counter() - started)
 
+    # The burst floor of time to first token: when a level (or round) starts, all its clients send at once, and the
+    # last of those first tokens cannot come before one forward over all their prompts (or several smaller ones).
+    for size in (1, batch):
+        results.append({"server": f"model prefill, {size} prompts at once", "clients": size})
+        results[-1]["prefill_ms"] = round(prefill_s(rows[:size]) * 1000, 2)
+        print(json.dumps(results[-1]), flush=True)
+
     runner = ModelRunner(model_dir, max_batch_size=batch, batch_wait_ms=3, torch_threads=threads, device="cpu")
     try:
         for rounds in (1, 3):  # the first round warms up
@@ -458,8 +513,8 @@ def ceilings(
             time.perf_counter() - started,
         )
         for clients in (1, batch):
-            tokens, wall, first_tokens = closed_loop(runner, encoded, clients, 8 * clients, max_new_tokens)
-            record(f"our engine alone, {clients} closed-loop clients", clients, tokens, wall, first_tokens)
+            tokens, wall, first_tokens, later = closed_loop(runner, encoded, clients, 8 * clients, max_new_tokens)
+            record(f"our engine alone, {clients} closed-loop clients", clients, tokens, wall, first_tokens, later)
     finally:
         runner.close()
 
@@ -806,14 +861,22 @@ def render_table(
             f"{r['mean_tokens_per_reply']} | {r['errors']} | {r['cpu_ms_per_request']} | "
             f"{r['client_cpu_ms_per_request']} |"
         )
-    if inprocess:
-        lines += ["", "| in-process, same threads | rows | generated tok/s | TTFT p50 ms | TTFT p99 ms |"]
-        lines += ["| --- | ---: | ---: | ---: | ---: |"]
+    prefills = {r["clients"]: r["prefill_ms"] for r in inprocess if "prefill_ms" in r}
+    generating = [r for r in inprocess if "tokens_per_s" in r]
+    if generating:
+        lines += [
+            "",
+            "| in-process, same threads | rows | generated tok/s | TTFT p50 ms | TTFT p99 ms | TTFT p99 later ms |",
+        ]
+        lines += ["| --- | ---: | ---: | ---: | ---: | ---: |"]
         lines += [
             f"| {r['server']} | {r['clients']} | {r['tokens_per_s']} | {r.get('ttft_p50_ms', '-')} | "
-            f"{r.get('ttft_p99_ms', '-')} |"
-            for r in inprocess
+            f"{r.get('ttft_p99_ms', '-')} | {r.get('ttft_p99_later_ms', '-')} |"
+            for r in generating
         ]
+    if prefills:
+        lines.append("")
+        lines += [f"model prefill of {n} prompt(s) at once: {ms} ms" for n, ms in sorted(prefills.items())]
     by = {(r["clients"], r["server"]): r for r in results}
     ceiling = {r["clients"]: r["tokens_per_s"] for r in inprocess if r["server"].startswith("model.generate")}
     lines.append("")
@@ -852,13 +915,25 @@ def render_table(
             lines.append(f"{clients} client(s), ours ({best['server'] if best else '-'}): " + ", ".join(parts))
     one, many = by.get((1, OURS_STREAM)), by.get((batch, OURS_STREAM))
     if one and many and one["ttft_p99_ms"]:
-        lines.append(
-            f"TTFT p99 at {batch} clients: {many['ttft_p99_ms'] / one['ttft_p99_ms']:.2f}x its 1-client value"
-        )
+        line = f"TTFT p99 at {batch} clients: {many['ttft_p99_ms'] / one['ttft_p99_ms']:.2f}x its 1-client value"
+        if many["ttft_p99_later_ms"]:
+            line += (
+                f"; {many['ttft_p99_later_ms'] / one['ttft_p99_ms']:.2f}x over the requests after each client's first"
+            )
+        lines.append(line)
     alone = {r["clients"]: r for r in inprocess if "closed-loop" in r["server"]}
     if 1 in alone and batch in alone and alone[1].get("ttft_p99_ms"):
-        ratio = alone[batch]["ttft_p99_ms"] / alone[1]["ttft_p99_ms"]
-        lines.append(f"TTFT p99 of the engine alone (closed loop, no HTTP), {batch} clients: {ratio:.2f}x 1 client's")
+        line = f"TTFT p99 of the engine alone (closed loop, no HTTP), {batch} clients: "
+        line += f"{alone[batch]['ttft_p99_ms'] / alone[1]['ttft_p99_ms']:.2f}x 1 client's"
+        if alone[batch].get("ttft_p99_later_ms"):
+            line += f"; {alone[batch]['ttft_p99_later_ms'] / alone[1]['ttft_p99_ms']:.2f}x after each client's first"
+        lines.append(line)
+    if 1 in prefills and batch in prefills and prefills[1]:
+        lines.append(
+            f"burst floor: one forward over {batch} prompts takes {prefills[batch] / prefills[1]:.2f}x one prompt's "
+            f"({prefills[batch]} vs {prefills[1]} ms); the last of {batch} requests sent at once gets its first token "
+            "no sooner"
+        )
     if memory:
         deployments = ", ".join(f"{k} {v} MB" for k, v in memory["deployment_rss_mb"].items())
         lines.append(
